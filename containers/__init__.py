@@ -1,0 +1,1 @@
+"""aiportal containers package (see DESIGN.md)."""

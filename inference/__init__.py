@@ -1,0 +1,1 @@
+"""aiportal inference package (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""aiportal monitor package (see DESIGN.md)."""

@@ -1,0 +1,39 @@
+"""Errors raised by the slurm package; each carries what is needed to act on it."""
+from __future__ import annotations
+
+import shlex
+
+
+class SlurmError(Exception):
+    """Root of the slurm package's errors."""
+
+    code = "slurm_error"
+
+
+class SlurmCommandError(SlurmError):
+    """A Slurm command failed or timed out. Carries argv, exit code, stdout and stderr."""
+
+    code = "slurm_unavailable"
+
+    def __init__(self, argv, returncode, stdout="", stderr="", hint=""):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        what = "timed out" if returncode is None else "exited %s" % returncode
+        msg = "`%s` %s" % (shlex.join(self.argv), what)
+        if stderr.strip():
+            msg += ": %s" % stderr.strip().splitlines()[-1]
+        if hint:
+            msg += " (%s)" % hint
+        super().__init__(msg)
+
+
+class SlurmParseError(SlurmError):
+    """Slurm printed something the parser does not understand."""
+
+    code = "slurm_parse_error"
+
+    def __init__(self, line, reason):
+        self.line = line
+        super().__init__("cannot parse Slurm output %r: %s" % (line, reason))

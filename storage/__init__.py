@@ -1,0 +1,1 @@
+"""aiportal storage package (see DESIGN.md)."""
