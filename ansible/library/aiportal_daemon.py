@@ -64,8 +64,11 @@ def alive(pid, program=None):
         except OSError:
             return False
         base = os.path.basename(program).encode()
-        # interpreters (python, gunicorn) show the script as a later argument
-        if not any(os.path.basename(part) == base or part.endswith(b"/" + base) for part in cmd[:3]):
+        # interpreters (python, gunicorn) show the script as a later argument, and daemons
+        # that set their process title (sshd: "sshd: /usr/sbin/sshd -f ... [listener]") put
+        # everything into the first argument
+        tokens = [t.rstrip(b":") for part in cmd[:3] for t in part.split()]
+        if not any(os.path.basename(t) == base for t in tokens):
             return False
     return True
 

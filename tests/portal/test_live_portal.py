@@ -1,0 +1,54 @@
+"""The portal that `make run` starts on 127.0.0.1:8000 (gunicorn, from the Ansible role)."""
+import http.cookiejar
+import json
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+pytestmark = [pytest.mark.portal, pytest.mark.slurm]
+URL = "http://127.0.0.1:8000"
+NODES = {"g1n1": 1, "g1n2": 1, "g4n1": 4, "g4n2": 4, "inf1": 1}
+
+
+def get(path, token=None):
+    req = urllib.request.Request(URL + path)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    return urllib.request.urlopen(req, timeout=20)
+
+
+def test_cluster_api_lists_the_five_nodes_with_their_gpus(admin_token):
+    body = json.load(get("/api/v1/cluster", admin_token))
+    assert {n["name"]: n["gpus"] for n in body["nodes"]} == NODES
+    assert body["gpus"] == 11
+    parts = {p["name"]: p for p in body["partitions"]}
+    assert set(parts) == {"gpu-1card", "gpu-4card", "infer"}
+    assert parts["gpu-1card"]["default"] is True
+    assert parts["infer"]["max_time"] == "infinite"
+
+
+def test_cluster_api_without_token_is_401():
+    with pytest.raises(urllib.error.HTTPError) as err:
+        get("/api/v1/cluster")
+    assert err.value.code == 401
+
+
+def test_status_page_after_login(admin_token):
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    form = opener.open(URL + "/login", timeout=20).read().decode()
+    token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+    data = urllib.parse.urlencode({"token": admin_token, "csrf": token}).encode()
+    page = opener.open(URL + "/login", data=data, timeout=20).read().decode()
+    for name in NODES:
+        assert name in page
+    assert "of 11 GPUs in use" in page
+
+
+def test_portal_config_holds_secrets_for_root_only():
+    assert os.stat("/etc/aiportal/portal.toml").st_mode & 0o777 == 0o600
+    assert os.stat("/etc/aiportal/secrets").st_mode & 0o777 == 0o700
