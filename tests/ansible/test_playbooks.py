@@ -2,6 +2,7 @@
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -83,7 +84,7 @@ def test_dev_render_matches_the_installed_files(tmp_path):
                            "-e", "aiportal_render_dir=%s" % tmp_path, "-e", "aiportal_slurm_version=%s" % version)
     assert res.returncode == 0, res.stdout[-3000:]
     for name in ("slurm.conf", "gres.conf", "cgroup.conf"):
-        assert (tmp_path / name).read_text() == open("/etc/slurm/%s" % name).read(), name
+        assert (tmp_path / name).read_text() == (Path("/etc/slurm") / name).read_text(), name
 
 
 @pytest.mark.ansible

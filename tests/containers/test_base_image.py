@@ -18,7 +18,8 @@ DEFINITION = REPO / "containers" / "definitions" / "debian-python.def"
 def _drop_caps_env():
     """Root in this sandbox may lack CAP_SYS_RESOURCE; apptainer's %post then needs it dropped."""
     env = dict(os.environ)
-    bnd = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("CapBnd")), 16)
+    status = Path("/proc/self/status").read_text().splitlines()
+    bnd = int(next(line.split()[1] for line in status if line.startswith("CapBnd")), 16)
     if not (bnd >> 24) & 1:
         env["APPTAINER_DROP_CAPS"] = "CAP_SYS_RESOURCE"
     return env

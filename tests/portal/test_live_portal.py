@@ -18,11 +18,12 @@ def get(path, token=None):
     req = urllib.request.Request(URL + path)
     if token:
         req.add_header("Authorization", "Bearer " + token)
-    return urllib.request.urlopen(req, timeout=20)
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        return resp.read()
 
 
 def test_cluster_api_lists_the_five_nodes_with_their_gpus(admin_token):
-    body = json.load(get("/api/v1/cluster", admin_token))
+    body = json.loads(get("/api/v1/cluster", admin_token))
     assert {n["name"]: n["gpus"] for n in body["nodes"]} == NODES
     assert body["gpus"] == 11
     parts = {p["name"]: p for p in body["partitions"]}
@@ -35,15 +36,18 @@ def test_cluster_api_without_token_is_401():
     with pytest.raises(urllib.error.HTTPError) as err:
         get("/api/v1/cluster")
     assert err.value.code == 401
+    err.value.close()
 
 
 def test_status_page_after_login(admin_token):
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    form = opener.open(URL + "/login", timeout=20).read().decode()
+    with opener.open(URL + "/login", timeout=20) as resp:
+        form = resp.read().decode()
     token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
     data = urllib.parse.urlencode({"token": admin_token, "csrf": token}).encode()
-    page = opener.open(URL + "/login", data=data, timeout=20).read().decode()
+    with opener.open(URL + "/login", data=data, timeout=20) as resp:
+        page = resp.read().decode()
     for name in NODES:
         assert name in page
     assert "of 11 GPUs in use" in page

@@ -57,6 +57,7 @@ def test_anonymous_requests_are_refused(s3_credentials, bucket):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen("%s/%s" % (s3_credentials["endpoint"], bucket), timeout=5)
     assert err.value.code == 403
+    err.value.close()
 
 
 def test_credentials_file_is_root_only():
