@@ -19,14 +19,17 @@ PORT = 9151  # tests' own range (DESIGN.md port plan: 9100-9199)
 
 
 def module(tmp_path, **args):
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible" / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json")
-    res = subprocess.run([str(REPO / ".venv" / "bin" / "ansible"), "localhost", "-c", "local",
+    """Run the module once through `ansible -o` and return its result as a dict."""
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible" / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    res = subprocess.run([str(REPO / ".venv" / "bin" / "ansible"), "localhost", "-c", "local", "-o",
                           "-e", "ansible_python_interpreter=%s" % sys.executable,
                           "-m", "aiportal_daemon", "-a", json.dumps(args)],
                          capture_output=True, text=True, cwd=REPO / "ansible", env=env, timeout=120)
-    out = json.loads(res.stdout)
-    return out["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    line = next((x for x in res.stdout.splitlines() if x.startswith("localhost | ")), None)
+    assert line, res.stdout + res.stderr
+    result = json.loads(line.split(" => ", 1)[1])
+    result["failed"] = " | FAILED" in line
+    return result
 
 
 @pytest.fixture
