@@ -13,20 +13,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from portal.errors import ConfigError
+from slurm.spec import NodeType
 
 DEFAULT_CONFIG = "/etc/aiportal/portal.toml"
-
-
-@dataclass(frozen=True)
-class NodeType:
-    """What a user picks in the form: a partition and the GPUs each node gives."""
-
-    name: str
-    partition: str
-    gpus: int
-    gpu_type: str
-    cpus: int
-    memory_mb: int
 
 
 DEFAULT_NODE_TYPES = {

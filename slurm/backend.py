@@ -12,8 +12,15 @@ import shlex
 import subprocess
 from dataclasses import dataclass
 
+import getpass
+import re
+import time
+from typing import Iterable
+
 from slurm.cluster import SEP, Node, Partition, parse_gres_used, parse_sinfo_nodes, sinfo_node_format
-from slurm.errors import SlurmCommandError
+from slurm.errors import SlurmCommandError, SubmitError
+from slurm.jobs import SACCT_FIELDS, SQUEUE_FIELDS, JobStatus, parse_sacct, parse_squeue
+from slurm.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +41,51 @@ class ClusterView:
         }
 
 
-class SlurmCli:
-    """Talks to Slurm through sinfo/squeue/sbatch/scontrol (pyslurm is not installable here)."""
+class SlurmBackend:
+    """What aiportal needs from Slurm. :class:`SlurmCli` implements it on the command-line
+    tools; a slurmrestd or pyslurm backend would implement the same methods."""
+
+    def submit(self, script: str, user: str | None = None) -> str: raise NotImplementedError
+    def statuses(self, job_ids: Iterable[str]) -> dict[str, JobStatus]: raise NotImplementedError
+    def cancel(self, job_id: str, user: str | None = None) -> None: raise NotImplementedError
+    def requeue(self, job_id: str) -> None: raise NotImplementedError
+    def drain(self, node: str, reason: str) -> None: raise NotImplementedError
+    def resume(self, node: str) -> None: raise NotImplementedError
+    def cluster(self) -> "ClusterView": raise NotImplementedError
+
+
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
+_NODE_RE = re.compile(r"^[A-Za-z0-9._\-\[\],]+$")
+
+
+def _check_job_id(job_id: str) -> str:
+    if not _JOB_ID_RE.match(str(job_id)):
+        raise ValueError("%r is not a Slurm job id (digits, or digits_digits for an array task)" % (job_id,))
+    return str(job_id)
+
+
+class SlurmCli(SlurmBackend):
+    """Talks to Slurm through sinfo/squeue/sacct/sbatch/scancel/scontrol (pyslurm is not
+    installable for any Slurm version that runs here)."""
 
     def __init__(self, slurm_conf: str | None = None, timeout: float = 15.0, cluster_name: str = ""):
         self.slurm_conf = slurm_conf
         self.timeout = timeout
         self.cluster_name = cluster_name
 
-    def _call(self, argv: list[str], stdin: str | None = None) -> str:
+    def _as_user(self, user: str | None) -> list[str]:
+        """argv prefix that runs a command as ``user``: never submit as root on a user's behalf."""
+        if user is None or user == getpass.getuser():
+            return []
+        if not _USER_RE.match(user):
+            raise ValueError("%r is not a Unix user name" % (user,))
+        if os.geteuid() != 0:
+            raise PermissionError("only root can act as another user (%s); run the portal as root "
+                                  "or submit as %s yourself" % (user, getpass.getuser()))
+        return ["runuser", "-u", user, "--"]
+
+    def _call(self, argv: list[str], stdin: str | None = None, error=SlurmCommandError) -> str:
         env = dict(os.environ)
         if self.slurm_conf:
             env["SLURM_CONF"] = self.slurm_conf
@@ -57,8 +100,79 @@ class SlurmCli:
             raise SlurmCommandError(argv, 127, "", str(e),
                                     hint="Slurm client tools are not installed; run `make run`") from e
         if res.returncode != 0:
-            raise SlurmCommandError(argv, res.returncode, res.stdout, res.stderr)
+            raise error(argv, res.returncode, res.stdout, res.stderr)
         return res.stdout
+
+    def submit(self, script: str, user: str | None = None) -> str:
+        """Submit a batch script (sent on stdin) as ``user``; returns the Slurm job id.
+
+        A refused submission always raises :class:`SubmitError` with sbatch's message.
+        """
+        argv = self._as_user(user) + ["sbatch", "--parsable"]
+        out = self._call(argv, stdin=script, error=SubmitError).strip()
+        job_id = out.split(";")[0]
+        if not job_id.isdigit():
+            raise SubmitError(argv, 0, out, "", hint="sbatch printed no job id")
+        log.info("submitted job %s as %s", job_id, user or getpass.getuser())
+        return job_id
+
+    def statuses(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
+        """Status of many jobs in at most two calls: squeue for live jobs, sacct for the rest.
+
+        Ids not found anywhere are left out (Slurm forgot them, or accounting is off).
+        """
+        wanted = [_check_job_id(j) for j in job_ids]
+        if not wanted:
+            return {}
+        live = parse_squeue(self._call(["squeue", "--noheader", "--array", "--states=all",
+                                        "--format", SEP.join(SQUEUE_FIELDS)]))
+        # finished jobs stay in squeue for MinJobAge, without their exit code: ask sacct
+        found = {j: live[j] for j in wanted if j in live and not live[j].state.terminal}
+        rest = [j for j in wanted if j not in found]
+        if rest:
+            done = parse_sacct(self._call(["sacct", "--noheader", "--allocations", "--parsable2",
+                                           "--delimiter", SEP, "--allusers", "--duplicates",
+                                           "--starttime", "now-30days",
+                                           "--format", ",".join(SACCT_FIELDS), "--jobs", ",".join(rest)]))
+            found.update({j: done.get(j) or live[j] for j in rest if j in done or j in live})
+        return found
+
+    def cancel(self, job_id: str, user: str | None = None) -> None:
+        """Cancel as ``user`` (Slurm itself refuses other users' jobs), or as the caller."""
+        self._call(self._as_user(user) + ["scancel", _check_job_id(job_id)])
+
+    def requeue(self, job_id: str, settle_timeout: float = 30.0) -> None:
+        """Requeue and let it start again at once: Slurm holds a requeued job back with a
+        begin time of about two minutes; that hold is cleared once the job is PENDING."""
+        job_id = _check_job_id(job_id)
+        self._call(["scontrol", "requeue", job_id])
+        deadline = time.monotonic() + settle_timeout
+        while time.monotonic() < deadline:
+            st = self.statuses([job_id]).get(job_id)
+            if st and st.state is JobState.PENDING:
+                self._call(["scontrol", "update", "jobid=%s" % job_id, "StartTime=now"])
+                log.info("requeued job %s without delay", job_id)
+                return
+            time.sleep(0.3)
+        raise SlurmCommandError(["scontrol", "requeue", job_id], 0, "", "",
+                                hint="job did not become PENDING within %.0fs" % settle_timeout)
+
+    def drain(self, node: str, reason: str) -> None:
+        if not _NODE_RE.match(node) or not reason.strip() or "\n" in reason:
+            raise ValueError("drain needs a node name and a one-line reason, got %r, %r" % (node, reason))
+        self._call(["scontrol", "update", "nodename=%s" % node, "state=drain", "reason=%s" % reason])
+
+    def resume(self, node: str) -> None:
+        if not _NODE_RE.match(node):
+            raise ValueError("%r is not a node name" % (node,))
+        self._call(["scontrol", "update", "nodename=%s" % node, "state=resume"])
+
+    def max_array_size(self) -> int:
+        for line in self._call(["scontrol", "show", "config"]).splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "MaxArraySize":
+                return int(value.strip())
+        return 1001  # Slurm's default
 
     def cluster(self) -> ClusterView:
         """Partitions and nodes with state, reasons and GPUs, in two sinfo calls."""

@@ -37,3 +37,20 @@ class SlurmParseError(SlurmError):
     def __init__(self, line, reason):
         self.line = line
         super().__init__("cannot parse Slurm output %r: %s" % (line, reason))
+
+
+class SpecError(SlurmError):
+    """A job specification field is invalid: names the field, the value and the fix."""
+
+    code = "invalid_spec"
+
+    def __init__(self, field, value, reason):
+        self.field = field
+        self.value = value
+        super().__init__("%s %r: %s" % (field, value, reason))
+
+
+class SubmitError(SlurmCommandError):
+    """sbatch refused the job (bad partition, too many GPUs, ...) or could not be run."""
+
+    code = "submit_failed"

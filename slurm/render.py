@@ -1,0 +1,146 @@
+"""Render a :class:`JobSpec` into the text of a batch script: a pure function.
+
+This module is the one place in aiportal that turns values into shell text: every value goes
+through :func:`shlex.quote` (``#SBATCH`` lines too; sbatch strips the quotes), so nothing a
+user typed can run. The script:
+
+1. ``#SBATCH`` header: partition, GRES, CPUs, memory, time, log file, requeue, checkpoint signal,
+   the portal's job id in ``--comment``;
+2. stage in: inputs to ``$AIPORTAL_JOB_DIR/data``, previous outputs/checkpoints back into the
+   output dir (so a requeued job resumes);
+3. run: ``apptainer exec [--nv] --bind data:/data/data --bind output:/data/output IMAGE CMD``
+   in the background, forwarding the checkpoint signal and SIGTERM to it;
+4. stage out, on success, failure and after SIGTERM; the script exits with the command's code.
+"""
+from __future__ import annotations
+
+import shlex
+
+from slurm.spec import JobSpec
+
+COMMENT_PREFIX = "aiportal:"
+EXIT_STAGE_IN_FAILED = 90
+EXIT_STAGE_OUT_FAILED = 91
+
+
+def sbatch_flag(name: str, value: str | int | None = None) -> str:
+    """One ``#SBATCH`` line; the value is shell-quoted (sbatch removes the quotes)."""
+    if value is None:
+        return "#SBATCH --%s" % name
+    return "#SBATCH --%s=%s" % (name, shlex.quote(str(value)))
+
+
+def sbatch_header(spec: JobSpec) -> list[str]:
+    """The ``#SBATCH`` lines of a spec, in a fixed order (golden files depend on it)."""
+    log_name = "slurm-%A_%a.out" if spec.array else "slurm-%j.out"
+    lines = [
+        sbatch_flag("job-name", spec.name),
+        sbatch_flag("partition", spec.partition),
+        sbatch_flag("ntasks", 1),
+        sbatch_flag("cpus-per-task", spec.cpus),
+    ]
+    if spec.gpus:
+        gres = "gpu:%s:%d" % (spec.gpu_type, spec.gpus) if spec.gpu_type else "gpu:%d" % spec.gpus
+        lines.append(sbatch_flag("gres", gres))
+    if spec.memory_mb is not None:
+        lines.append(sbatch_flag("mem", "%dM" % spec.memory_mb))
+    lines += [
+        sbatch_flag("time", spec.time_limit),
+        sbatch_flag("chdir", spec.job_dir),
+        sbatch_flag("output", "%s/logs/%s" % (spec.job_dir, log_name)),
+        sbatch_flag("open-mode", "append"),
+        sbatch_flag("requeue" if spec.requeue else "no-requeue"),
+    ]
+    if spec.checkpoint_signal:
+        lines.append(sbatch_flag("signal", spec.checkpoint_signal))
+    if spec.portal_id:
+        lines.append(sbatch_flag("comment", COMMENT_PREFIX + spec.portal_id))
+    for opt in ("account", "qos", "constraint", "reservation", "dependency", "array"):
+        value = getattr(spec, opt)
+        if value is not None:
+            lines.append(sbatch_flag(opt, value))
+    return lines
+
+
+def _sweep_case(spec: JobSpec) -> list[str]:
+    """Each array task exports its own parameters and its index in the whole sweep
+    (``AIPORTAL_SWEEP_INDEX`` = task id + ``array_offset``, unique across split arrays)."""
+    if not spec.sweep:
+        return []
+    out = ['case "${SLURM_ARRAY_TASK_ID:-}" in']
+    for i, task in enumerate(spec.sweep):
+        exports = ["export AIPORTAL_SWEEP_INDEX=%d" % (i + spec.array_offset)]
+        exports += ["export %s=%s" % (k, shlex.quote(v)) for k, v in task]
+        out.append("  %d) %s ;;" % (i, "; ".join(exports)))
+    out += ['  *) log "no sweep parameters for array task ${SLURM_ARRAY_TASK_ID:-?}"; exit 2 ;;', "esac"]
+    return out
+
+
+def render_sbatch(spec: JobSpec) -> str:
+    """The batch script for ``spec``, ready for ``sbatch`` on stdin.
+
+    ``job_dir`` and ``job_dir/logs`` must exist and be writable by the job's user before
+    submission (Slurm opens the log file before the script runs).
+    """
+    q = shlex.quote
+    stage = q(spec.stage_bin)
+    lines = ["#!/bin/bash"] + sbatch_header(spec) + [
+        "# Rendered by aiportal%s. Runs the command in its image with /data/data and /data/output"
+        % (" for job " + spec.portal_id if spec.portal_id else ""),
+        "# bound; stages data in before and out after (also on failure and on SIGTERM).",
+        "set -uo pipefail",
+        "log() { printf '[aiportal %(%Y-%m-%dT%H:%M:%S)T] %s\\n' -1 \"$*\" >&2; }",
+        "export AIPORTAL_JOB_DIR=%s" % q(spec.job_dir),
+    ]
+    if spec.portal_id:
+        lines.append("export AIPORTAL_JOB_ID=%s" % q(spec.portal_id))
+    lines += ["export %s=%s" % (k, q(v)) for k, v in spec.env]
+    lines += _sweep_case(spec)
+    lines += [
+        'data_dir="$AIPORTAL_JOB_DIR/data"',
+        'out_dir="$AIPORTAL_JOB_DIR/output"',
+        "out_uri=%s" % q(spec.output or ""),
+    ]
+    if spec.array:
+        lines += ['task="${AIPORTAL_SWEEP_INDEX:-${SLURM_ARRAY_TASK_ID:-0}}"',
+                  'out_dir="$out_dir/task-$task"',
+                  '[ -z "$out_uri" ] || out_uri="$out_uri/task-$task"']
+    lines += [
+        'mkdir -p "$data_dir" "$out_dir" || { log "cannot create $data_dir and $out_dir"; exit %d; }' % EXIT_STAGE_IN_FAILED,
+        "",
+        "child=0",
+        'forward() { if [ "$child" -gt 0 ]; then kill -s "$1" "$child" 2>/dev/null || true; fi; }',
+        "trap 'log \"got USR1: passing it on so the program can checkpoint\"; forward USR1' USR1",
+        "trap 'log \"got TERM: stopping the program, then staging out\"; forward TERM' TERM INT",
+        "",
+    ]
+    for uri in spec.inputs:
+        lines += ['log %s' % q("stage in: %s -> data/" % uri),
+                  '%s stage in --from %s --to "$data_dir" || { log "stage in failed"; exit %d; }'
+                  % (stage, q(uri), EXIT_STAGE_IN_FAILED)]
+    if spec.output:
+        lines += ['log "restore previous outputs: $out_uri -> output/"',
+                  '%s stage in --from "$out_uri" --to "$out_dir" --missing-ok || { log "restoring outputs failed"; exit %d; }'
+                  % (stage, EXIT_STAGE_IN_FAILED)]
+    binds = ['--bind "$data_dir:/data/data"', '--bind "$out_dir:/data/output"']
+    binds += ["--bind %s" % q("%s:%s" % (src, dst)) for src, dst in spec.extra_binds]
+    lines += [
+        "",
+        "# --nv only where an NVIDIA driver is present (without one it is silently ignored)",
+        "nv=(); [ -e /dev/nvidiactl ] && nv=(--nv)",
+        "log %s" % q("run: %s" % shlex.join(spec.command)),
+        '%s exec "${nv[@]}" %s %s %s &' % (q(spec.apptainer), " ".join(binds), q(spec.image), shlex.join(spec.command)),
+        "child=$!",
+        "# wait returns early when a trapped signal arrives; keep waiting for the program itself",
+        'while kill -0 "$child" 2>/dev/null; do wait "$child"; done',
+        'wait "$child"; rc=$?',
+        'log "command exited with $rc"',
+    ]
+    if spec.output:
+        lines += [
+            'log "stage out: output/ -> $out_uri"',
+            '%s stage out --from "$out_dir" --to "$out_uri" || { log "stage out failed; outputs are kept in $out_dir"; [ "$rc" -ne 0 ] || rc=%d; }'
+            % (stage, EXIT_STAGE_OUT_FAILED),
+        ]
+    lines.append('exit "$rc"')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""The typed job specification and the node types it is built from.
+
+A :class:`JobSpec` is everything :func:`slurm.render.render_sbatch` needs; it is frozen and
+validated on construction, so a spec that exists can be rendered. Node types (``1card``,
+``4card``, ``infer``) map to a partition and GRES through a table the caller passes in (from
+the portal's settings); this package reads no settings itself.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from slurm.errors import SpecError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TIME_RE = re.compile(r"^(UNLIMITED|\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
+_SIGNAL_RE = re.compile(r"^(B:)?(USR1|USR2|TERM|INT|HUP|URG)(@\d+)?$")
+_DEPENDENCY_RE = re.compile(r"^(after|afterok|afternotok|afterany|aftercorr)(:\d+(_\d+)?)+$|^singleton$")
+_ARRAY_RE = re.compile(r"^\d+(-\d+)?(:\d+)?(,\d+(-\d+)?(:\d+)?)*(%\d+)?$")
+_PLAIN_RE = re.compile(r"^[A-Za-z0-9._,:|&@+=/-]{1,256}$")
+# Environment variables the job's own machinery sets; a user may not override them.
+RESERVED_ENV = frozenset({"AIPORTAL_JOB_DIR", "AIPORTAL_JOB_ID", "SLURM_CONF", "PATH", "LD_PRELOAD",
+                          "LD_LIBRARY_PATH", "HOME", "USER", "APPTAINERENV_PATH"})
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """What a user picks: a partition and what each node gives."""
+
+    name: str
+    partition: str
+    gpus: int
+    gpu_type: str
+    cpus: int
+    memory_mb: int
+
+
+def resolve_node_type(name: str, table: Mapping[str, NodeType]) -> NodeType:
+    try:
+        return table[name]
+    except KeyError:
+        raise SpecError("node_type", name, "unknown node type; choose one of %s" % ", ".join(sorted(table))) from None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A batch job that runs ``command`` inside ``image`` on ``partition``.
+
+    Paths are as the compute nodes see them (shared filesystem). ``job_dir`` holds ``data/``
+    (staged-in inputs, bound to ``/data/data``) and ``output/`` (bound to ``/data/output``,
+    restored on requeue and staged out at the end).
+    """
+
+    name: str
+    partition: str
+    image: str
+    command: tuple[str, ...]
+    job_dir: str
+    gpus: int = 0
+    gpu_type: str | None = None
+    cpus: int = 1
+    memory_mb: int | None = None
+    time_limit: str = "01:00:00"
+    env: tuple[tuple[str, str], ...] = ()
+    inputs: tuple[str, ...] = ()
+    output: str | None = None
+    requeue: bool = True
+    checkpoint_signal: str | None = "B:USR1@120"
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    reservation: str | None = None
+    dependency: str | None = None
+    array: str | None = None
+    # One env mapping per array task (index = SLURM_ARRAY_TASK_ID - array_offset).
+    sweep: tuple[tuple[tuple[str, str], ...], ...] = ()
+    array_offset: int = 0
+    portal_id: str | None = None
+    # The `aiportal` executable on the compute nodes (stage in/out run inside the job).
+    stage_bin: str = "aiportal"
+    apptainer: str = "apptainer"
+    extra_binds: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self):
+        if isinstance(self.command, (str, bytes)):
+            raise SpecError("command", self.command, "give the command as a list of arguments, not one string")
+        object.__setattr__(self, "command", tuple(self.command))
+        object.__setattr__(self, "env", tuple((str(k), str(v)) for k, v in (
+            self.env.items() if isinstance(self.env, Mapping) else self.env)))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "sweep", tuple(tuple((str(k), str(v)) for k, v in (
+            t.items() if isinstance(t, Mapping) else t)) for t in self.sweep))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise SpecError("name", self.name, "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if not _PLAIN_RE.match(self.partition):
+            raise SpecError("partition", self.partition, "not a partition name")
+        if not self.command or any(not isinstance(a, str) for a in self.command):
+            raise SpecError("command", self.command, "give at least the program to run, as strings")
+        if any("\0" in a for a in self.command):
+            raise SpecError("command", self.command, "arguments cannot contain NUL bytes")
+        for what, path in (("image", self.image), ("job_dir", self.job_dir)):
+            if not path.startswith("/") or any(c in path for c in "\0\n:,"):
+                raise SpecError(what, path, "must be an absolute path on the shared filesystem, "
+                                            "without newlines, ':' or ','")
+        if self.gpus < 0 or self.cpus < 1 or (self.memory_mb is not None and self.memory_mb < 1):
+            raise SpecError("resources", (self.gpus, self.cpus, self.memory_mb), "need gpus >= 0, cpus >= 1, memory_mb >= 1")
+        if self.gpu_type is not None and not re.match(r"^[A-Za-z0-9_.-]+$", self.gpu_type):
+            raise SpecError("gpu_type", self.gpu_type, "not a GPU type")
+        if not _TIME_RE.match(self.time_limit):
+            raise SpecError("time_limit", self.time_limit, "use minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED")
+        for k, v in self.env + tuple(kv for task in self.sweep for kv in task):
+            if not _ENV_RE.match(k):
+                raise SpecError("env", k, "variable names are letters, digits and '_', not starting with a digit")
+            if k in RESERVED_ENV or k.startswith(("SLURM_", "APPTAINER")):
+                raise SpecError("env", k, "is set by aiportal or Slurm and cannot be overridden")
+            if "\0" in v:
+                raise SpecError("env", k, "values cannot contain NUL bytes")
+        if self.checkpoint_signal is not None and not _SIGNAL_RE.match(self.checkpoint_signal):
+            raise SpecError("checkpoint_signal", self.checkpoint_signal, "use e.g. B:USR1@120 (signal, seconds before the time limit)")
+        if self.dependency is not None and not _DEPENDENCY_RE.match(self.dependency):
+            raise SpecError("dependency", self.dependency, "use e.g. afterok:1234")
+        if self.array is not None and not _ARRAY_RE.match(self.array):
+            raise SpecError("array", self.array, "use e.g. 0-99 or 0-99%10")
+        if self.sweep and self.array is None:
+            raise SpecError("sweep", len(self.sweep), "a sweep needs an array range")
+        for what in ("account", "qos", "constraint", "reservation"):
+            value = getattr(self, what)
+            if value is not None and not _PLAIN_RE.match(value):
+                raise SpecError(what, value, "contains characters Slurm does not accept here")
+        for uri in self.inputs + ((self.output,) if self.output else ()):
+            if not uri or "\n" in uri or "\0" in uri:
+                raise SpecError("data", uri, "data locations cannot be empty or contain newlines")
+        for src, dst in self.extra_binds:
+            if not (src.startswith("/") and dst.startswith("/")) or ":" in src + dst or "," in src + dst:
+                raise SpecError("bind", (src, dst), "binds are absolute paths without ':' or ','")
+
+    @classmethod
+    def for_node_type(cls, node_type: NodeType, **kw) -> "JobSpec":
+        """A spec on the node type's partition with all its GPUs (and a share of CPUs/memory
+        unless given)."""
+        gpus = kw.setdefault("gpus", node_type.gpus)
+        if gpus > node_type.gpus:
+            raise SpecError("gpus", gpus, "node type %s has %d GPUs per node" % (node_type.name, node_type.gpus))
+        kw.setdefault("gpu_type", node_type.gpu_type)
+        # the CPUs that come with the GPUs asked for (all of them for a whole node)
+        kw.setdefault("cpus", max(1, node_type.cpus * gpus // node_type.gpus) if node_type.gpus and gpus else 1)
+        return cls(partition=node_type.partition, **kw)
