@@ -1,7 +1,14 @@
-"""The `aiportal` command line. It talks to the portal's JSON API, like any other client.
+"""The `aiportal` command line.
 
-    aiportal cluster            partitions and nodes, as a table
-    aiportal cluster --json     the same as JSON (GET /api/v1/cluster)
+    aiportal cluster [--json]                    partitions and nodes (GET /api/v1/cluster)
+    aiportal script --image SIF --node-type 1card|4card [--input URI]... [--output URI]
+                    [--time T] [--name N] [--env K=V]... -- CMD [ARG...]
+                                                 print the exact batch script, to edit and sbatch
+    aiportal stage in --from URI --to DIR [--missing-ok]
+    aiportal stage out --from DIR --to URI       move data inside a job (run by the batch script)
+
+`cluster` talks to the portal's JSON API, like any other client; `script` and `stage` work
+on the node from the public site settings (/etc/aiportal/site.toml).
 
 The API token comes from --token-file, else $AIPORTAL_TOKEN, else ~/.config/aiportal/token;
 the portal URL from --url, else $AIPORTAL_URL, else http://127.0.0.1:8000.
@@ -9,8 +16,11 @@ the portal URL from --url, else $AIPORTAL_URL, else http://127.0.0.1:8000.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import logging
 import os
+import shlex
 import sys
 import urllib.error
 import urllib.request
@@ -81,6 +91,74 @@ def cmd_cluster(args) -> int:
     return 0
 
 
+def _site_settings():
+    from portal.settings import Settings
+    return Settings.load(require_secrets=False)
+
+
+def _parse_env(items: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError("--env %r: write it as NAME=VALUE" % item)
+        out.append((key, value))
+    return tuple(out)
+
+
+def cmd_script(args) -> int:
+    from portal.services.training import TrainingRequest, job_dir_for, render_request
+    from slurm.errors import SpecError
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CliError("give the command after --, e.g. aiportal script ... -- python3 train.py")
+    image = args.image
+    if not image.startswith("/") or not image.endswith(".sif"):
+        image = _cached_image(args.image)
+    req = TrainingRequest(user=getpass.getuser(), image_sif=image, node_type=args.node_type,
+                          command=tuple(command), name=args.name, inputs=tuple(args.input),
+                          output=args.output, time_limit=args.time, env=_parse_env(args.env))
+    settings = _site_settings()
+    try:
+        text = render_request(settings, req)
+    except SpecError as e:
+        raise CliError(str(e)) from e
+    sys.stdout.write(text)
+    print("# before sbatch, create the job's log folder: mkdir -p %s"
+          % shlex.quote(str(job_dir_for(settings, req.user, req.job_id) / "logs")), file=sys.stderr)
+    return 0
+
+
+def _cached_image(ref: str) -> str:
+    from containers.cache import SifCache
+    from containers.errors import ContainerError
+    from containers.refs import parse_image_ref
+    settings = _site_settings()
+    try:
+        parsed = parse_image_ref(ref)
+        hit = SifCache(settings.image_cache).lookup(parsed)
+    except ContainerError as e:
+        raise CliError(str(e)) from e
+    if hit is None:
+        raise CliError("image %s is not converted yet; run `aiportal image convert %s` first" % (ref, ref))
+    return str(hit)
+
+
+def cmd_stage(args) -> int:
+    from storage.errors import StorageError
+    from storage.stage import stage_in, stage_out
+    logging.basicConfig(level=logging.INFO, format="[aiportal stage] %(message)s")
+    try:
+        if args.direction == "in":
+            stats = stage_in(args.source, args.dest, missing_ok=args.missing_ok)
+        else:
+            stats = stage_out(args.source, args.dest)
+    except StorageError as e:
+        raise CliError("stage %s: %s" % (args.direction, e)) from e
+    print("[aiportal stage] %s %s -> %s: %s" % (args.direction, args.source, args.dest, stats.summary()), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aiportal", description="Slurm-backed AI training and inference portal")
     parser.add_argument("--version", action="version", version="aiportal %s" % __version__)
@@ -91,6 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cluster", help="partitions, nodes, their state and GPUs")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("script", help="print the batch script the portal would submit")
+    p.add_argument("--image", required=True, help="a .sif path, or an image reference already converted")
+    p.add_argument("--node-type", required=True, help="1card, 4card (see /etc/aiportal/site.toml)")
+    p.add_argument("--input", action="append", default=[], help="data to stage into /data/data (repeatable)")
+    p.add_argument("--output", help="where /data/output is kept (and restored from on requeue)")
+    p.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
+    p.add_argument("--name", default="train", help="job name")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment (repeatable)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
+    p.set_defaults(func=cmd_script)
+
+    p = sub.add_parser("stage", help="move data in or out of a job (run inside jobs)")
+    p.add_argument("direction", choices=["in", "out"])
+    p.add_argument("--from", dest="source", required=True)
+    p.add_argument("--to", dest="dest", required=True)
+    p.add_argument("--missing-ok", action="store_true", help="stage in: a missing source is not an error")
+    p.set_defaults(func=cmd_stage)
     return parser
 
 

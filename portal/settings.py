@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from portal.errors import ConfigError
 from slurm.spec import NodeType
 
+DEFAULT_SITE = "/etc/aiportal/site.toml"
 DEFAULT_CONFIG = "/etc/aiportal/portal.toml"
 
 
@@ -27,43 +28,53 @@ DEFAULT_NODE_TYPES = {
 
 @dataclass(frozen=True)
 class Settings:
-    secret_key: str
-    admin_token_sha256: str
+    """Site settings (public, ``site.toml``) and the portal's own (secrets, ``portal.toml``).
+
+    Command-line tools on nodes load with ``require_secrets=False``: they never see the
+    portal's secrets (portal.toml is root-only)."""
+
+    secret_key: str = ""
+    admin_token_sha256: str = ""
     database_url: str = "sqlite:////var/lib/aiportal/portal.db"
     bind: str = "127.0.0.1:8000"
     shared_root: str = "/srv/aiportal/shared"
     slurm_conf: str = "/etc/slurm/slurm.conf"
     cluster_name: str = "aiportal"
     slurm_timeout_s: float = 15.0
+    stage_bin: str = "aiportal"
+    image_cache: str = "/srv/aiportal/shared/images/cache"
+    image_builder_user: str = "aiportal-img"
     node_types: Mapping[str, NodeType] = field(default_factory=lambda: dict(DEFAULT_NODE_TYPES))
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None,
-             environ: Mapping[str, str] | None = None) -> "Settings":
+    def load(cls, path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
+             require_secrets: bool = True, site_path: str | os.PathLike | None = None) -> "Settings":
+        """Defaults, then site.toml, then portal.toml (``AIPORTAL_CONFIG``), then ``AIPORTAL_*``."""
         environ = os.environ if environ is None else environ
-        path = path or environ.get("AIPORTAL_CONFIG") or DEFAULT_CONFIG
         values: dict[str, Any] = {}
+        site = Path(site_path or environ.get("AIPORTAL_SITE_CONFIG") or DEFAULT_SITE)
+        if site.exists():
+            values.update(_read_toml(site))
+        path = path or environ.get("AIPORTAL_CONFIG") or DEFAULT_CONFIG
         p = Path(path)
-        if p.exists():
-            try:
-                values.update(tomllib.loads(p.read_text()))
-            except (OSError, tomllib.TOMLDecodeError) as e:
-                raise ConfigError("cannot read settings file %s: %s" % (p, e)) from e
-        elif path != DEFAULT_CONFIG:
+        if p.exists() and (require_secrets or os.access(p, os.R_OK)):
+            values.update(_read_toml(p))
+        elif require_secrets:
             raise ConfigError("settings file %s does not exist; set AIPORTAL_CONFIG to the "
                               "portal.toml written by the portal Ansible role" % p)
         names = {f.name for f in fields(cls)}
         for key, value in environ.items():
             if key.startswith("AIPORTAL_") and key[9:].lower() in names:
                 values[key[9:].lower()] = value
-        return cls.from_mapping(values, source=str(p))
+        return cls.from_mapping(values, source=str(p), require_secrets=require_secrets)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "settings") -> "Settings":
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "settings",
+                     require_secrets: bool = True) -> "Settings":
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError("%s: unknown settings %s" % (source, ", ".join(sorted(unknown))))
-        for required in ("secret_key", "admin_token_sha256"):
+        for required in ("secret_key", "admin_token_sha256") if require_secrets else ():
             if not values.get(required):
                 raise ConfigError("%s: '%s' is missing; there is no default for secrets "
                                   "(the portal Ansible role generates it)" % (source, required))
@@ -74,3 +85,10 @@ class Settings:
         if "slurm_timeout_s" in kw:
             kw["slurm_timeout_s"] = float(kw["slurm_timeout_s"])
         return cls(**kw)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError("cannot read settings file %s: %s" % (path, e)) from e

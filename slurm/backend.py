@@ -47,6 +47,21 @@ class SlurmBackend:
 
     def submit(self, script: str, user: str | None = None) -> str: raise NotImplementedError
     def statuses(self, job_ids: Iterable[str]) -> dict[str, JobStatus]: raise NotImplementedError
+    def array_statuses(self, job_id: str) -> dict[str, JobStatus]:
+        """Every task of an array job (``ID_N`` -> status), in two calls like :meth:`statuses`."""
+        job_id = _check_job_id(job_id)
+        prefix = job_id + "_"
+        live = parse_squeue(self._call(["squeue", "--noheader", "--array", "--states=all",
+                                        "--format", SEP.join(SQUEUE_FIELDS)]))
+        tasks = {k: v for k, v in live.items() if k.startswith(prefix) and not v.state.terminal}
+        done = parse_sacct(self._call(["sacct", "--noheader", "--allocations", "--parsable2",
+                                       "--delimiter", SEP, "--allusers", "--starttime", "now-30days",
+                                       "--format", ",".join(SACCT_FIELDS), "--jobs", job_id]))
+        for k, v in done.items():
+            if k.startswith(prefix) and "[" not in k and k not in tasks:
+                tasks[k] = v
+        return tasks
+
     def cancel(self, job_id: str, user: str | None = None) -> None: raise NotImplementedError
     def requeue(self, job_id: str) -> None: raise NotImplementedError
     def drain(self, node: str, reason: str) -> None: raise NotImplementedError
@@ -136,6 +151,21 @@ class SlurmCli(SlurmBackend):
                                            "--format", ",".join(SACCT_FIELDS), "--jobs", ",".join(rest)]))
             found.update({j: done.get(j) or live[j] for j in rest if j in done or j in live})
         return found
+
+    def array_statuses(self, job_id: str) -> dict[str, JobStatus]:
+        """Every task of an array job (``ID_N`` -> status), in two calls like :meth:`statuses`."""
+        job_id = _check_job_id(job_id)
+        prefix = job_id + "_"
+        live = parse_squeue(self._call(["squeue", "--noheader", "--array", "--states=all",
+                                        "--format", SEP.join(SQUEUE_FIELDS)]))
+        tasks = {k: v for k, v in live.items() if k.startswith(prefix) and not v.state.terminal}
+        done = parse_sacct(self._call(["sacct", "--noheader", "--allocations", "--parsable2",
+                                       "--delimiter", SEP, "--allusers", "--starttime", "now-30days",
+                                       "--format", ",".join(SACCT_FIELDS), "--jobs", job_id]))
+        for k, v in done.items():
+            if k.startswith(prefix) and "[" not in k and k not in tasks:
+                tasks[k] = v
+        return tasks
 
     def cancel(self, job_id: str, user: str | None = None) -> None:
         """Cancel as ``user`` (Slurm itself refuses other users' jobs), or as the caller."""

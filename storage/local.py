@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ def _same(src: os.stat_result, dst: Path) -> bool:
 
 
 def _copy_file(src: Path, dst: Path, st: os.stat_result) -> None:
-    tmp = dst.with_name(".%s.aiportal-partial" % dst.name)
+    # unique per writer: array tasks of one job stage the same inputs at the same time
+    tmp = dst.with_name(".%s.%d.%s.aiportal-partial" % (dst.name, os.getpid(), secrets.token_hex(4)))
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout, 4 << 20)

@@ -3,6 +3,7 @@
 on :8000. Paths and secrets are read from where the Ansible roles put them."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -110,3 +111,36 @@ def s3_credentials():
 @pytest.fixture(scope="session")
 def admin_token():
     return (ETC / "secrets" / "admin_token").read_text().strip()
+
+
+DEFINITION = REPO / "containers" / "definitions" / "debian-python.def"
+
+
+def _drop_caps_env():
+    """Root in this sandbox may lack CAP_SYS_RESOURCE; apptainer's %post then needs it dropped."""
+    env = dict(os.environ)
+    status = Path("/proc/self/status").read_text().splitlines()
+    bnd = int(next(line.split()[1] for line in status if line.startswith("CapBnd")), 16)
+    if not (bnd >> 24) & 1:
+        env["APPTAINER_DROP_CAPS"] = "CAP_SYS_RESOURCE"
+    return env
+
+
+@pytest.fixture(scope="session")
+def base_image():
+    """Build once per definition digest into the shared image folder (later runs reuse it)."""
+    digest = hashlib.sha256(DEFINITION.read_bytes()).hexdigest()[:16]
+    out_dir = SHARED_ROOT / "images" / "base"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sif = out_dir / ("debian-python-%s.sif" % digest)
+    if not sif.exists():
+        tmp = sif.with_suffix(".sif.part")
+        res = subprocess.run(["apptainer", "build", "--force", "--mksquashfs-args",
+                              "-comp zstd -Xcompression-level 3", str(tmp), str(DEFINITION)],
+                             capture_output=True, text=True, timeout=600, env=_drop_caps_env())
+        assert res.returncode == 0, "apptainer build failed:\n%s\n%s" % (res.stdout[-3000:], res.stderr[-3000:])
+        tmp.chmod(0o644)
+        tmp.rename(sif)
+    return sif
+
+

@@ -1,0 +1,73 @@
+"""Training requests become job specs (and, for `aiportal script`, batch script text)."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from portal.settings import Settings
+from slurm.render import render_sbatch
+from slurm.spec import JobSpec, resolve_node_type
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """What a user asks for: an image, a node type, data in/out and a command."""
+
+    user: str
+    image_sif: str
+    node_type: str
+    command: tuple[str, ...]
+    name: str = "train"
+    inputs: tuple[str, ...] = ()
+    output: str | None = None
+    time_limit: str = "01:00:00"
+    env: tuple[tuple[str, str], ...] = ()
+    gpus: int | None = None
+    dependency: str | None = None
+    job_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+def job_dir_for(settings: Settings, user: str, job_id: str) -> Path:
+    """Where a job's data/, output/ and logs/ live on the shared filesystem."""
+    return Path(settings.shared_root) / "users" / user / "jobs" / job_id
+
+
+def build_spec(settings: Settings, req: TrainingRequest) -> JobSpec:
+    node_type = resolve_node_type(req.node_type, settings.node_types)
+    kw = {}
+    if req.gpus is not None:
+        kw["gpus"] = req.gpus
+    return JobSpec.for_node_type(
+        node_type, name=req.name, image=req.image_sif, command=req.command,
+        job_dir=str(job_dir_for(settings, req.user, req.job_id)), inputs=req.inputs, output=req.output,
+        time_limit=req.time_limit, env=req.env, dependency=req.dependency, portal_id=req.job_id,
+        stage_bin=settings.stage_bin, **kw)
+
+
+def render_request(settings: Settings, req: TrainingRequest) -> str:
+    return render_sbatch(build_spec(settings, req))
+
+
+def prepare_job_dir(settings: Settings, user: str, job_id: str) -> Path:
+    """Create the job's folder (data/, output/, logs/) owned by the user, private to them.
+
+    Run by the portal as root before submitting: Slurm opens the log file before the script
+    runs, as the job's user.
+    """
+    import os
+    import pwd
+    pw = pwd.getpwnam(user)
+    job_dir = job_dir_for(settings, user, job_id)
+    for d in (job_dir.parent, job_dir, job_dir / "data", job_dir / "output", job_dir / "logs"):
+        d.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+    return job_dir
+
+
+def submit_training(settings: Settings, backend, req: TrainingRequest) -> tuple[str, JobSpec]:
+    """Render, prepare the job folder and submit as the request's user. Returns (Slurm id, spec)."""
+    spec = build_spec(settings, req)
+    prepare_job_dir(settings, req.user, req.job_id)
+    return backend.submit(render_sbatch(spec), user=req.user), spec

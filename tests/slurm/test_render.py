@@ -1,0 +1,207 @@
+"""sbatch rendering: golden files for typical specs, validation, and hostile values pushed
+through rendering and executed by a real bash, proving nothing is injected."""
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from slurm.errors import SpecError
+from slurm.render import render_sbatch, sbatch_flag
+from slurm.spec import JobSpec, NodeType
+from slurm.sweep import array_specs, expand_grid
+
+GOLDEN = Path(__file__).parent / "golden"
+FOUR = NodeType("4card", "gpu-4card", 4, "p40", 48, 256000)
+ONE = NodeType("1card", "gpu-1card", 1, "p40", 8, 32000)
+
+SPECS = {
+    "train-4card": lambda: JobSpec.for_node_type(
+        FOUR, name="cifar10", image="/shared/images/cache/ab/abcdef.sif",
+        command=["python3", "/code/train.py", "--max_steps", "1000"], job_dir="/shared/users/alice/jobs/j1",
+        inputs=["/shared/datasets/cifar10"], output="/shared/users/alice/outputs/j1", time_limit="02:00:00",
+        env={"TF_CPP_MIN_LOG_LEVEL": "2"}, portal_id="6f1c2b9e-0000-4000-8000-000000000001"),
+    "minimal-1card": lambda: JobSpec.for_node_type(
+        ONE, name="hello", image="/shared/images/x.sif", command=["echo", "hi"], job_dir="/shared/jobs/h",
+        checkpoint_signal=None, requeue=False),
+    "sweep": lambda: array_specs(JobSpec.for_node_type(
+        ONE, name="sweep", image="/shared/images/x.sif", command=["python3", "train.py"],
+        job_dir="/shared/jobs/s", output="/shared/out/s", account="proj1", qos="normal"),
+        {"LR": ["0.1", "0.01"], "BATCH": [32, 64]}, max_array_size=1000, max_parallel=2)[0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_golden(name):
+    text = render_sbatch(SPECS[name]())
+    path = GOLDEN / ("%s.sbatch" % name)
+    if os.environ.get("AIPORTAL_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), "rendering changed; review, then AIPORTAL_UPDATE_GOLDEN=1 to accept"
+
+
+def test_rendered_scripts_are_valid_bash(tmp_path):
+    for name, make in SPECS.items():
+        script = tmp_path / name
+        script.write_text(render_sbatch(make()))
+        res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert res.returncode == 0, (name, res.stderr)
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("job-name", "a b", "#SBATCH --job-name='a b'"),
+    ("requeue", None, "#SBATCH --requeue"),
+    ("comment", "aiportal:x", "#SBATCH --comment=aiportal:x"),
+    ("output", "/p/it's", "#SBATCH --output='/p/it'\"'\"'s'"),
+])
+def test_sbatch_flag_quotes(name, value, expected):
+    assert sbatch_flag(name, value) == expected
+
+
+BASE = dict(name="ok", partition="gpu-1card", image="/i.sif", command=["true"], job_dir="/j")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("name", "a b", "name 'a b': use 1-128 letters"),
+    ("name", "x;rm", "name 'x;rm'"),
+    ("command", "echo hi", "give the command as a list"),
+    ("command", [], "give at least the program"),
+    ("image", "rel.sif", "must be an absolute path"),
+    ("job_dir", "/a:b", "without newlines, ':' or ','"),
+    ("job_dir", "/a\nb", "without newlines"),
+    ("time_limit", "forever", "use minutes, HH:MM:SS"),
+    ("env", {"1X": "y"}, "variable names are letters"),
+    ("env", {"PATH": "/evil"}, "is set by aiportal or Slurm"),
+    ("env", {"SLURM_JOB_ID": "1"}, "is set by aiportal or Slurm"),
+    ("checkpoint_signal", "KILL@10", "use e.g. B:USR1@120"),
+    ("dependency", "afterok:1;ls", "use e.g. afterok:1234"),
+    ("array", "0-9; ls", "use e.g. 0-99"),
+    ("account", "a b", "contains characters"),
+    ("gpus", -1, "need gpus >= 0"),
+    ("inputs", ["/a\nb"], "cannot be empty or contain newlines"),
+])
+def test_invalid_specs_name_the_field(field, value, message):
+    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        JobSpec(**{**BASE, field: value})
+
+
+def test_for_node_type_refuses_more_gpus_than_a_node_has():
+    with pytest.raises(SpecError, match="node type 1card has 1 GPUs per node"):
+        JobSpec.for_node_type(ONE, name="x", image="/i.sif", command=["true"], job_dir="/j", gpus=2)
+
+
+def test_for_node_type_gives_the_cpus_that_come_with_the_gpus():
+    assert JobSpec.for_node_type(FOUR, name="x", image="/i.sif", command=["t"], job_dir="/j").cpus == 48
+    assert JobSpec.for_node_type(FOUR, name="x", image="/i.sif", command=["t"], job_dir="/j", gpus=2).cpus == 24
+
+
+def test_expand_grid_order_and_split():
+    assert expand_grid({"a": [1, 2], "b": ["x"]}) == [{"a": "1", "b": "x"}, {"a": "2", "b": "x"}]
+    base = JobSpec(**BASE)
+    specs = array_specs(base, {"i": list(range(7))}, max_array_size=3)
+    assert [s.array for s in specs] == ["0-2", "0-2", "0-0"]
+    assert [s.array_offset for s in specs] == [0, 3, 6]
+    assert [s.name for s in specs] == ["ok.0", "ok.1", "ok.2"]
+    assert specs[2].sweep == ((("i", "6"),),)
+
+
+@pytest.mark.parametrize("grid", [{}, {"a": []}, {"a": "abc"}])
+def test_bad_grids(grid):
+    with pytest.raises(SpecError):
+        expand_grid(grid)
+
+
+HOSTILE = [
+    "two words",
+    "it's \"quoted\"",
+    "'; touch INJECTED; '",
+    "$(touch INJECTED)",
+    "`touch INJECTED`",
+    "line1\nline2",
+    "ünïcödé ✓ 中文",
+    "--bind=/etc:/x",
+    "; exit 0",
+    "${HOME}",
+    "*",
+    "",
+]
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    """Stand-ins for `apptainer` and `aiportal` below the rendering boundary: they record the
+    argv they get (JSON) and exit with $RECORD_RC."""
+    rec = tmp_path / "record"
+    rec.write_text("#!/usr/bin/env python3\nimport json, os, sys\n"
+                   "with open(os.environ['RECORD_TO'], 'a') as f:\n"
+                   "    f.write(json.dumps({'argv': sys.argv[1:], 'env': {k: v for k, v in os.environ.items() if k.startswith('H_')}}) + '\\n')\n"
+                   "sys.exit(int(os.environ.get('RECORD_RC', '0')) if sys.argv[1] == 'exec' else 0)\n")
+    rec.chmod(rec.stat().st_mode | stat.S_IXUSR)
+    return rec
+
+
+def run_script(tmp_path, spec, rc=0):
+    script = tmp_path / "job.sh"
+    script.write_text(render_sbatch(spec))
+    record_to = tmp_path / "calls.jsonl"
+    env = {"PATH": os.environ["PATH"], "RECORD_TO": str(record_to), "RECORD_RC": str(rc)}
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=30)
+    calls = [json.loads(line) for line in record_to.read_text().splitlines()] if record_to.exists() else []
+    return res, calls
+
+
+def test_hostile_values_reach_the_program_verbatim_and_nothing_runs(tmp_path, recorder):
+    job_dir = tmp_path / "job dir 'x' $(touch INJECTED)"
+    spec = JobSpec(name="hostile", partition="gpu-1card", image=str(tmp_path / "img $(x).sif"),
+                   command=["prog", *HOSTILE], job_dir=str(job_dir), inputs=[str(tmp_path / "in `x`")],
+                   output=str(tmp_path / "out; touch INJECTED"),
+                   env={"H_%d" % i: v for i, v in enumerate(HOSTILE)},
+                   apptainer=str(recorder), stage_bin=str(recorder))
+    (tmp_path / "in `x`").mkdir()
+    res, calls = run_script(tmp_path, spec)
+    assert res.returncode == 0, res.stderr
+    assert not list(tmp_path.rglob("INJECTED")), "a value was executed as shell"
+    stage_in, restore, run, stage_out = calls
+    assert stage_in["argv"] == ["stage", "in", "--from", str(tmp_path / "in `x`"), "--to", str(job_dir / "data")]
+    assert restore["argv"][-1] == "--missing-ok"
+    assert run["argv"][:5] == ["exec", "--bind", "%s/data:/data/data" % job_dir, "--bind", "%s/output:/data/output" % job_dir]
+    assert run["argv"][5:] == [spec.image, "prog", *HOSTILE]
+    assert run["env"] == {"H_%d" % i: v for i, v in enumerate(HOSTILE)}
+    assert stage_out["argv"] == ["stage", "out", "--from", str(job_dir / "output"), "--to", spec.output]
+
+
+@pytest.mark.parametrize("rc", [0, 1, 42])
+def test_exit_code_is_kept_and_stage_out_runs_on_failure(tmp_path, recorder, rc):
+    spec = JobSpec(**{**BASE, "job_dir": str(tmp_path / "j"), "output": str(tmp_path / "o"),
+                      "apptainer": str(recorder), "stage_bin": str(recorder)})
+    res, calls = run_script(tmp_path, spec, rc=rc)
+    assert res.returncode == rc
+    assert calls[-1]["argv"][:2] == ["stage", "out"]
+    assert "command exited with %d" % rc in res.stderr
+
+
+def test_stage_in_failure_stops_before_the_command(tmp_path):
+    failing = tmp_path / "fail"
+    failing.write_text("#!/bin/sh\nexit 1\n")
+    failing.chmod(0o755)
+    spec = JobSpec(**{**BASE, "job_dir": str(tmp_path / "j"), "inputs": ["/nowhere"],
+                      "apptainer": "/bin/false", "stage_bin": str(failing)})
+    res, _ = run_script(tmp_path, spec)
+    assert res.returncode == 90
+    assert "stage in failed" in res.stderr
+
+
+def test_sweep_task_gets_its_parameters(tmp_path, recorder):
+    base = JobSpec(**{**BASE, "job_dir": str(tmp_path / "j"), "output": str(tmp_path / "o"),
+                      "apptainer": str(recorder), "stage_bin": str(recorder)})
+    spec = array_specs(base, {"H_LR": ["0.1", "it's $(x)"]}, max_array_size=10)[0]
+    script = tmp_path / "job.sh"
+    script.write_text(render_sbatch(spec))
+    env = {"PATH": os.environ["PATH"], "RECORD_TO": str(tmp_path / "c.jsonl"), "SLURM_ARRAY_TASK_ID": "1"}
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=30)
+    assert res.returncode == 0, res.stderr
+    run = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()][1]
+    assert run["env"] == {"H_LR": "it's $(x)"}
+    assert "%s/output/task-1:/data/output" % (tmp_path / "j") in run["argv"]
