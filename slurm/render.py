@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shlex
 
+from slurm.errors import SpecError
 from slurm.spec import JobSpec
 
 COMMENT_PREFIX = "aiportal:"
@@ -143,4 +144,26 @@ def render_sbatch(spec: JobSpec) -> str:
             % (stage, EXIT_STAGE_OUT_FAILED),
         ]
     lines.append('exit "$rc"')
+    return "\n".join(lines) + "\n"
+
+
+def render_command_job(name: str, partition: str, argv: list[str], log_path: str, cpus: int = 1,
+                       time_limit: str = "01:00:00", comment: str | None = None) -> str:
+    """A batch script that runs one host command (no container, no staging): image
+    conversions and other service work. Same quoting rules as :func:`render_sbatch`."""
+    spec = JobSpec(name=name, partition=partition, image="/", command=tuple(argv), job_dir="/",
+                   cpus=cpus, time_limit=time_limit)  # validates name, partition, time, argv
+    if not log_path.startswith("/") or "\n" in log_path or "\0" in log_path:
+        raise SpecError("log_path", log_path, "must be an absolute path without newlines")
+    lines = ["#!/bin/bash",
+             sbatch_flag("job-name", spec.name),
+             sbatch_flag("partition", spec.partition),
+             sbatch_flag("ntasks", 1),
+             sbatch_flag("cpus-per-task", spec.cpus),
+             sbatch_flag("time", spec.time_limit),
+             sbatch_flag("output", log_path),
+             sbatch_flag("open-mode", "append")]
+    if comment:
+        lines.append(sbatch_flag("comment", comment))
+    lines += ["set -euo pipefail", "exec %s" % shlex.join(spec.command)]
     return "\n".join(lines) + "\n"
