@@ -1,1 +1,13 @@
-"""aiportal containers package (see DESIGN.md)."""
+"""aiportal containers: image references, apptainer argv, and the shared SIF cache.
+
+A leaf package: it imports nothing else of aiportal.
+
+- :mod:`containers.refs`: ``parse_image_ref(text) -> ImageRef`` (pure).
+- :mod:`containers.apptainer`: pure argv builders (``exec_argv``, ``instance_run_argv``,
+  ``build_argv``).
+- :mod:`containers.cache`: ``SifCache``, SIF images keyed by content digest, converted once.
+- :mod:`containers.builder`: the adapter that runs apptainer/skopeo/umoci.
+- :mod:`containers.definition`: a small reader of definition files.
+- :mod:`containers.errors`: ``ContainerError`` and its subclasses.
+- ``definitions/``: image definitions (base image, TensorFlow).
+"""

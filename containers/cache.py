@@ -1,0 +1,523 @@
+"""A cache of SIF images shared by all users and processes, keyed by content digest.
+
+Every image a job runs is converted once per content digest to a SIF under the cache root
+(on the dev cluster ``/srv/aiportal/shared/images/cache``; at a site, a directory of the
+shared filesystem every compute node mounts), however many users ask at once.
+
+Layout (flat: one directory holds a few hundred images comfortably)::
+
+    ROOT/sha256/HEX.sif                  the image, mode 0644; appears only complete (rename)
+    ROOT/sha256/HEX.lock                 flock'ed (exclusive) while HEX is converted or pruned
+    ROOT/sha256/HEX.used                 its mtime is the entry's last use
+    ROOT/sha256/.HEX.PID.partial         a conversion in progress (removed if it fails)
+    ROOT/refs/KEY.json                   sidecar index: a reference and the identity (path,
+                                         inode, size, mtime_ns, ctime_ns) of the files it reads
+                                         -> digest, so a hit does not re-hash an unchanged file
+    ROOT/apptainer/cache, .../tmp        APPTAINER_CACHEDIR and APPTAINER_TMPDIR of conversions
+
+Digests (``sha256:HEX``): docker-archive, oci-archive and SIF files are hashed whole (1 MiB
+reads); an OCI layout uses the manifest digest its index.json gives for the tag; a definition
+is its own text plus the contents of the host files it reads (``%files`` sources, resolved
+against the definition's directory, directories walked; a ``localimage``/archive ``From:``).
+``%files`` sources written with ``{{ ARG }}`` templates are not followed, and what a
+definition downloads (debootstrap, pip) is not part of its digest: change the text (a pinned
+version) to get a new image. The same image as an archive and as a layout gets two digests.
+
+Users: directories are created 0755 and files 0644 by whoever converts. On the dev cluster
+conversions run as root (the portal) or, at a site, as a conversion service account; other
+users (job users, ``alice``) only read: :meth:`SifCache.lookup` works for them (it hashes when
+it cannot write the index and skips the last-use marker), :meth:`SifCache.ensure` does not.
+"""
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from containers.builder import DEFAULT_BUILD_TIMEOUT, ApptainerBuilder
+from containers.definition import parse_definition
+from containers.errors import CacheError, ImageRefError
+from containers.refs import ImageRef, RefKind, parse_image_ref
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+OCI_REF_NAME = "org.opencontainers.image.ref.name"
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_HEX = re.compile(r"[0-9a-f]{64}")
+_GLOB_CHARS = frozenset("*?[")
+
+#: ``builder(ref, dest)`` writes the SIF for ``ref`` to the file ``dest`` or raises.
+Builder = Callable[[ImageRef, Path], None]
+#: ``progress(message)`` hears what :meth:`SifCache.ensure` is doing (hashing, waiting, building).
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached image: its digest, SIF path, size, last use (epoch seconds) and the
+    references known to have produced it."""
+
+    digest: str
+    path: Path
+    size_bytes: int
+    last_used: float
+    refs: tuple[str, ...]
+
+
+def file_sha256(path: Path) -> str:
+    """``sha256:HEX`` of a file's contents, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return "sha256:" + h.hexdigest()
+
+
+def manifest_digest(index_json: str, tag: str | None, ref: str) -> str:
+    """The manifest digest that an OCI layout's index.json gives for ``tag`` (pure).
+
+    Without a tag the layout must hold exactly one image. Raises :class:`ImageRefError`
+    listing the tags there are.
+    """
+    try:
+        manifests = json.loads(index_json).get("manifests") or []
+    except (ValueError, AttributeError) as e:
+        raise ImageRefError(ref, "index.json is not an OCI image index: %s" % e) from e
+    tags = [m.get("annotations", {}).get(OCI_REF_NAME) for m in manifests]
+    named = ", ".join(sorted(t for t in tags if t)) or "none"
+    if tag is None:
+        if len(manifests) != 1:
+            raise ImageRefError(ref, "the layout holds %d images; name one as oci:DIR:TAG "
+                                     "(tags: %s)" % (len(manifests), named))
+        chosen = manifests[0]
+    else:
+        hits = [m for m, t in zip(manifests, tags) if t == tag]
+        if not hits:
+            raise ImageRefError(ref, "tag %r is not in the layout (tags: %s)" % (tag, named))
+        chosen = hits[0]
+    digest = chosen.get("digest", "")
+    if not _DIGEST.fullmatch(digest):
+        raise ImageRefError(ref, "the manifest digest %r is not sha256:HEX" % digest)
+    return digest
+
+
+class SifCache:
+    """SIF files keyed by content digest under ``root``; see the module docstring for layout.
+
+    ``builder`` (default :class:`~containers.builder.ApptainerBuilder`) converts a reference
+    into a file; ``build_timeout`` bounds the default builder's commands.
+    """
+
+    def __init__(self, root: Path, builder: Builder | None = None,
+                 build_timeout: float = DEFAULT_BUILD_TIMEOUT):
+        self.root = Path(root)
+        self.images = self.root / "sha256"
+        self.refs_dir = self.root / "refs"
+        self.apptainer_cachedir = self.root / "apptainer" / "cache"
+        self.apptainer_tmpdir = self.root / "apptainer" / "tmp"
+        self.builder: Builder = builder or ApptainerBuilder(
+            self.apptainer_cachedir, self.apptainer_tmpdir, timeout=build_timeout)
+
+    # -- digests -------------------------------------------------------------------------
+
+    def digest_of(self, ref: ImageRef, progress: Progress | None = None) -> str:
+        """``sha256:HEX`` for ``ref``; from the sidecar index when the files it reads are
+        unchanged (same inode, size, mtime_ns, ctime_ns), else computed and recorded."""
+        if ref.kind is RefKind.DOCKER:
+            raise ImageRefError(ref.original, "registries are not reachable from this site; "
+                                              "save the image to a docker-archive: or "
+                                              "oci-archive: file on the shared filesystem")
+        sources = self._sources(ref)
+        identity = _identity(sources)
+        key = hashlib.sha256(json.dumps([str(ref), identity]).encode()).hexdigest()
+        record = self._read_record(key)
+        if record and record.get("ref") == str(ref) and _DIGEST.fullmatch(
+                str(record.get("digest"))):
+            return record["digest"]
+        if progress:
+            progress("hashing %s" % ref)
+        t0 = time.monotonic()
+        digest = self._compute(ref, sources)
+        log.debug("digest of %s is %s (%.2f s)", ref, digest, time.monotonic() - t0)
+        if _identity(sources) == identity:
+            self._write_record(key, {"ref": str(ref), "digest": digest, "identity": identity})
+        else:
+            log.info("%s changed while it was hashed; not recording its digest", ref)
+        return digest
+
+    def _sources(self, ref: ImageRef) -> list[Path]:
+        """The files whose contents make ``ref``'s digest, in a stable order."""
+        path = ref.path
+        if ref.kind is RefKind.OCI_LAYOUT:
+            if not path.is_dir():
+                raise ImageRefError(ref.original, "no OCI layout directory at %s" % path)
+            path = path / "index.json"
+            if not path.is_file():
+                raise ImageRefError(ref.original, "%s has no index.json: not an OCI image "
+                                                  "layout" % ref.path)
+            return [path]
+        _require_file(ref, path)
+        if ref.kind is not RefKind.DEFINITION:
+            return [path]
+        try:
+            definition = parse_definition(path.read_text(errors="replace"))
+        except ValueError as e:
+            raise ImageRefError(ref.original, "not an Apptainer definition: %s" % e) from e
+        sources = [path]
+        local = definition.local_from()
+        if local and "{{" not in local:
+            base = path.parent / local
+            _require_file(ref, base, what="From: file")
+            sources.append(base)
+        for src in definition.file_sources():
+            if "{{" not in src:
+                sources += _expand_source(ref, path.parent, src)
+        return sources
+
+    def _compute(self, ref: ImageRef, sources: list[Path]) -> str:
+        if ref.kind is RefKind.OCI_LAYOUT:
+            return manifest_digest(sources[0].read_text(), ref.tag, ref.original)
+        if len(sources) == 1:
+            return file_sha256(sources[0])
+        h = hashlib.sha256(b"aiportal-definition-v1\0")
+        for src in sources:
+            h.update(b"%s\0%s\0" % (os.fsencode(src), file_sha256(src).encode()))
+        return "sha256:" + h.hexdigest()
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def path_for(self, digest: str) -> Path:
+        """``ROOT/sha256/HEX.sif`` for ``sha256:HEX`` (whether or not it exists yet)."""
+        return self.images / ("%s.sif" % _hex(digest))
+
+    def lock_path(self, digest: str) -> Path:
+        """The file :meth:`ensure` and :meth:`prune` flock for ``digest``."""
+        return self.images / ("%s.lock" % _hex(digest))
+
+    def _used_path(self, digest: str) -> Path:
+        return self.images / ("%s.used" % _hex(digest))
+
+    # -- lookup and conversion -----------------------------------------------------------
+
+    def lookup(self, ref: ImageRef) -> Path | None:
+        """The cached SIF for ``ref``, or None; a hit marks the entry used. Fast on a hit
+        (a stat, one small index read, a stat), whatever the image's size."""
+        digest = self.digest_of(ref)
+        path = self.path_for(digest)
+        if path.is_file():
+            self._mark_used(digest)
+            return path
+        return None
+
+    def ensure(self, ref: ImageRef, builder: Builder | None = None,
+               progress: Progress | None = None) -> Path:
+        """The SIF for ``ref``, converting it first if no process has yet.
+
+        One conversion per digest across processes and users: an exclusive flock on
+        ``HEX.lock``; whoever gets it second finds the SIF and returns it. The builder writes
+        ``.HEX.PID.partial`` beside the final name; it is fsync'ed, made 0644 and renamed into
+        place, so no half-written SIF is ever visible. A failed build removes its partial
+        file and raises (:class:`~containers.errors.ImageBuildError` from the default builder).
+        """
+        say = progress or (lambda message: None)
+        digest = self.digest_of(ref, progress=say)
+        final = self.path_for(digest)
+        if final.is_file():
+            self._mark_used(digest)
+            say("cached: %s" % final)
+            return final
+        self._make_dirs()
+        with self._lock(digest, exclusive=True, wait=True, progress=say):
+            if final.is_file():
+                log.info("%s was converted by another process while we waited", digest)
+                self._mark_used(digest)
+                say("cached: %s" % final)
+                return final
+            self._remove_partials(digest)
+            partial = self.images / (".%s.%d.partial" % (_hex(digest), os.getpid()))
+            say("converting %s to %s" % (ref, final))
+            log.info("converting %s (%s)", ref, digest)
+            t0 = time.monotonic()
+            try:
+                (builder or self.builder)(ref, partial)
+                if not partial.is_file() or partial.stat().st_size == 0:
+                    raise CacheError(partial, "the builder wrote no image for %s" % ref)
+                _fsync(partial)
+                os.chmod(partial, 0o644)
+                os.rename(partial, final)
+                _fsync(self.images)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            self._mark_used(digest, create=True)
+            log.info("converted %s to %s in %.1f s", ref, final, time.monotonic() - t0)
+            say("converted in %.1f s: %s" % (time.monotonic() - t0, final))
+            return final
+
+    # -- listing and pruning -------------------------------------------------------------
+
+    def entries(self) -> list[CacheEntry]:
+        """Every cached image, least recently used first."""
+        if not self.images.is_dir():
+            return []
+        refs: dict[str, set[str]] = {}
+        for record in self._records().values():
+            refs.setdefault(record["digest"], set()).add(record["ref"])
+        out = []
+        for sif in self.images.glob("*.sif"):
+            if not _HEX.fullmatch(sif.stem):
+                continue
+            digest = "sha256:" + sif.stem
+            try:
+                st = sif.stat()
+            except FileNotFoundError:
+                continue
+            try:
+                last_used = self._used_path(digest).stat().st_mtime
+            except FileNotFoundError:
+                last_used = st.st_mtime
+            out.append(CacheEntry(digest, sif, st.st_size, last_used,
+                                  tuple(sorted(refs.get(digest, ())))))
+        return sorted(out, key=lambda e: (e.last_used, e.digest))
+
+    def prune(self, max_bytes: int | None = None, older_than_s: float | None = None,
+              now: float | None = None) -> list[CacheEntry]:
+        """Remove entries unused for more than ``older_than_s`` seconds, then the least
+        recently used until the cache holds at most ``max_bytes``; returns what was removed.
+
+        An entry whose lock is held (a conversion, or :meth:`hold`) is never removed. Also
+        drops index records whose files changed or vanished and partial files of dead
+        conversions. A SIF that a running job opened keeps working after removal (Unix
+        semantics), but a job submitted with a looked-up path can race a prune: prune with
+        an age well above the queue wait, or :meth:`hold` the entry.
+        """
+        if max_bytes is None and older_than_s is None:
+            raise ValueError("prune needs max_bytes or older_than_s")
+        now = time.time() if now is None else now
+        entries = self.entries()
+        total = sum(e.size_bytes for e in entries)
+        removed = []
+        for entry in entries:
+            too_old = older_than_s is not None and now - entry.last_used > older_than_s
+            too_big = max_bytes is not None and total > max_bytes
+            if not (too_old or too_big):
+                continue
+            with self._lock(entry.digest, exclusive=True, wait=False) as held:
+                if not held:
+                    log.info("keeping %s: its lock is held", entry.digest)
+                    continue
+                entry.path.unlink(missing_ok=True)
+                self._used_path(entry.digest).unlink(missing_ok=True)
+                self.lock_path(entry.digest).unlink(missing_ok=True)
+            log.info("pruned %s (%d bytes, unused for %.0f s)", entry.digest, entry.size_bytes,
+                     now - entry.last_used)
+            total -= entry.size_bytes
+            removed.append(entry)
+        gone = {e.digest for e in removed}
+        for path, record in self._records().items():
+            if record["digest"] in gone or self._stale(record):
+                path.unlink(missing_ok=True)
+        for partial in self.images.glob(".*.partial") if self.images.is_dir() else ():
+            digest = "sha256:" + partial.name[1:65]
+            if _DIGEST.fullmatch(digest):
+                with self._lock(digest, exclusive=True, wait=False) as held:
+                    if held:
+                        log.info("removing %s left by an interrupted conversion", partial)
+                        partial.unlink(missing_ok=True)
+                        if not self.path_for(digest).exists():
+                            self.lock_path(digest).unlink(missing_ok=True)
+        return removed
+
+    @contextmanager
+    def hold(self, digest: str) -> Iterator[Path]:
+        """Keep ``digest`` from being pruned while the block runs (a shared lock)."""
+        with self._lock(digest, exclusive=False, wait=True):
+            yield self.path_for(digest)
+
+    # -- internals -----------------------------------------------------------------------
+
+    @contextmanager
+    def _lock(self, digest: str, exclusive: bool, wait: bool,
+              progress: Progress | None = None) -> Iterator[bool]:
+        """flock ``HEX.lock``; yields False when ``wait`` is off and someone else holds it.
+
+        Re-opens when the lock file was replaced while waiting (prune unlinks lock files
+        under the lock, so a waiter may end up holding an unlinked one)."""
+        path = self.lock_path(digest)
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except PermissionError:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    raise CacheError(path, "cannot open the lock (%s); conversions run as the "
+                                           "cache's owner" % e.strerror) from e
+            try:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not wait:
+                        os.close(fd)
+                        yield False
+                        return
+                    if progress:
+                        progress("waiting for another conversion of %s" % digest)
+                    fcntl.flock(fd, mode)
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(path)
+                    same = (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)
+        try:
+            yield True
+        finally:
+            os.close(fd)
+
+    def _make_dirs(self) -> None:
+        for d in (self.root, self.images, self.refs_dir, self.apptainer_cachedir.parent,
+                  self.apptainer_cachedir, self.apptainer_tmpdir):
+            try:
+                d.mkdir(parents=d is self.root)
+            except FileExistsError:
+                continue
+            except PermissionError as e:
+                raise CacheError(d, "cannot create it (%s); conversions run as the cache's "
+                                    "owner (root or the conversion service account)"
+                                 % e.strerror) from e
+            os.chmod(d, 0o755)
+
+    def _mark_used(self, digest: str, create: bool = False) -> None:
+        path = self._used_path(digest)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            if create:
+                path.touch(mode=0o644)
+        except OSError as e:
+            log.debug("cannot mark %s used: %s", digest, e)
+
+    def _remove_partials(self, digest: str) -> None:
+        """Partial files of conversions that died (only called under the exclusive lock)."""
+        for old in self.images.glob(".%s.*.partial" % _hex(digest)):
+            log.info("removing %s left by an interrupted conversion", old)
+            old.unlink(missing_ok=True)
+
+    def _read_record(self, key: str) -> dict | None:
+        try:
+            record = json.loads((self.refs_dir / ("%s.json" % key)).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _write_record(self, key: str, record: dict) -> None:
+        path = self.refs_dir / ("%s.json" % key)
+        tmp = self.refs_dir / (".%s.%d.tmp" % (key, os.getpid()))
+        try:
+            if not self.refs_dir.is_dir():
+                self._make_dirs()
+            tmp.write_text(json.dumps(record))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except (OSError, CacheError) as e:
+            log.debug("cannot record the digest of %s: %s", record["ref"], e)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _records(self) -> dict[Path, dict]:
+        out = {}
+        if not self.refs_dir.is_dir():
+            return out
+        for path in self.refs_dir.glob("*.json"):
+            try:
+                record = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("ref"), str) and \
+                    _DIGEST.fullmatch(str(record.get("digest"))):
+                out[path] = record
+        return out
+
+    def _stale(self, record: dict) -> bool:
+        """True when the files a record describes changed or vanished."""
+        try:
+            ref = parse_image_ref(record["ref"])
+            return _identity(self._sources(ref)) != record.get("identity")
+        except (ImageRefError, OSError):
+            return True
+
+
+def _hex(digest: str) -> str:
+    m = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
+    if not m:
+        raise ValueError("digest %r is not sha256: and 64 lowercase hex digits" % (digest,))
+    return m.group(1)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _identity(sources: list[Path]) -> list[list]:
+    out = []
+    for src in sources:
+        st = src.stat()
+        out.append([str(src), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return out
+
+
+def _require_file(ref: ImageRef, path: Path, what: str = "file") -> None:
+    if not path.exists():
+        raise ImageRefError(ref.original, "no such %s: %s" % (what, path))
+    if not path.is_file():
+        raise ImageRefError(ref.original, "%s is not a regular file" % path)
+
+
+def _expand_source(ref: ImageRef, base: Path, src: str) -> list[Path]:
+    """A ``%files`` source as the files it names: globbed, directories walked, sorted."""
+    pattern = base / src
+    if _GLOB_CHARS & set(src):
+        found = sorted(Path(p) for p in glob.glob(str(pattern)))
+        if not found:
+            raise ImageRefError(ref.original, "%%files source %s matches nothing" % src)
+    elif pattern.exists():
+        found = [pattern]
+    else:
+        raise ImageRefError(ref.original, "%%files source %s does not exist" % pattern)
+    out = []
+    for path in found:
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                out += [Path(dirpath) / f for f in sorted(filenames)
+                        if (Path(dirpath) / f).is_file()]
+        elif path.is_file():
+            out.append(path)
+    return out
