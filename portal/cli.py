@@ -4,6 +4,8 @@
     aiportal script --image SIF --node-type 1card|4card [--input URI]... [--output URI]
                     [--time T] [--name N] [--env K=V]... -- CMD [ARG...]
                                                  print the exact batch script, to edit and sbatch
+    aiportal image convert REF                   convert to SIF in the shared cache; prints the path
+    aiportal image list [--json]                 cached images, sizes, last use
     aiportal stage in --from URI --to DIR [--missing-ok]
     aiportal stage out --from DIR --to URI       move data inside a job (run by the batch script)
 
@@ -144,6 +146,43 @@ def _cached_image(ref: str) -> str:
     return str(hit)
 
 
+def cmd_image_convert(args) -> int:
+    from containers.cache import SifCache
+    from containers.errors import ContainerError
+    from containers.refs import parse_image_ref
+    logging.basicConfig(level=logging.INFO, format="[aiportal image] %(message)s")
+    settings = _site_settings()
+    cache_root = Path(args.cache or settings.image_cache)
+    if not os.access(cache_root, os.W_OK):
+        raise CliError("the image cache %s is written only by %s (and root); submit jobs through the "
+                       "portal, which converts images for you" % (cache_root, settings.image_builder_user))
+    try:
+        sif = SifCache(cache_root).ensure(parse_image_ref(args.ref),
+                                          progress=lambda msg: print("[aiportal image] %s" % msg, file=sys.stderr))
+    except ContainerError as e:
+        raise CliError(str(e)) from e
+    print(sif)
+    return 0
+
+
+def cmd_image_list(args) -> int:
+    import datetime
+
+    from containers.cache import SifCache
+    settings = _site_settings()
+    entries = SifCache(Path(args.cache or settings.image_cache)).entries()
+    if args.json:
+        json.dump([{"digest": e.digest, "path": str(e.path), "size_bytes": e.size_bytes,
+                    "last_used": e.last_used, "refs": list(e.refs)} for e in entries], sys.stdout, indent=2)
+        print()
+        return 0
+    print("%-20s %10s %-20s %s" % ("DIGEST", "SIZE", "LAST USED", "REFERENCES"))
+    for e in entries:
+        used = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M") if e.last_used else "-"
+        print("%-20s %9.1fM %-20s %s" % (e.digest[:19], e.size_bytes / 1e6, used, ", ".join(e.refs)))
+    return 0
+
+
 def cmd_stage(args) -> int:
     from storage.errors import StorageError
     from storage.stage import stage_in, stage_out
@@ -180,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment (repeatable)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     p.set_defaults(func=cmd_script)
+
+    p = sub.add_parser("image", help="convert images into the shared SIF cache, list it")
+    isub = p.add_subparsers(dest="image_command", required=True)
+    c = isub.add_parser("convert", help="convert REF to SIF (once per content digest); prints the SIF path")
+    c.add_argument("ref", help="docker-archive:/x.tar, oci-archive:/x.tar, oci:/layout:tag, /x.def, /x.sif")
+    c.add_argument("--cache", help="cache folder (default: image_cache from site.toml)")
+    c.set_defaults(func=cmd_image_convert)
+    c = isub.add_parser("list", help="cached images with sizes and last use")
+    c.add_argument("--cache", help="cache folder (default: image_cache from site.toml)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_image_list)
 
     p = sub.add_parser("stage", help="move data in or out of a job (run inside jobs)")
     p.add_argument("direction", choices=["in", "out"])

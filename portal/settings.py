@@ -44,6 +44,7 @@ class Settings:
     stage_bin: str = "aiportal"
     image_cache: str = "/srv/aiportal/shared/images/cache"
     image_builder_user: str = "aiportal-img"
+    image_build_partition: str = "gpu-1card"
     node_types: Mapping[str, NodeType] = field(default_factory=lambda: dict(DEFAULT_NODE_TYPES))
 
     @classmethod

@@ -130,7 +130,7 @@ def render_sbatch(spec: JobSpec) -> str:
         "# --nv only where an NVIDIA driver is present (without one it is silently ignored)",
         "nv=(); [ -e /dev/nvidiactl ] && nv=(--nv)",
         "log %s" % q("run: %s" % shlex.join(spec.command)),
-        '%s exec "${nv[@]}" %s %s %s &' % (q(spec.apptainer), " ".join(binds), q(spec.image), shlex.join(spec.command)),
+        '%s exec --no-eval "${nv[@]}" %s %s %s &' % (q(spec.apptainer), " ".join(binds), q(spec.image), shlex.join(spec.command)),
         "child=$!",
         "# wait returns early when a trapped signal arrives; keep waiting for the program itself",
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; done',

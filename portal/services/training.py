@@ -15,7 +15,7 @@ class TrainingRequest:
     """What a user asks for: an image, a node type, data in/out and a command."""
 
     user: str
-    image_sif: str
+    image_sif: str          #: a .sif path, or an image reference (converted on demand)
     node_type: str
     command: tuple[str, ...]
     name: str = "train"
@@ -67,7 +67,15 @@ def prepare_job_dir(settings: Settings, user: str, job_id: str) -> Path:
 
 
 def submit_training(settings: Settings, backend, req: TrainingRequest) -> tuple[str, JobSpec]:
-    """Render, prepare the job folder and submit as the request's user. Returns (Slurm id, spec)."""
+    """Resolve the image (submitting its conversion when needed: the job then depends on it),
+    render, prepare the job folder and submit as the request's user. Returns (Slurm id, spec)."""
+    from dataclasses import replace
+
+    from portal.services.images import request_image
+    image = request_image(settings, backend, req.image_sif)
+    if image.conversion_job:
+        req = replace(req, dependency="afterok:%s" % image.conversion_job)
+    req = replace(req, image_sif=str(image.sif))
     spec = build_spec(settings, req)
     prepare_job_dir(settings, req.user, req.job_id)
     return backend.submit(render_sbatch(spec), user=req.user), spec

@@ -166,3 +166,22 @@ def test_sweep_array_runs_every_task(settings, backend, submitted, base_image, u
         assert sorted(tasks) == ["%s_%d" % (j, i) for i in range(n)]
     got = sorted((user_dirs / "out" / ("task-%d" % i) / "p.txt").read_text() for i in range(6))
     assert got == sorted(["0.1 32", "0.1 64", "0.01 32", "0.01 64", "it's 1e-3 32", "it's 1e-3 64"])
+
+
+HOSTILE = ["two words", "it's", "'; touch /tmp/aiportal-INJECTED-1; '", "$(touch /tmp/aiportal-INJECTED-2)",
+           "`touch /tmp/aiportal-INJECTED-3`", "line1\nline2", "ünïcödé ✓", "${HOME}", "*", ""]
+
+
+def test_hostile_arguments_and_env_reach_the_program_verbatim_in_a_real_job(settings, backend, submitted,
+                                                                           base_image, user_dirs):
+    dump = ("import json, os, sys; json.dump({'argv': sys.argv[1:], 'env': {k: v for k, v in os.environ.items() "
+            "if k.startswith('H_')}}, open('/data/output/dump.json', 'w'))")
+    req = request(base_image, user_dirs, node_type="1card", command=("python3", "-c", dump, *HOSTILE),
+                  env=tuple(("H_%d" % i, v) for i, v in enumerate(HOSTILE)))
+    job_id, _ = submit_training(settings, backend, req)
+    submitted.append(job_id)
+    assert wait(backend, job_id).state is JobState.COMPLETED
+    got = __import__("json").loads((user_dirs / "out" / "dump.json").read_text())
+    assert got["argv"] == HOSTILE
+    assert got["env"] == {"H_%d" % i: v for i, v in enumerate(HOSTILE)}
+    assert not [p for p in Path("/tmp").glob("aiportal-INJECTED-*")]
