@@ -46,3 +46,62 @@ def test_unreachable_portal_says_so(tmp_path):
     res = cli("--url", "http://127.0.0.1:9199", "--token-file", str(tok), "cluster")
     assert res.returncode == 2
     assert "cannot reach the portal at http://127.0.0.1:9199" in res.stderr
+
+
+def test_script_prints_the_batch_script_for_a_node_type(tmp_path):
+    sif = tmp_path / "img.sif"
+    res = cli("script", "--image", str(sif), "--node-type", "4card", "--input", "/shared/in",
+              "--output", "/shared/out", "--env", "LR=0.1", "--name", "demo", "--", "python3", "train.py", "--x", "a b")
+    assert res.returncode == 0, res.stderr
+    assert "#SBATCH --partition=gpu-4card" in res.stdout and "#SBATCH --gres=gpu:p40:4" in res.stdout
+    assert "export LR=0.1" in res.stdout
+    assert "%s python3 train.py --x 'a b' &" % sif in res.stdout
+    assert "mkdir -p" in res.stderr and "/logs" in res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--node-type", "8card", "--", "x"], "unknown node type; choose one of 1card, 4card, infer"),
+    (["--node-type", "1card"], "give the command after --"),
+    (["--node-type", "1card", "--env", "NOEQUALS", "--", "x"], "write it as NAME=VALUE"),
+    (["--node-type", "1card", "--time", "forever", "--", "x"], "use minutes, HH:MM:SS"),
+])
+def test_script_errors_name_the_input(args, message):
+    res = cli("script", "--image", "/x.sif", *args)
+    assert res.returncode == 2
+    assert message in res.stderr
+
+
+def test_script_with_an_unconverted_reference_says_how_to_convert(tmp_path):
+    archive = tmp_path / "never-seen.tar"
+    archive.write_bytes(b"not really an archive")
+    res = cli("script", "--image", "docker-archive:%s" % archive, "--node-type", "1card", "--", "true")
+    assert res.returncode == 2
+    assert "is not converted yet; run `aiportal image convert" in res.stderr
+
+
+def test_stage_in_and_out_through_the_cli(tmp_path):
+    (tmp_path / "src" / "d").mkdir(parents=True)
+    (tmp_path / "src" / "d" / "f.txt").write_text("x")
+    res = cli("stage", "in", "--from", str(tmp_path / "src"), "--to", str(tmp_path / "job"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "job" / "d" / "f.txt").read_text() == "x"
+    assert "1 files: 1 copied" in res.stderr
+    again = cli("stage", "out", "--from", str(tmp_path / "job"), "--to", str(tmp_path / "src"))
+    assert "0 copied" in again.stderr and "1 already up to date" in again.stderr
+    missing = cli("stage", "in", "--from", str(tmp_path / "nope"), "--to", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert cli("stage", "in", "--from", str(tmp_path / "nope"), "--to", str(tmp_path / "x"), "--missing-ok").returncode == 0
+
+
+@pytest.mark.apptainer
+def test_image_list_shows_the_cache():
+    res = cli("image", "list", "--json")
+    assert res.returncode == 0, res.stderr
+    assert isinstance(json.loads(res.stdout), list)
+
+
+def test_image_convert_refuses_users_who_cannot_write_the_cache(tmp_path):
+    res = subprocess.run(["runuser", "-u", "alice", "--", AIPORTAL, "image", "convert", "/x.sif"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "is written only by aiportal-img" in res.stderr
