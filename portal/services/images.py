@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import pwd
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ def _incoming(settings: Settings, digest: str, ref: ImageRef) -> Path:
     os.chown(inbox, b.pw_uid, b.pw_gid)
     dest = inbox / ("%s.tar" % hexd)
     if not dest.exists():
-        tmp = inbox / (".%s.%d.partial" % (hexd, os.getpid()))
+        tmp = inbox / (".%s.%d.%s.partial" % (hexd, os.getpid(), secrets.token_hex(4)))
         shutil.copyfile(ref.path, tmp)
         os.chown(tmp, b.pw_uid, b.pw_gid)
         os.chmod(tmp, 0o644)
