@@ -123,6 +123,9 @@ class SlurmCli(SlurmBackend):
 
         A refused submission always raises :class:`SubmitError` with sbatch's message.
         """
+        if user == "root" or (user is None and os.geteuid() == 0):
+            raise SubmitError(["sbatch"], None, "", "", hint="aiportal never submits jobs as root: "
+                              "pass the Unix user the job belongs to")
         argv = self._as_user(user) + ["sbatch", "--parsable"]
         out = self._call(argv, stdin=script, error=SubmitError).strip()
         job_id = out.split(";")[0]
