@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 ETC = Path("/etc/aiportal")
 SHARED_ROOT = Path("/srv/aiportal/shared")
 JOB_USER = "alice"
+# aiportal as jobs and job users see it: installed from this checkout, readable by everyone
+# (the checkout itself may sit where other users cannot look, e.g. under /root)
+JOB_AIPORTAL_VENV = Path("/opt/aiportal/venv")
 
 
 def run(argv, **kw):

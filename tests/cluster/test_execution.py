@@ -58,6 +58,20 @@ def user_dirs():
     shutil.rmtree(root, ignore_errors=True)
 
 
+def _owner(proc):
+    try:
+        return proc.stat().st_uid
+    except OSError:
+        return None
+
+
+def _is_fuse(proc):
+    try:
+        return any(b"fuse" in part for part in (proc / "cmdline").read_bytes().split(b"\0")[:1])
+    except OSError:
+        return False
+
+
 def wait(backend, job_id, timeout=120, until=lambda st: st.state.terminal):
     deadline = time.monotonic() + timeout
     st = None
@@ -121,6 +135,15 @@ def test_cancel(settings, backend, submitted, base_image, user_dirs):
     wait(backend, job_id, until=lambda st: st.state is JobState.RUNNING)
     backend.cancel(job_id, user=JOB_USER)
     assert wait(backend, job_id).state is JobState.CANCELLED
+    # apptainer's FUSE helpers stop with the job (they escape proctrack/linuxproc otherwise)
+    uid = pwd.getpwnam(JOB_USER).pw_uid
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = [p for p in Path("/proc").glob("[0-9]*") if _owner(p) == uid and _is_fuse(p)]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, [(p.name, (p / "cmdline").read_bytes()) for p in left]
 
 
 def test_requeue_restarts_at_once_and_resumes_from_staged_outputs(settings, backend, submitted, base_image, user_dirs):

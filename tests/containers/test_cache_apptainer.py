@@ -18,7 +18,7 @@ from containers.apptainer import exec_argv, instance_run_argv
 from containers.cache import SifCache, file_sha256
 from containers.errors import ImageBuildError
 from containers.refs import parse_image_ref
-from tests.conftest import JOB_USER, REPO, run
+from tests.conftest import JOB_AIPORTAL_VENV, JOB_USER, REPO, run
 
 pytestmark = pytest.mark.apptainer
 
@@ -165,9 +165,9 @@ def test_job_user_can_read_the_cache_and_run_its_images(shared_cache, offline_im
     code = ("import sys; from pathlib import Path; from containers.cache import SifCache; "
             "from containers.refs import parse_image_ref; c = SifCache(Path(sys.argv[1])); "
             "print(c.lookup(parse_image_ref(sys.argv[2])), c.lookup(parse_image_ref(sys.argv[3])))")
-    out = run(["runuser", "-u", JOB_USER, "--", sys.executable, "-c", code, str(shared_cache.root),
-               "docker-archive:%s" % offline_image.docker_archive, "docker-archive:%s" % copy],
-              cwd=REPO)
+    out = run(["runuser", "-u", JOB_USER, "--", str(JOB_AIPORTAL_VENV / "bin" / "python"), "-c", code,
+               str(shared_cache.root), "docker-archive:%s" % offline_image.docker_archive, "docker-archive:%s" % copy],
+              cwd="/")
     assert out.split() == [str(docker_sif)] * 2
     assert sorted(p.name for p in shared_cache.root.rglob("*")) == before
     out = run(["runuser", "-u", JOB_USER, "--", *exec_argv(

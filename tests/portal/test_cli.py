@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import JOB_AIPORTAL_VENV, REPO
 
 AIPORTAL = str(REPO / ".venv" / "bin" / "aiportal")
 
@@ -101,7 +101,7 @@ def test_image_list_shows_the_cache():
 
 
 def test_image_convert_refuses_users_who_cannot_write_the_cache(tmp_path):
-    res = subprocess.run(["runuser", "-u", "alice", "--", AIPORTAL, "image", "convert", "/x.sif"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(["runuser", "-u", "alice", "--", str(JOB_AIPORTAL_VENV / "bin" / "aiportal"),
+                          "image", "convert", "/x.sif"], capture_output=True, text=True, timeout=60, cwd="/")
     assert res.returncode == 2
     assert "is written only by aiportal-img" in res.stderr

@@ -83,7 +83,10 @@ EOF
 APT_PRIV=(-o Dir::Etc::sourcelist="$WORK/sources.list" -o Dir::Etc::sourceparts=/nonexistent
           -o Dir::State::Lists="$WORK/lists" -o Dir::Cache="$WORK/cache"
           -o Dir::State::status="$WORK/status" -o APT::Sandbox::User=root
-          -o Acquire::Retries=3 -o Acquire::Languages=none)
+          -o Acquire::Retries=3 -o Acquire::Languages=none
+          # snapshot mirrors serve sid Release files past their Valid-Until date; signatures
+          # are still checked
+          -o Acquire::Check-Valid-Until=false)
 # the bookworm keyring package already carries the trixie (and sid-signing) keys
 [ -s /usr/share/keyrings/debian-archive-keyring.gpg ] || apt-get install -y -q debian-archive-keyring >/dev/null
 
