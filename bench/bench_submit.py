@@ -26,7 +26,7 @@ SCRIPT = "#!/bin/bash\n#SBATCH --partition=gpu-1card\n#SBATCH --time=1\n#SBATCH 
 
 def plain_sbatch() -> str:
     res = subprocess.run(["runuser", "-u", USER, "--", "sbatch", "--parsable"], input=SCRIPT,
-                         capture_output=True, text=True, check=True, timeout=30)
+                         capture_output=True, text=True, check=True, timeout=30, cwd="/")
     return res.stdout.strip().split(";")[0]
 
 

@@ -106,8 +106,9 @@ class SlurmCli(SlurmBackend):
             env["SLURM_CONF"] = self.slurm_conf
         log.debug("run %s", shlex.join(argv))
         try:
+            # cwd "/": the caller's folder may not be visible to the user we run as
             res = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                                 timeout=self.timeout, env=env, check=False)
+                                 timeout=self.timeout, env=env, check=False, cwd="/")
         except subprocess.TimeoutExpired as e:
             raise SlurmCommandError(argv, None, e.stdout or "", e.stderr or "",
                                     hint="is slurmctld running? `scontrol ping`") from e

@@ -52,7 +52,7 @@ class SlurmSession:
         out = self.workdir / ("job-%s.out" % uuid.uuid4().hex[:8])
         argv = ["runuser", "-u", user, "--", "sbatch", "--parsable", "--output", str(out),
                 "--chdir", str(self.workdir), *options]
-        jid = run(argv, input=script).strip().split(";")[0]
+        jid = run(argv, input=script, cwd=self.workdir).strip().split(";")[0]
         self.ids.append(jid)
         return Job(jid, out)
 
