@@ -47,21 +47,7 @@ class SlurmBackend:
 
     def submit(self, script: str, user: str | None = None) -> str: raise NotImplementedError
     def statuses(self, job_ids: Iterable[str]) -> dict[str, JobStatus]: raise NotImplementedError
-    def array_statuses(self, job_id: str) -> dict[str, JobStatus]:
-        """Every task of an array job (``ID_N`` -> status), in two calls like :meth:`statuses`."""
-        job_id = _check_job_id(job_id)
-        prefix = job_id + "_"
-        live = parse_squeue(self._call(["squeue", "--noheader", "--array", "--states=all",
-                                        "--format", SEP.join(SQUEUE_FIELDS)]))
-        tasks = {k: v for k, v in live.items() if k.startswith(prefix) and not v.state.terminal}
-        done = parse_sacct(self._call(["sacct", "--noheader", "--allocations", "--parsable2",
-                                       "--delimiter", SEP, "--allusers", "--starttime", "now-30days",
-                                       "--format", ",".join(SACCT_FIELDS), "--jobs", job_id]))
-        for k, v in done.items():
-            if k.startswith(prefix) and "[" not in k and k not in tasks:
-                tasks[k] = v
-        return tasks
-
+    def array_statuses(self, job_id: str) -> dict[str, JobStatus]: raise NotImplementedError
     def cancel(self, job_id: str, user: str | None = None) -> None: raise NotImplementedError
     def requeue(self, job_id: str) -> None: raise NotImplementedError
     def drain(self, node: str, reason: str) -> None: raise NotImplementedError
@@ -143,30 +129,31 @@ class SlurmCli(SlurmBackend):
         wanted = [_check_job_id(j) for j in job_ids]
         if not wanted:
             return {}
-        live = parse_squeue(self._call(["squeue", "--noheader", "--array", "--states=all",
-                                        "--format", SEP.join(SQUEUE_FIELDS)]))
+        live = self._squeue_all()
         # finished jobs stay in squeue for MinJobAge, without their exit code: ask sacct
         found = {j: live[j] for j in wanted if j in live and not live[j].state.terminal}
         rest = [j for j in wanted if j not in found]
         if rest:
-            done = parse_sacct(self._call(["sacct", "--noheader", "--allocations", "--parsable2",
-                                           "--delimiter", SEP, "--allusers", "--duplicates",
-                                           "--starttime", "now-30days",
-                                           "--format", ",".join(SACCT_FIELDS), "--jobs", ",".join(rest)]))
+            done = self._sacct(rest)
             found.update({j: done.get(j) or live[j] for j in rest if j in done or j in live})
         return found
 
+    def _squeue_all(self) -> dict[str, JobStatus]:
+        """Every job Slurm still holds (array tasks one per line), in one call."""
+        return parse_squeue(self._call(["squeue", "--noheader", "--array", "--states=all",
+                                        "--format", SEP.join(SQUEUE_FIELDS)]))
+
+    def _sacct(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        """Accounting records of finished jobs (the last run of a requeued job wins), in one call."""
+        return parse_sacct(self._call(["sacct", "--noheader", "--allocations", "--parsable2",
+                                       "--delimiter", SEP, "--allusers", "--starttime", "now-30days",
+                                       "--format", ",".join(SACCT_FIELDS), "--jobs", ",".join(job_ids)]))
+
     def array_statuses(self, job_id: str) -> dict[str, JobStatus]:
         """Every task of an array job (``ID_N`` -> status), in two calls like :meth:`statuses`."""
-        job_id = _check_job_id(job_id)
-        prefix = job_id + "_"
-        live = parse_squeue(self._call(["squeue", "--noheader", "--array", "--states=all",
-                                        "--format", SEP.join(SQUEUE_FIELDS)]))
-        tasks = {k: v for k, v in live.items() if k.startswith(prefix) and not v.state.terminal}
-        done = parse_sacct(self._call(["sacct", "--noheader", "--allocations", "--parsable2",
-                                       "--delimiter", SEP, "--allusers", "--starttime", "now-30days",
-                                       "--format", ",".join(SACCT_FIELDS), "--jobs", job_id]))
-        for k, v in done.items():
+        prefix = _check_job_id(job_id) + "_"
+        tasks = {k: v for k, v in self._squeue_all().items() if k.startswith(prefix) and not v.state.terminal}
+        for k, v in self._sacct([job_id]).items():
             if k.startswith(prefix) and "[" not in k and k not in tasks:
                 tasks[k] = v
         return tasks
