@@ -28,6 +28,7 @@ def test_load_file_then_environment_wins(tmp_path):
     cfg = tmp_path / "portal.toml"
     cfg.write_text('secret_key = "from-file"\nadmin_token_sha256 = "%s"\ncluster_name = "file"\n' % ("a" * 64))
     s = Settings.load(environ={"AIPORTAL_CONFIG": str(cfg), "AIPORTAL_CLUSTER_NAME": "env",
+                               "AIPORTAL_SITE_CONFIG": str(tmp_path / "no-site.toml"),
                                "AIPORTAL_SLURM_TIMEOUT_S": "3", "UNRELATED": "x"})
     assert (s.secret_key, s.cluster_name, s.slurm_timeout_s) == ("from-file", "env", 3.0)
 
@@ -48,3 +49,25 @@ def test_settings_are_frozen():
     s = Settings.from_mapping(SECRETS)
     with pytest.raises(AttributeError):
         s.secret_key = "other"
+
+
+def test_site_then_portal_file_then_environment(tmp_path):
+    site = tmp_path / "site.toml"
+    site.write_text('cluster_name = "site"\nshared_root = "/shared"\nstage_bin = "/opt/x/bin/aiportal"\n'
+                    '[node_types]\n1card = { partition = "p1", gpus = 1, gpu_type = "a100", cpus = 4, memory_mb = 1000 }\n')
+    portal = tmp_path / "portal.toml"
+    portal.write_text('secret_key = "k"\nadmin_token_sha256 = "%s"\ncluster_name = "portal"\n' % ("b" * 64))
+    s = Settings.load(environ={"AIPORTAL_SITE_CONFIG": str(site), "AIPORTAL_CONFIG": str(portal),
+                               "AIPORTAL_SHARED_ROOT": "/env"})
+    assert (s.cluster_name, s.shared_root, s.stage_bin) == ("portal", "/env", "/opt/x/bin/aiportal")
+    assert s.node_types["1card"].gpu_type == "a100" and list(s.node_types) == ["1card"]
+
+
+def test_tools_on_nodes_load_without_secrets(tmp_path):
+    site = tmp_path / "site.toml"
+    site.write_text('cluster_name = "site"\n')
+    s = Settings.load(environ={"AIPORTAL_SITE_CONFIG": str(site), "AIPORTAL_CONFIG": str(tmp_path / "none.toml")},
+                      require_secrets=False)
+    assert s.cluster_name == "site" and s.secret_key == ""
+    with pytest.raises(ConfigError, match="does not exist"):
+        Settings.load(environ={"AIPORTAL_SITE_CONFIG": str(site), "AIPORTAL_CONFIG": str(tmp_path / "none.toml")})
