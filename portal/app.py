@@ -10,6 +10,13 @@ from portal.errors import PortalError
 from portal.settings import Settings
 from slurm.backend import SlurmCli
 from slurm.errors import SlurmError
+from storage.credentials import SecretBox
+from storage.errors import StorageError
+
+# HTTP status of each storage error code (the data layer's errors name the location and the fix)
+STORAGE_STATUS = {"bad_location": 400, "bad_credentials": 400, "access_denied": 403,
+                  "store_unavailable": 503, "integrity_failed": 502, "staging_failed": 502,
+                  "stage_out_pending": 502}
 
 
 def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings | None = None) -> Flask:
@@ -22,6 +29,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
     if test_config:
         app.config.update(test_config)
     app.extensions["aiportal.settings"] = settings
+    app.extensions["aiportal.secrets"] = SecretBox(settings.data_key)
     app.extensions["aiportal.slurm"] = SlurmCli(settings.slurm_conf, settings.slurm_timeout_s,
                                                 settings.cluster_name)
     if not app.debug and not app.testing:
@@ -40,6 +48,10 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
     @app.errorhandler(SlurmError)
     def slurm_error(e):
         return jsonify(error=e.code, message=str(e)), 503
+
+    @app.errorhandler(StorageError)
+    def storage_error(e):
+        return jsonify(error=e.code, message=str(e)), STORAGE_STATUS.get(e.code, 400)
 
     @app.errorhandler(PortalError)
     def portal_error(e):

@@ -6,8 +6,10 @@
                                                  print the exact batch script, to edit and sbatch
     aiportal image convert REF                   convert to SIF in the shared cache; prints the path
     aiportal image list [--json]                 cached images, sizes, last use
-    aiportal stage in --from URI --to DIR [--missing-ok]
-    aiportal stage out --from DIR --to URI       move data inside a job (run by the batch script)
+    aiportal stage in --from URI --to DIR [--missing-ok] [--credentials FILE] [--workers N]
+                    [--bandwidth-mbps MBIT_S]
+    aiportal stage out --from DIR --to URI [--credentials FILE] ...
+                                                 move data inside a job (run by the batch script)
 
 `cluster` talks to the portal's JSON API, like any other client; `script` and `stage` work
 on the node from the public site settings (/etc/aiportal/site.toml).
@@ -187,12 +189,21 @@ def cmd_stage(args) -> int:
     from storage.errors import StorageError
     from storage.stage import stage_in, stage_out
     logging.basicConfig(level=logging.INFO, format="[aiportal stage] %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    kw = dict(credentials=args.credentials, workers=args.workers, bandwidth_mbps=args.bandwidth_mbps,
+              progress_every=args.progress_every)
+    if args.retries is not None:
+        from storage.retry import RetryPolicy
+        from storage.transfer import TransferOptions
+        kw["options"] = TransferOptions(retry=RetryPolicy(attempts=max(1, args.retries)))
     try:
         if args.direction == "in":
-            stats = stage_in(args.source, args.dest, missing_ok=args.missing_ok)
+            stats = stage_in(args.source, args.dest, missing_ok=args.missing_ok, **kw)
         else:
-            stats = stage_out(args.source, args.dest)
+            stats = stage_out(args.source, args.dest, pending_record=args.pending_record, **kw)
     except StorageError as e:
+        raise CliError("stage %s: %s" % (args.direction, e)) from e
+    except ValueError as e:
         raise CliError("stage %s: %s" % (args.direction, e)) from e
     print("[aiportal stage] %s %s -> %s: %s" % (args.direction, args.source, args.dest, stats.summary()), file=sys.stderr)
     return 0
@@ -236,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True)
     p.add_argument("--to", dest="dest", required=True)
     p.add_argument("--missing-ok", action="store_true", help="stage in: a missing source is not an error")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="data-source credentials for s3:// locations (the portal writes one into the job dir)")
+    p.add_argument("--workers", type=int, help="concurrent requests for s3:// transfers (default 8, or the data source's)")
+    p.add_argument("--bandwidth-mbps", type=float, metavar="MBIT_S",
+                   help="cap s3:// transfers at this many megabits per second (a data source's own cap still "
+                        "applies if lower)")
+    p.add_argument("--retries", type=int, metavar="N",
+                   help="tries per request on transient errors before giving up (default 6, ~15 s of backoff)")
+    p.add_argument("--progress-every", type=float, metavar="SECONDS", help="seconds between progress lines (default 5)")
+    p.add_argument("--pending-record", metavar="FILE",
+                   help="stage out: where to record a stage-out that did not finish "
+                        "(default: STAGE_OUT_PENDING.<dir>.json beside the directory)")
     p.set_defaults(func=cmd_stage)
     return parser
 

@@ -35,6 +35,8 @@ class Settings:
 
     secret_key: str = ""
     admin_token_sha256: str = ""
+    # Fernet key that seals data-source credentials at rest (storage.credentials.SecretBox)
+    data_key: str = ""
     database_url: str = "sqlite:////var/lib/aiportal/portal.db"
     bind: str = "127.0.0.1:8000"
     shared_root: str = "/srv/aiportal/shared"
@@ -75,7 +77,7 @@ class Settings:
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError("%s: unknown settings %s" % (source, ", ".join(sorted(unknown))))
-        for required in ("secret_key", "admin_token_sha256") if require_secrets else ():
+        for required in ("secret_key", "admin_token_sha256", "data_key") if require_secrets else ():
             if not values.get(required):
                 raise ConfigError("%s: '%s' is missing; there is no default for secrets "
                                   "(the portal Ansible role generates it)" % (source, required))

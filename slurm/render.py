@@ -85,6 +85,7 @@ def render_sbatch(spec: JobSpec) -> str:
     """
     q = shlex.quote
     stage = q(spec.stage_bin)
+    creds = (' --credentials "$AIPORTAL_JOB_DIR"/%s' % q(spec.credentials_file)) if spec.credentials_file else ""
     lines = ["#!/bin/bash"] + sbatch_header(spec) + [
         "# Rendered by aiportal%s. Runs the command in its image with /data/data and /data/output"
         % (" for job " + spec.portal_id if spec.portal_id else ""),
@@ -117,12 +118,12 @@ def render_sbatch(spec: JobSpec) -> str:
     ]
     for uri in spec.inputs:
         lines += ['log %s' % q("stage in: %s -> data/" % uri),
-                  '%s stage in --from %s --to "$data_dir" || { log "stage in failed"; exit %d; }'
-                  % (stage, q(uri), EXIT_STAGE_IN_FAILED)]
+                  '%s stage in --from %s --to "$data_dir"%s || { log "stage in failed"; exit %d; }'
+                  % (stage, q(uri), creds, EXIT_STAGE_IN_FAILED)]
     if spec.output:
         lines += ['log "restore previous outputs: $out_uri -> output/"',
-                  '%s stage in --from "$out_uri" --to "$out_dir" --missing-ok || { log "restoring outputs failed"; exit %d; }'
-                  % (stage, EXIT_STAGE_IN_FAILED)]
+                  '%s stage in --from "$out_uri" --to "$out_dir" --missing-ok%s || { log "restoring outputs failed"; exit %d; }'
+                  % (stage, creds, EXIT_STAGE_IN_FAILED)]
     binds = ['--bind "$data_dir:/data/data"', '--bind "$out_dir:/data/output"']
     binds += ["--bind %s" % q("%s:%s" % (src, dst)) for src, dst in spec.extra_binds]
     lines += [
@@ -130,7 +131,7 @@ def render_sbatch(spec: JobSpec) -> str:
         "# --nv only where an NVIDIA driver is present (without one it is silently ignored)",
         "nv=(); [ -e /dev/nvidiactl ] && nv=(--nv)",
         "log %s" % q("run: %s" % shlex.join(spec.command)),
-        '%s exec --no-eval "${nv[@]}" %s %s %s &' % (q(spec.apptainer), " ".join(binds), q(spec.image), shlex.join(spec.command)),
+        '%s exec --no-eval --no-mount cwd "${nv[@]}" %s %s %s &' % (q(spec.apptainer), " ".join(binds), q(spec.image), shlex.join(spec.command)),
         "child=$!",
         "# wait returns early when a trapped signal arrives; keep waiting for the program itself",
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; done',
@@ -140,8 +141,8 @@ def render_sbatch(spec: JobSpec) -> str:
     if spec.output:
         lines += [
             'log "stage out: output/ -> $out_uri"',
-            '%s stage out --from "$out_dir" --to "$out_uri" || { log "stage out failed; outputs are kept in $out_dir"; [ "$rc" -ne 0 ] || rc=%d; }'
-            % (stage, EXIT_STAGE_OUT_FAILED),
+            '%s stage out --from "$out_dir" --to "$out_uri"%s || { log "stage out failed; outputs are kept in $out_dir"; [ "$rc" -ne 0 ] || rc=%d; }'
+            % (stage, creds, EXIT_STAGE_OUT_FAILED),
         ]
     lines.append('exit "$rc"')
     return "\n".join(lines) + "\n"

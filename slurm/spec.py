@@ -20,6 +20,7 @@ _SIGNAL_RE = re.compile(r"^(B:)?(USR1|USR2|TERM|INT|HUP|URG)(@\d+)?$")
 _DEPENDENCY_RE = re.compile(r"^(after|afterok|afternotok|afterany|aftercorr)(:\d+(_\d+)?)+$|^singleton$")
 _ARRAY_RE = re.compile(r"^\d+(-\d+)?(:\d+)?(,\d+(-\d+)?(:\d+)?)*(%\d+)?$")
 _PLAIN_RE = re.compile(r"^[A-Za-z0-9._,:|&@+=/-]{1,256}$")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # Environment variables the job's own machinery sets; a user may not override them.
 RESERVED_ENV = frozenset({"AIPORTAL_JOB_DIR", "AIPORTAL_JOB_ID", "SLURM_CONF", "PATH", "LD_PRELOAD",
                           "LD_LIBRARY_PATH", "HOME", "USER", "APPTAINERENV_PATH"})
@@ -82,6 +83,9 @@ class JobSpec:
     stage_bin: str = "aiportal"
     apptainer: str = "apptainer"
     extra_binds: tuple[tuple[str, str], ...] = field(default=())
+    # The data-source credentials file for s3:// inputs/outputs: a file name inside job_dir
+    # (written by the portal, mode 0600); the script passes only its path to `stage`.
+    credentials_file: str | None = None
 
     def __post_init__(self):
         if isinstance(self.command, (str, bytes)):
@@ -135,6 +139,10 @@ class JobSpec:
         for uri in self.inputs + ((self.output,) if self.output else ()):
             if not uri or "\n" in uri or "\0" in uri:
                 raise SpecError("data", uri, "data locations cannot be empty or contain newlines")
+        if self.credentials_file is not None and (not _FILE_NAME_RE.match(self.credentials_file)
+                                                  or self.credentials_file in (".", "..")):
+            raise SpecError("credentials_file", self.credentials_file, "a file name inside the job directory "
+                                                                       "(letters, digits, '.', '_', '-')")
         for src, dst in self.extra_binds:
             if not (src.startswith("/") and dst.startswith("/")) or ":" in src + dst or "," in src + dst:
                 raise SpecError("bind", (src, dst), "binds are absolute paths without ':' or ','")

@@ -66,16 +66,27 @@ def prepare_job_dir(settings: Settings, user: str, job_id: str) -> Path:
     return job_dir
 
 
-def submit_training(settings: Settings, backend, req: TrainingRequest) -> tuple[str, JobSpec]:
-    """Resolve the image (submitting its conversion when needed: the job then depends on it),
-    render, prepare the job folder and submit as the request's user. Returns (Slurm id, spec)."""
+def submit_training(settings: Settings, backend, req: TrainingRequest, sources=None,
+                    roots=None) -> tuple[str, JobSpec]:
+    """Submit a training request as its user. Returns (Slurm job id, spec).
+
+    1. validate the data locations (before anything is submitted: a bad location is refused
+       with a clear message, not a failed job) and pick the data sources they need;
+    2. resolve the image, submitting its conversion when needed (the job then depends on it);
+    3. render, prepare the job folder, write the credentials file for the data sources;
+    4. submit as the request's user.
+    ``sources`` are the user's data sources by name (``storage.credentials.DataSource``).
+    """
     from dataclasses import replace
 
+    from portal.services.data import attach_credentials, check_job_data
     from portal.services.images import request_image
+    needed = check_job_data(settings, req.user, req.inputs, req.output, sources, roots)
     image = request_image(settings, backend, req.image_sif)
     if image.conversion_job:
         req = replace(req, dependency="afterok:%s" % image.conversion_job)
     req = replace(req, image_sif=str(image.sif))
     spec = build_spec(settings, req)
     prepare_job_dir(settings, req.user, req.job_id)
+    spec = attach_credentials(spec, req.user, needed)
     return backend.submit(render_sbatch(spec), user=req.user), spec

@@ -3,6 +3,7 @@ import hashlib
 import re
 
 import pytest
+from cryptography.fernet import Fernet
 
 from portal.app import create_app
 from portal.settings import Settings
@@ -12,7 +13,7 @@ TOKEN = "test-admin-token-0123456789"
 
 @pytest.fixture
 def app():
-    settings = Settings.from_mapping({"secret_key": "s" * 64,
+    settings = Settings.from_mapping({"secret_key": "s" * 64, "data_key": Fernet.generate_key().decode(),
                                       "admin_token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()})
     return create_app({"TESTING": True}, settings=settings)
 

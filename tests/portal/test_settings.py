@@ -3,7 +3,7 @@ import pytest
 from portal.errors import ConfigError
 from portal.settings import NodeType, Settings
 
-SECRETS = {"secret_key": "k" * 32, "admin_token_sha256": "0" * 64}
+SECRETS = {"secret_key": "k" * 32, "admin_token_sha256": "0" * 64, "data_key": "d" * 44}
 
 
 def test_from_mapping_builds_typed_node_types():
@@ -12,7 +12,7 @@ def test_from_mapping_builds_typed_node_types():
     assert s.node_types["1card"] == NodeType("1card", "gpu-1card", 1, "p40", 8, 32000)
 
 
-@pytest.mark.parametrize("missing", ["secret_key", "admin_token_sha256"])
+@pytest.mark.parametrize("missing", ["secret_key", "admin_token_sha256", "data_key"])
 def test_missing_secret_fails_and_names_it(missing):
     values = {k: v for k, v in SECRETS.items() if k != missing}
     with pytest.raises(ConfigError, match="'%s' is missing; there is no default for secrets" % missing):
@@ -26,7 +26,7 @@ def test_unknown_setting_is_an_error():
 
 def test_load_file_then_environment_wins(tmp_path):
     cfg = tmp_path / "portal.toml"
-    cfg.write_text('secret_key = "from-file"\nadmin_token_sha256 = "%s"\ncluster_name = "file"\n' % ("a" * 64))
+    cfg.write_text('secret_key = "from-file"\nadmin_token_sha256 = "%s"\ndata_key = "k"\ncluster_name = "file"\n' % ("a" * 64))
     s = Settings.load(environ={"AIPORTAL_CONFIG": str(cfg), "AIPORTAL_CLUSTER_NAME": "env",
                                "AIPORTAL_SITE_CONFIG": str(tmp_path / "no-site.toml"),
                                "AIPORTAL_SLURM_TIMEOUT_S": "3", "UNRELATED": "x"})
@@ -56,7 +56,7 @@ def test_site_then_portal_file_then_environment(tmp_path):
     site.write_text('cluster_name = "site"\nshared_root = "/shared"\nstage_bin = "/opt/x/bin/aiportal"\n'
                     '[node_types]\n1card = { partition = "p1", gpus = 1, gpu_type = "a100", cpus = 4, memory_mb = 1000 }\n')
     portal = tmp_path / "portal.toml"
-    portal.write_text('secret_key = "k"\nadmin_token_sha256 = "%s"\ncluster_name = "portal"\n' % ("b" * 64))
+    portal.write_text('secret_key = "k"\nadmin_token_sha256 = "%s"\ndata_key = "k"\ncluster_name = "portal"\n' % ("b" * 64))
     s = Settings.load(environ={"AIPORTAL_SITE_CONFIG": str(site), "AIPORTAL_CONFIG": str(portal),
                                "AIPORTAL_SHARED_ROOT": "/env"})
     assert (s.cluster_name, s.shared_root, s.stage_bin) == ("portal", "/env", "/opt/x/bin/aiportal")

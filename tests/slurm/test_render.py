@@ -166,9 +166,9 @@ def test_hostile_values_reach_the_program_verbatim_and_nothing_runs(tmp_path, re
     stage_in, restore, run, stage_out = calls
     assert stage_in["argv"] == ["stage", "in", "--from", str(tmp_path / "in `x`"), "--to", str(job_dir / "data")]
     assert restore["argv"][-1] == "--missing-ok"
-    assert run["argv"][:6] == ["exec", "--no-eval", "--bind", "%s/data:/data/data" % job_dir,
+    assert run["argv"][:8] == ["exec", "--no-eval", "--no-mount", "cwd", "--bind", "%s/data:/data/data" % job_dir,
                                "--bind", "%s/output:/data/output" % job_dir]
-    assert run["argv"][6:] == [spec.image, "prog", *HOSTILE]
+    assert run["argv"][8:] == [spec.image, "prog", *HOSTILE]
     assert run["env"] == {"H_%d" % i: v for i, v in enumerate(HOSTILE)}
     assert stage_out["argv"] == ["stage", "out", "--from", str(job_dir / "output"), "--to", spec.output]
 

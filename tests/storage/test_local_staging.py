@@ -87,8 +87,9 @@ def test_bad_locations(text, message):
         parse_location(text)
 
 
-def test_s3_is_refused_clearly_until_the_data_layer_lands(tmp_path):
-    with pytest.raises(StagingError, match="not available in this version"):
-        stage_in("s3://b/p", str(tmp_path))
-    with pytest.raises(StagingError, match="not available in this version"):
-        stage_out(str(tmp_path), "s3://b/p")
+def test_s3_without_credentials_is_refused_before_any_request(tmp_path):
+    with pytest.raises(StagingError, match="no data source credentials for this job"):
+        stage_in("s3://bucket/p", str(tmp_path))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(StagingError, match="no data source credentials for this job"):
+        stage_out(str(tmp_path / "out"), "s3://bucket/p")
