@@ -141,9 +141,13 @@ def render_sbatch(spec: JobSpec) -> str:
     if spec.output:
         lines += [
             'log "stage out: output/ -> $out_uri"',
-            '%s stage out --from "$out_dir" --to "$out_uri"%s || { log "stage out failed; outputs are kept in $out_dir"; [ "$rc" -ne 0 ] || rc=%d; }'
+            '%s stage out --from "$out_dir" --to "$out_uri"%s || { log "stage out failed; outputs are kept in $out_dir"; staged_out=0; [ "$rc" -ne 0 ] || rc=%d; }'
             % (stage, creds, EXIT_STAGE_OUT_FAILED),
         ]
+    if spec.credentials_file:
+        # the job is over: its keys go, unless a stage-out is still pending (finishing it needs them);
+        # a job that dies with its node never gets here and finds them again when requeued
+        lines.append('[ "${staged_out:-1}" = 0 ] || rm -f "$AIPORTAL_JOB_DIR"/%s' % q(spec.credentials_file))
     lines.append('exit "$rc"')
     return "\n".join(lines) + "\n"
 
