@@ -1,10 +1,14 @@
 """Training requests become job specs (and, for `aiportal script`, batch script text)."""
 from __future__ import annotations
 
+import os
+import pwd
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from portal.services.data import attach_credentials, check_job_data
+from portal.services.images import request_image
 from portal.settings import Settings
 from slurm.render import render_sbatch
 from slurm.spec import JobSpec, resolve_node_type
@@ -55,8 +59,6 @@ def prepare_job_dir(settings: Settings, user: str, job_id: str) -> Path:
     Run by the portal as root before submitting: Slurm opens the log file before the script
     runs, as the job's user.
     """
-    import os
-    import pwd
     pw = pwd.getpwnam(user)
     job_dir = job_dir_for(settings, user, job_id)
     for d in (job_dir.parent, job_dir, job_dir / "data", job_dir / "output", job_dir / "logs"):
@@ -77,10 +79,6 @@ def submit_training(settings: Settings, backend, req: TrainingRequest, sources=N
     4. submit as the request's user.
     ``sources`` are the user's data sources by name (``storage.credentials.DataSource``).
     """
-    from dataclasses import replace
-
-    from portal.services.data import attach_credentials, check_job_data
-    from portal.services.images import request_image
     needed = check_job_data(settings, req.user, req.inputs, req.output, sources, roots)
     image = request_image(settings, backend, req.image_sif)
     if image.conversion_job:
