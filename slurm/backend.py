@@ -31,13 +31,21 @@ class ClusterView:
     partitions: list[Partition]
     nodes: list[Node]
 
+    @property
+    def gpus(self) -> int:
+        return sum(n.gpus for n in self.nodes)
+
+    @property
+    def gpus_used(self) -> int:
+        return sum(n.gpus_used for n in self.nodes)
+
     def to_dict(self) -> dict:
         return {
             "cluster": self.name,
             "partitions": [p.to_dict() for p in self.partitions],
             "nodes": [n.to_dict() for n in self.nodes],
-            "gpus": sum(n.gpus for n in self.nodes),
-            "gpus_used": sum(n.gpus_used for n in self.nodes),
+            "gpus": self.gpus,
+            "gpus_used": self.gpus_used,
         }
 
 

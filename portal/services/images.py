@@ -40,13 +40,20 @@ def _builder(settings: Settings) -> pwd.struct_passwd:
     return pwd.getpwnam(settings.image_builder_user)
 
 
+def _builder_dir(settings: Settings, name: str) -> Path:
+    """A folder of the image cache, owned by the builder account (created if missing)."""
+    b = _builder(settings)
+    d = Path(settings.image_cache) / name
+    d.mkdir(mode=0o755, exist_ok=True)
+    os.chown(d, b.pw_uid, b.pw_gid)
+    return d
+
+
 def _incoming(settings: Settings, digest: str, ref: ImageRef) -> Path:
     """A copy of the user's archive the builder account can read (users' folders are private)."""
     hexd = digest.split(":", 1)[-1]
     b = _builder(settings)
-    inbox = Path(settings.image_cache) / "incoming"
-    inbox.mkdir(mode=0o755, exist_ok=True)
-    os.chown(inbox, b.pw_uid, b.pw_gid)
+    inbox = _builder_dir(settings, "incoming")
     dest = inbox / ("%s.tar" % hexd)
     if not dest.exists():
         tmp = inbox / (".%s.%d.%s.partial" % (hexd, os.getpid(), secrets.token_hex(4)))
@@ -83,10 +90,7 @@ def request_image(settings: Settings, backend, ref_text: str) -> ImageRequest:
             if st is not None and not st.state.terminal:
                 log.info("image %s: joining conversion job %s", digest, job)
                 return ImageRequest(ref, sif, digest, job)
-        logs = Path(settings.image_cache) / "logs"
-        logs.mkdir(mode=0o755, exist_ok=True)
-        b = _builder(settings)
-        os.chown(logs, b.pw_uid, b.pw_gid)
+        logs = _builder_dir(settings, "logs")
         script = render_command_job(
             name="convert-%s" % hexd[:12], partition=settings.image_build_partition,
             argv=[settings.stage_bin, "image", "convert", "%s:%s" % (CONVERTIBLE[ref.kind], source)],
