@@ -4,12 +4,16 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from flask import Flask, jsonify
+import sqlalchemy as sa
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
 
-from portal.errors import PortalError
+from containers.errors import ContainerError, ImageRefError
+from portal import db as dbmod
+from portal.errors import PortalError, RateLimitError, ValidationError
 from portal.settings import Settings
 from slurm.backend import SlurmCli
-from slurm.errors import SlurmError
+from slurm.errors import SlurmError, SpecError, SubmitError
 from storage.credentials import SecretBox
 from storage.errors import StorageError
 
@@ -19,23 +23,32 @@ STORAGE_STATUS = {"bad_location": 400, "bad_credentials": 400, "access_denied": 
                   "stage_out_pending": 502}
 
 
-def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings | None = None) -> Flask:
-    """Build the app. ``settings`` (tests) or the settings file named by ``AIPORTAL_CONFIG``."""
+def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings | None = None,
+               engine: sa.Engine | None = None, backend=None) -> Flask:
+    """Build the app from ``settings`` (tests) or the settings file named by ``AIPORTAL_CONFIG``.
+
+    The database must be at the code's schema revision (``aiportal db upgrade``); tests pass an
+    ``engine`` they migrated, and may pass a Slurm ``backend``."""
     if settings is None:
         settings = Settings.load()
     app = Flask(__name__)
     app.config.update(SECRET_KEY=settings.secret_key, SESSION_COOKIE_HTTPONLY=True,
-                      SESSION_COOKIE_SAMESITE="Lax")
+                      SESSION_COOKIE_SAMESITE="Lax", MAX_CONTENT_LENGTH=16 * 1024 * 1024)
     if test_config:
         app.config.update(test_config)
+    if engine is None:
+        engine = dbmod.make_engine(settings.database_url)
+        dbmod.check_schema(engine)
     app.extensions["aiportal.settings"] = settings
+    app.extensions["aiportal.engine"] = engine
     app.extensions["aiportal.secrets"] = SecretBox(settings.data_key)
-    app.extensions["aiportal.slurm"] = SlurmCli(settings.slurm_conf, settings.slurm_timeout_s,
-                                                settings.cluster_name)
+    app.extensions["aiportal.slurm"] = backend or SlurmCli(settings.slurm_conf, settings.slurm_timeout_s,
+                                                           settings.cluster_name)
     if not app.debug and not app.testing:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from portal import api, auth, web
+    from portal import api, auth, db_session, web
+    db_session.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(web.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")
@@ -45,16 +58,48 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
         # liveness only: says nothing about jobs, users or the cluster
         return "ok\n", 200, {"Content-Type": "text/plain"}
 
-    @app.errorhandler(SlurmError)
-    def slurm_error(e):
-        return jsonify(error=e.code, message=str(e)), 503
-
-    @app.errorhandler(StorageError)
-    def storage_error(e):
-        return jsonify(error=e.code, message=str(e)), STORAGE_STATUS.get(e.code, 400)
-
-    @app.errorhandler(PortalError)
-    def portal_error(e):
-        return jsonify(error=e.code, message=str(e)), e.status
-
+    _error_handlers(app)
     return app
+
+
+def error_status(e: Exception) -> tuple[str, int]:
+    """The API's error code and HTTP status for one of our exceptions."""
+    if isinstance(e, (SpecError, SubmitError, ImageRefError)):
+        return e.code, 422
+    if isinstance(e, SlurmError):
+        return e.code, 503
+    if isinstance(e, StorageError):
+        return e.code, STORAGE_STATUS.get(e.code, 400)
+    if isinstance(e, ContainerError):
+        return e.code, 500
+    if isinstance(e, PortalError):
+        return e.code, e.status
+    return "internal", 500
+
+
+def _error_handlers(app: Flask) -> None:
+    def as_json(e: Exception):
+        code, status = error_status(e)
+        body = {"error": code, "message": str(e)}
+        if isinstance(e, ValidationError):
+            body["errors"] = e.errors
+        resp = jsonify(body)
+        resp.status_code = status
+        if isinstance(e, RateLimitError):
+            resp.headers["Retry-After"] = str(e.retry_after)
+        return resp
+
+    for cls in (SlurmError, StorageError, ContainerError, PortalError):
+        app.register_error_handler(cls, as_json)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        if request.path.startswith("/api/") or request.path.startswith("/service/") \
+                or request.accept_mimetypes.best == "application/json":
+            resp = jsonify(error=(e.name or "error").lower().replace(" ", "_"), message=e.description)
+            resp.status_code = e.code or 500
+            for key, value in e.get_headers():      # e.g. Allow on 405
+                if key.lower() != "content-type":
+                    resp.headers[key] = value
+            return resp
+        return e

@@ -43,10 +43,18 @@ class Settings:
     slurm_conf: str = "/etc/slurm/slurm.conf"
     cluster_name: str = "aiportal"
     slurm_timeout_s: float = 15.0
+    #: a job stored but not in Slurm after this long is submitted again by the reconciler
+    submit_grace_s: float = 120.0
+    reconcile_interval_s: float = 2.0
     stage_bin: str = "aiportal"
     image_cache: str = "/srv/aiportal/shared/images/cache"
     image_builder_user: str = "aiportal-img"
     image_build_partition: str = "gpu-1card"
+    # sshd the portal tails job logs through, as the job's user (ansible role log_sshd)
+    log_ssh_host: str = "127.0.0.1"
+    log_ssh_port: int = 2222
+    log_ssh_key: str = "/etc/aiportal/ssh/portal_ed25519"
+    log_ssh_known_hosts: str = "/etc/aiportal/ssh/known_hosts"
     node_types: Mapping[str, NodeType] = field(default_factory=lambda: dict(DEFAULT_NODE_TYPES))
 
     @classmethod
@@ -85,8 +93,11 @@ class Settings:
         if "node_types" in kw:
             kw["node_types"] = {name: t if isinstance(t, NodeType) else NodeType(name=name, **t)
                                 for name, t in kw["node_types"].items()}
-        if "slurm_timeout_s" in kw:
-            kw["slurm_timeout_s"] = float(kw["slurm_timeout_s"])
+        for name in ("slurm_timeout_s", "submit_grace_s", "reconcile_interval_s"):
+            if name in kw:
+                kw[name] = float(kw[name])
+        if "log_ssh_port" in kw:
+            kw["log_ssh_port"] = int(kw["log_ssh_port"])
         return cls(**kw)
 
 

@@ -56,6 +56,8 @@ class SlurmBackend:
     def submit(self, script: str, user: str | None = None) -> str: raise NotImplementedError
     def statuses(self, job_ids: Iterable[str]) -> dict[str, JobStatus]: raise NotImplementedError
     def array_statuses(self, job_id: str) -> dict[str, JobStatus]: raise NotImplementedError
+    def queue(self) -> dict[str, JobStatus]: raise NotImplementedError
+    def accounting(self, job_ids: Iterable[str]) -> dict[str, JobStatus]: raise NotImplementedError
     def cancel(self, job_id: str, user: str | None = None) -> None: raise NotImplementedError
     def requeue(self, job_id: str) -> None: raise NotImplementedError
     def drain(self, node: str, reason: str) -> None: raise NotImplementedError
@@ -145,6 +147,15 @@ class SlurmCli(SlurmBackend):
             done = self._sacct(rest)
             found.update({j: done.get(j) or live[j] for j in rest if j in done or j in live})
         return found
+
+    def queue(self) -> dict[str, JobStatus]:
+        """Every job Slurm still holds, all users, array tasks one per line: one squeue call."""
+        return self._squeue_all()
+
+    def accounting(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
+        """Accounting records of these jobs (array tasks as ``ID_N``): one sacct call."""
+        wanted = [_check_job_id(j) for j in job_ids]
+        return self._sacct(wanted) if wanted else {}
 
     def _squeue_all(self) -> dict[str, JobStatus]:
         """Every job Slurm still holds (array tasks one per line), in one call."""

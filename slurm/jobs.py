@@ -8,9 +8,9 @@ from slurm.states import JobState, parse_job_state
 
 SEP = "\x1f"
 # squeue -h -r -o FORMAT (all jobs, array tasks one per line)
-SQUEUE_FIELDS = ("%i", "%T", "%r", "%N", "%u", "%k")
+SQUEUE_FIELDS = ("%i", "%T", "%r", "%N", "%u", "%k", "%j")
 # sacct -n -X -P --delimiter SEP -o FIELDS
-SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "User", "Comment", "Reason")
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "User", "Comment", "Reason", "JobName")
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,12 @@ class JobStatus:
     signal: int | None = None
     user: str = ""
     comment: str = ""
+    name: str = ""
 
     def to_dict(self) -> dict:
         return {"job_id": self.job_id, "state": self.state.value, "reason": self.reason,
                 "nodes": self.nodes, "exit_code": self.exit_code, "signal": self.signal,
-                "user": self.user, "comment": self.comment}
+                "user": self.user, "comment": self.comment, "name": self.name}
 
 
 def _clean(text: str) -> str:
@@ -43,9 +44,9 @@ def parse_squeue(text: str) -> dict[str, JobStatus]:
         cols = line.split(SEP)
         if len(cols) != len(SQUEUE_FIELDS):
             raise SlurmParseError(line, "expected %d squeue fields, got %d" % (len(SQUEUE_FIELDS), len(cols)))
-        jid, state, reason, nodes, user, comment = (c.strip() for c in cols)
+        jid, state, reason, nodes, user, comment, name = (c.strip() for c in cols)
         out[jid] = JobStatus(jid, parse_job_state(state), _clean(reason), _clean(nodes), user=user,
-                             comment=_clean(comment))
+                             comment=_clean(comment), name=name)
     return out
 
 
@@ -70,8 +71,8 @@ def parse_sacct(text: str) -> dict[str, JobStatus]:
         cols = line.split(SEP)
         if len(cols) != len(SACCT_FIELDS):
             raise SlurmParseError(line, "expected %d sacct fields, got %d" % (len(SACCT_FIELDS), len(cols)))
-        jid, state, exit_code, nodes, user, comment, reason = (c.strip() for c in cols)
+        jid, state, exit_code, nodes, user, comment, reason, name = (c.strip() for c in cols)
         code, sig = parse_exit_code(exit_code)
         out[jid] = JobStatus(jid, parse_job_state(state), _clean(reason), _clean(nodes), code, sig,
-                             user, _clean(comment))
+                             user, _clean(comment), name)
     return out

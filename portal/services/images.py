@@ -13,12 +13,17 @@ import os
 import pwd
 import secrets
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from sqlmodel import select
 
 from containers.cache import SifCache
 from containers.errors import ImageRefError
 from containers.refs import ImageRef, RefKind, parse_image_ref
+from portal.errors import ValidationError
+from portal.models import Image, ImageState, utcnow
 from portal.settings import Settings
 from slurm.render import render_command_job
 
@@ -64,9 +69,21 @@ def _incoming(settings: Settings, digest: str, ref: ImageRef) -> Path:
     return dest
 
 
-def request_image(settings: Settings, backend, ref_text: str) -> ImageRequest:
-    """Resolve ``ref_text`` to a SIF path; submit its conversion if it is not cached yet."""
+def check_user_can_read(user: str, path: str) -> None:
+    """The portal runs as root and copies archives for the builder account: it must first make
+    sure the user could read the file themselves (users' folders are private)."""
+    res = subprocess.run(["runuser", "-u", user, "--", "test", "-r", path, "-a", "-f", path],
+                         capture_output=True, timeout=30, check=False)
+    if res.returncode != 0:
+        raise ImageRefError(path, "is not a file that Unix user %s can read" % user)
+
+
+def request_image(settings: Settings, backend, ref_text: str, user: str | None = None) -> ImageRequest:
+    """Resolve ``ref_text`` to a SIF path; submit its conversion if it is not cached yet.
+    With ``user``, a file the reference names must be readable by that Unix user."""
     ref = parse_image_ref(ref_text)
+    if user is not None and ref.kind in CONVERTIBLE and os.geteuid() == 0:
+        check_user_can_read(user, str(ref.path))
     if ref.kind is RefKind.SIF:
         return ImageRequest(ref, Path(ref.path), "", None)
     if ref.kind not in CONVERTIBLE:
@@ -100,3 +117,75 @@ def request_image(settings: Settings, backend, ref_text: str) -> ImageRequest:
         pending.write_text(job + "\n")
         log.info("image %s: conversion job %s submitted", digest, job)
         return ImageRequest(ref, sif, digest, job)
+
+
+# -- registered images (the portal's Images page and API) -------------------------------------
+
+def register_image(db, settings: Settings, backend, user, ref_text: str):
+    """Register an image for ``user``: a SIF is ready at once; an archive is converted by a
+    Slurm job (the image is CONVERTING until the reconciler sees the SIF)."""
+    if not ref_text:
+        raise ValidationError("ref", "give an image: /PATH.sif, docker-archive:/PATH.tar or oci-archive:/PATH.tar")
+    if not user.unix_user:
+        raise ValidationError("user", "account %r has no Unix user; images are registered by user accounts" % user.name)
+    try:
+        parse_image_ref(ref_text)
+        req = request_image(settings, backend, ref_text, user=user.unix_user)
+    except ImageRefError as e:
+        raise ValidationError("ref", str(e)) from None
+    img = Image(user_id=user.id, ref=ref_text, digest=req.digest, sif_path=str(req.sif),
+                state=ImageState.CONVERTING if req.conversion_job else ImageState.READY,
+                conversion_job_id=req.conversion_job, updated_at=utcnow())
+    db.add(img)
+    db.commit()
+    return img
+
+
+def refresh_images(db, settings: Settings, backend) -> int:
+    """CONVERTING images whose SIF appeared become READY; those whose conversion job ended
+    without one become FAILED (with the job's state). One Slurm call for all of them."""
+    rows = list(db.exec(select(Image).where(Image.state == ImageState.CONVERTING)))
+    if not rows:
+        return 0
+    waiting = [i for i in rows if not Path(i.sif_path).exists()]
+    statuses = backend.statuses([i.conversion_job_id for i in waiting if i.conversion_job_id]) if waiting else {}
+    changed = 0
+    for img in rows:
+        if Path(img.sif_path).exists():
+            img.state, img.message = ImageState.READY, ""
+        else:
+            st = statuses.get(img.conversion_job_id or "")
+            if st is None or not st.state.terminal:
+                continue
+            img.state = ImageState.FAILED
+            img.message = ("conversion job %s ended %s without an image; see %s/logs/convert-%s.out"
+                           % (img.conversion_job_id, st.state.value, settings.image_cache, img.conversion_job_id))
+        img.updated_at = utcnow()
+        db.add(img)
+        changed += 1
+    db.commit()
+    return changed
+
+
+def list_images(db, settings: Settings, backend, user):
+    refresh_images(db, settings, backend)
+    q = select(Image).order_by(Image.created_at.desc())
+    if not user.is_admin:
+        q = q.where(Image.user_id == user.id)
+    return list(db.exec(q))
+
+
+def public(img) -> dict:
+    return {"id": img.id, "ref": img.ref, "digest": img.digest, "sif": img.sif_path, "state": img.state.value,
+            "conversion_job_id": img.conversion_job_id, "message": img.message,
+            "created_at": img.created_at.isoformat(), "updated_at": img.updated_at.isoformat()}
+
+
+def cache_entries(db, settings: Settings, user) -> list[dict]:
+    """The SIF cache's entries: all for admins, those of the user's own images for others."""
+    entries = SifCache(Path(settings.image_cache)).entries()
+    if not user.is_admin:
+        mine = set(db.exec(select(Image.digest).where(Image.user_id == user.id)))
+        entries = [e for e in entries if e.digest in mine]
+    return [{"digest": e.digest, "path": str(e.path), "size_bytes": e.size_bytes, "last_used": e.last_used,
+             "refs": list(e.refs) if user.is_admin else []} for e in entries]

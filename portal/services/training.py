@@ -29,6 +29,9 @@ class TrainingRequest:
     env: tuple[tuple[str, str], ...] = ()
     gpus: int | None = None
     dependency: str | None = None
+    #: one environment per array task (a parameter sweep); () for a single job
+    sweep: tuple[tuple[tuple[str, str], ...], ...] = ()
+    account: str | None = None
     job_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
@@ -42,6 +45,11 @@ def build_spec(settings: Settings, req: TrainingRequest) -> JobSpec:
     kw = {}
     if req.gpus is not None:
         kw["gpus"] = req.gpus
+    if req.sweep:
+        kw["array"] = "0-%d" % (len(req.sweep) - 1)
+        kw["sweep"] = req.sweep
+    if req.account:
+        kw["account"] = req.account
     return JobSpec.for_node_type(
         node_type, name=req.name, image=req.image_sif, command=req.command,
         job_dir=str(job_dir_for(settings, req.user, req.job_id)), inputs=req.inputs, output=req.output,
@@ -78,9 +86,10 @@ def submit_training(settings: Settings, backend, req: TrainingRequest, sources=N
     3. render, prepare the job folder, write the credentials file for the data sources;
     4. submit as the request's user.
     ``sources`` are the user's data sources by name (``storage.credentials.DataSource``).
+    The spec returned renders (``render_sbatch``) to exactly the script that was submitted.
     """
     needed = check_job_data(settings, req.user, req.inputs, req.output, sources, roots)
-    image = request_image(settings, backend, req.image_sif)
+    image = request_image(settings, backend, req.image_sif, user=req.user)
     if image.conversion_job:
         req = replace(req, dependency="afterok:%s" % image.conversion_job)
     req = replace(req, image_sif=str(image.sif))

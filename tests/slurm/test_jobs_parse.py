@@ -37,18 +37,18 @@ def L(*cols):
 
 
 def test_parse_squeue():
-    text = "\n".join([L("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1"),
-                      L("13_2", "PENDING", "Dependency", "", "bob", "(null)")])
+    text = "\n".join([L("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train"),
+                      L("13_2", "PENDING", "Dependency", "", "bob", "(null)", "sweep")])
     got = parse_squeue(text)
     assert got["12"].state is JobState.RUNNING and got["12"].nodes == "g1n1" and got["12"].comment == "aiportal:u1"
-    assert got["12"].reason == ""
+    assert got["12"].reason == "" and got["12"].name == "train"
     assert got["13_2"].reason == "Dependency" and got["13_2"].comment == ""
 
 
 def test_parse_sacct_last_run_wins():
-    text = "\n".join([L("20", "NODE_FAIL", "0:0", "g4n1", "alice", "", "None"),
-                      L("20", "COMPLETED", "0:0", "g4n2", "alice", "", "None"),
-                      L("21", "FAILED", "3:0", "g1n1", "alice", "", "NonZeroExitCode")])
+    text = "\n".join([L("20", "NODE_FAIL", "0:0", "g4n1", "alice", "", "None", "a"),
+                      L("20", "COMPLETED", "0:0", "g4n2", "alice", "", "None", "a"),
+                      L("21", "FAILED", "3:0", "g1n1", "alice", "", "NonZeroExitCode", "b")])
     got = parse_sacct(text)
     assert got["20"].state is JobState.COMPLETED and got["20"].nodes == "g4n2"
     assert (got["21"].exit_code, got["21"].signal) == (3, 0)
@@ -60,7 +60,7 @@ def test_exit_code(text, expected):
 
 
 def test_bad_lines():
-    with pytest.raises(SlurmParseError, match="expected 6 squeue fields"):
+    with pytest.raises(SlurmParseError, match="expected 7 squeue fields"):
         parse_squeue("12 RUNNING")
     with pytest.raises(SlurmParseError, match="CODE:SIGNAL"):
         parse_exit_code("x:y")

@@ -1,0 +1,105 @@
+"""The database: engine from ``database_url`` (SQLite by default, PostgreSQL by URL), schema
+migrations with Alembic, one session per request or per reconcile cycle."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlmodel import Session, create_engine
+
+from portal.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def make_engine(url: str, echo: bool = False) -> sa.Engine:
+    """An engine for ``url``. SQLite gets WAL (readers do not block the writer), foreign keys
+    and a busy timeout, so the portal's workers and the reconciler can share one file."""
+    if url.startswith("sqlite"):
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:") and url != "sqlite://":
+            parent = Path(url[len("sqlite:///"):]).parent
+            if not parent.is_dir():
+                raise ConfigError("database_url %s: folder %s does not exist (the portal role creates "
+                                  "/var/lib/aiportal)" % (url, parent))
+        kw: dict = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        if url in ("sqlite://", "sqlite:///:memory:"):
+            kw["poolclass"] = sa.pool.StaticPool   # one shared in-memory database (tests)
+        engine = create_engine(url, echo=echo, **kw)
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            if url not in ("sqlite://", "sqlite:///:memory:"):
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+        return engine
+    try:
+        return create_engine(url, echo=echo, pool_pre_ping=True)
+    except (sa.exc.ArgumentError, ModuleNotFoundError) as e:
+        raise ConfigError("database_url %r: %s (PostgreSQL needs the psycopg package: "
+                          "pip install 'psycopg[binary]')" % (_safe_url(url), e)) from e
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparseable url>"
+
+
+def alembic_config(engine: sa.Engine | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if engine is not None:
+        cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (idempotent)."""
+    cfg = alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    log.info("database schema at %s", current_revision(engine))
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head() or ""
+
+
+def check_schema(engine: sa.Engine) -> None:
+    """Refuse to run on a database whose schema is not the code's (run ``aiportal db upgrade``)."""
+    have, want = current_revision(engine), head_revision()
+    if have != want:
+        raise ConfigError("database %s is at schema revision %s, this portal needs %s: run "
+                          "`aiportal db upgrade`" % (_safe_url(str(engine.url)), have or "(empty)", want))
+
+
+@contextmanager
+def session_scope(engine: sa.Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise

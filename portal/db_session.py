@@ -1,0 +1,20 @@
+"""One database session per request, opened on first use and closed when the request ends
+(rolled back unless the view committed)."""
+from __future__ import annotations
+
+from flask import Flask, current_app, g
+from sqlmodel import Session
+
+
+def db() -> Session:
+    if "db" not in g:
+        g.db = Session(current_app.extensions["aiportal.engine"], expire_on_commit=False)
+    return g.db
+
+
+def init_app(app: Flask) -> None:
+    @app.teardown_appcontext
+    def _close(_exc):
+        session = g.pop("db", None)
+        if session is not None:
+            session.close()

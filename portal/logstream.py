@@ -1,0 +1,105 @@
+"""A job's log for the web page and the API: read once, or streamed as Server-Sent Events.
+
+The bytes come over SSH as the job's Unix user (:mod:`portal.logtail`), so the portal reads
+only what that user could. Each SSE message carries the byte offset after it as its ``id``:
+a browser (or ``aiportal logs -f``) that reconnects with ``Last-Event-ID`` resumes there.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import threading
+from typing import Iterator
+
+from flask import Flask, Response, stream_with_context
+from sqlmodel import Session
+
+from portal import logtail
+from portal.errors import NotFoundError
+from portal.models import Job, User
+
+MAX_READ = 1 << 20
+PROGRESS_READ = 8 << 20
+
+
+def log_path(job: Job, task: str | None = None) -> str:
+    """Where Slurm writes the job's log (``--output`` in the rendered script)."""
+    if not job.job_dir or not job.slurm_job_id:
+        raise NotFoundError("job %s has no log yet (it has not reached Slurm)" % job.id)
+    if job.request.get("sweep"):
+        if task is None:
+            task = "0"
+        if not str(task).isdigit():
+            raise NotFoundError("task %r: give the array task number" % task)
+        return "%s/logs/slurm-%s_%s.out" % (job.job_dir, job.slurm_job_id, task)
+    return "%s/logs/slurm-%s.out" % (job.job_dir, job.slurm_job_id)
+
+
+def _target(settings, db: Session, job: Job) -> logtail.SshTarget:
+    owner = db.get(User, job.user_id)
+    return logtail.target_for(settings, owner.unix_user)
+
+
+def read(settings, db: Session, job: Job, offset: int = 0, task: str | None = None) -> logtail.LogChunk:
+    return logtail.read_log(_target(settings, db, job), log_path(job, task), offset, MAX_READ)
+
+
+def progress(settings, db: Session, job: Job) -> list[logtail.Progress]:
+    """Training progress from the log's ``step N, loss = X (...)`` lines (its first 8 MiB)."""
+    try:
+        chunk = logtail.read_log(_target(settings, db, job), log_path(job), 0, PROGRESS_READ)
+    except NotFoundError:
+        return []
+    return logtail.parse_progress(chunk.data.decode("utf-8", errors="replace"))
+
+
+def sse(event: str | None, data: dict, event_id: int | None = None) -> str:
+    out = ""
+    if event_id is not None:
+        out += "id: %d\n" % event_id
+    if event:
+        out += "event: %s\n" % event
+    return out + "data: %s\n\n" % json.dumps(data)
+
+
+def _job_over(app: Flask, job_id: str) -> bool:
+    with Session(app.extensions["aiportal.engine"]) as s:
+        job = s.get(Job, job_id)
+        return job is None or job.state.terminal
+
+
+def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
+           heartbeat_s: float = 5.0) -> Iterator[str]:
+    """SSE messages: ``log`` events with text (UTF-8 decoded across chunk boundaries) and the
+    next offset as id; a comment as heartbeat; ``end`` once the job is over and the log drained."""
+    settings = app.extensions["aiportal.settings"]
+    with Session(app.extensions["aiportal.engine"]) as s:
+        target = _target(settings, s, job)
+    path = log_path(job, task)
+    stop = threading.Event()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    yield "retry: 2000\n\n"
+    quiet = 0
+    chunks = logtail.follow_log(target, path, offset, heartbeat_s=heartbeat_s, stop=stop)
+    try:
+        for chunk in chunks:
+            if chunk.data:
+                quiet = 0
+                end = chunk.offset + len(chunk.data)
+                yield sse("log", {"text": decoder.decode(chunk.data), "offset": end}, end)
+                continue
+            # heartbeat: lets a proxy and the browser know we are alive; a gone client fails here
+            yield ": heartbeat\n\n"
+            quiet += 1
+            if quiet >= 2 and _job_over(app, job.id):
+                yield sse("end", {"state": "ended"})
+                return
+    finally:
+        stop.set()
+        chunks.close()
+
+
+def sse_response(app: Flask, job: Job, user: User, offset: int, task: str | None) -> Response:
+    log_path(job, task)      # refuse jobs without a log before the stream starts
+    return Response(stream_with_context(stream(app, job, user, offset, task)), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -1,0 +1,200 @@
+"""The portal's database tables (SQLModel), and the data models the API speaks.
+
+Tables: users, projects (with members), API tokens (hashed), login failures (rate limit),
+jobs, events (a job's timeline; node events for the cluster page), images and data sources
+(keys sealed with the site's data key). The schema is created and changed only by the Alembic
+migrations in ``portal/migrations``; a test checks that they match these classes.
+
+States are typed: a job's ``state`` is a :class:`slurm.states.JobState`, an image's an
+:class:`ImageState`, stored as their names.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from slurm.states import JobState
+
+
+def utcnow() -> dt.datetime:
+    """Aware UTC: SQLModel's datetime columns refuse naive values and give back UTC."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class ImageState(enum.Enum):
+    PENDING = "PENDING"          #: registered, conversion not submitted yet
+    CONVERTING = "CONVERTING"    #: a conversion job is queued or running
+    READY = "READY"              #: the SIF is in the cache
+    FAILED = "FAILED"            #: the conversion job failed (see message)
+
+
+class EventKind(enum.Enum):
+    SUBMITTED = "submitted"      #: accepted by Slurm
+    STATE = "state"              #: a job's state changed (pending with reason, running on node, ...)
+    REQUEUED = "requeued"
+    FINISHED = "finished"        #: terminal state, with exit code
+    CANCEL = "cancel"            #: a user asked to cancel
+    SUBMIT_FAILED = "submit_failed"
+    DRAIN = "drain"
+    RESUME = "resume"
+    NODE_DOWN = "node_down"
+
+
+def _enum(cls: type[enum.Enum]) -> sa.Enum:
+    # stored as the member name in a VARCHAR (no native enum type: migrations stay simple)
+    return sa.Enum(cls, native_enum=False, create_constraint=False, length=32)
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, sa_column_kwargs={"unique": True})
+    unix_user: str = Field(max_length=32)
+    password_hash: str | None = Field(default=None, max_length=255)
+    is_admin: bool = False
+    disabled: bool = False
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Project(SQLModel, table=True):
+    __tablename__ = "projects"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, sa_column_kwargs={"unique": True})
+    description: str = Field(default="", max_length=500)
+    #: Slurm account the project's jobs are charged to (``--account``), if the site uses them
+    slurm_account: str | None = Field(default=None, max_length=64)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class ProjectMember(SQLModel, table=True):
+    __tablename__ = "project_members"
+    project_id: int = Field(foreign_key="projects.id", primary_key=True)
+    user_id: int = Field(foreign_key="users.id", primary_key=True)
+
+
+class ApiToken(SQLModel, table=True):
+    """An API token: only its sha256 is kept; the clear token is shown once, at creation."""
+
+    __tablename__ = "api_tokens"
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    name: str = Field(default="", max_length=64)
+    token_sha256: str = Field(max_length=64, sa_column_kwargs={"unique": True})
+    #: the first characters of the token, to tell tokens apart in listings
+    prefix: str = Field(max_length=16)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    last_used_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    revoked_at: dt.datetime | None = None
+
+
+class LoginFailure(SQLModel, table=True):
+    """A failed login, kept for the rate limit (by account name and by client address)."""
+
+    __tablename__ = "login_failures"
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=128, index=True)
+    at: dt.datetime = Field(default_factory=utcnow, index=True)
+
+
+class Job(SQLModel, table=True):
+    """A training job: what was asked (request), what Slurm says (state, nodes, exit code)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (sa.Index("ix_jobs_user_created", "user_id", "created_at"),)
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    project_id: int | None = Field(default=None, foreign_key="projects.id")
+    name: str = Field(max_length=128)
+    state: JobState = Field(default=JobState.SUBMITTING, sa_type=_enum(JobState), index=True)
+    slurm_job_id: str | None = Field(default=None, max_length=32, index=True)
+    #: submitted with plain sbatch, found by the reconciler
+    external: bool = False
+    node_type: str = Field(default="", max_length=32)
+    partition: str = Field(default="", max_length=64)
+    gpus: int = 0
+    image: str = Field(default="", max_length=1024)
+    #: the request as JSON (command, inputs, output, env, time limit, sweep): to show and resubmit
+    request_json: str = Field(default="{}", sa_type=sa.Text)
+    script: str = Field(default="", sa_type=sa.Text)
+    job_dir: str = Field(default="", max_length=1024)
+    reason: str = Field(default="", max_length=1024)
+    nodes: str = Field(default="", max_length=1024)
+    exit_code: int | None = None
+    signal: int | None = None
+    restarts: int = 0
+    created_at: dt.datetime = Field(default_factory=utcnow, index=True)
+    submitted_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+    #: where outputs were kept when a stage-out could not finish (JSON list), else null
+    stage_out_pending: str | None = Field(default=None, sa_type=sa.Text)
+
+    @property
+    def request(self) -> dict[str, Any]:
+        return json.loads(self.request_json or "{}")
+
+
+class Event(SQLModel, table=True):
+    """Something that happened to a job or a node: the job timeline and the cluster log.
+    ``notified_at`` is set once the owner was told (health and recovery notifications)."""
+
+    __tablename__ = "events"
+    __table_args__ = (sa.Index("ix_events_job_at", "job_id", "at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    at: dt.datetime = Field(default_factory=utcnow, index=True)
+    kind: EventKind = Field(sa_type=_enum(EventKind))
+    job_id: str | None = Field(default=None, foreign_key="jobs.id")
+    node: str | None = Field(default=None, max_length=64, index=True)
+    user_id: int | None = Field(default=None, foreign_key="users.id")
+    state: JobState | None = Field(default=None, sa_type=_enum(JobState))
+    message: str = Field(default="", max_length=2000)
+    notified_at: dt.datetime | None = None
+    notify_attempts: int = 0
+
+
+class Image(SQLModel, table=True):
+    """An image a user registered: a reference, converted once into the shared SIF cache."""
+
+    __tablename__ = "images"
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    ref: str = Field(max_length=1024)
+    digest: str = Field(default="", max_length=80)
+    sif_path: str = Field(default="", max_length=1024)
+    state: ImageState = Field(default=ImageState.PENDING, sa_type=_enum(ImageState))
+    conversion_job_id: str | None = Field(default=None, max_length=32)
+    message: str = Field(default="", max_length=2000)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class DataSourceRecord(SQLModel, table=True):
+    """A user's S3-compatible data source. Both keys are sealed with the site's data key
+    (:class:`storage.credentials.SecretBox`); only a masked access key is kept in clear."""
+
+    __tablename__ = "datasources"
+    __table_args__ = (sa.UniqueConstraint("user_id", "name", name="uq_datasources_user_name"),)
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    name: str = Field(max_length=64)
+    endpoint: str = Field(max_length=1024)
+    region: str = Field(default="us-east-1", max_length=64)
+    buckets_json: str = Field(default="[]", max_length=2000)
+    bandwidth_mbps: float | None = None
+    workers: int | None = None
+    access_key_sealed: str = Field(sa_type=sa.Text)
+    secret_key_sealed: str = Field(sa_type=sa.Text)
+    access_key_hint: str = Field(default="", max_length=16)
+    created_at: dt.datetime = Field(default_factory=utcnow)

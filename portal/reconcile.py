@@ -1,0 +1,297 @@
+"""The reconciler keeps the database in step with Slurm.
+
+One cycle: read the jobs that are not over from the database, ask Slurm once for every job it
+holds (``squeue``, all users), and ask accounting once (``sacct``) only for the jobs that left
+the queue; never one call per job. Then, from the pure :func:`plan`:
+
+- record state changes (pending with reason, running on node, requeued, finished with exit
+  code) on the job and as events on its timeline;
+- adopt jobs stored as ``SUBMITTING`` whose Slurm job carries their uuid in its comment (the
+  portal died between ``sbatch`` and storing the id: no duplicate), and submit again those
+  Slurm never got once ``submit_grace_s`` has passed (no loss);
+- add jobs that users submitted with plain ``sbatch`` under their Unix account, as external.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from sqlmodel import Session, select
+
+from portal.models import Event, EventKind, Job, User, utcnow
+from portal.services.data import finish_job_data
+from slurm.jobs import JobStatus
+from slurm.render import COMMENT_PREFIX
+from slurm.states import TERMINAL, JobState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What Slurm says about one portal job (an array job's tasks folded into one)."""
+
+    state: JobState
+    reason: str = ""
+    nodes: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+
+
+@dataclass
+class Plan:
+    updates: dict[str, Observed] = field(default_factory=dict)      #: portal job id -> new status
+    adopt: dict[str, str] = field(default_factory=dict)             #: portal job id -> Slurm id
+    resubmit: list[str] = field(default_factory=list)               #: portal job ids
+    lost: list[str] = field(default_factory=list)                   #: Slurm forgot them
+    external: list[JobStatus] = field(default_factory=list)         #: new plain-sbatch jobs
+
+
+_RUN_ORDER = [JobState.RUNNING, JobState.COMPLETING, JobState.CONFIGURING, JobState.STAGE_OUT,
+              JobState.SUSPENDED, JobState.REQUEUED, JobState.REQUEUE_HOLD, JobState.PENDING]
+
+
+def fold(tasks: Iterable[JobStatus]) -> Observed | None:
+    """One status for a job from its records (one, or an array's tasks): running while any task
+    runs, pending while any waits, else finished: COMPLETED only when every task completed."""
+    tasks = list(tasks)
+    if not tasks:
+        return None
+    if len(tasks) == 1:
+        t = tasks[0]
+        return Observed(t.state, t.reason, t.nodes, t.exit_code, t.signal)
+    nodes = ",".join(sorted({t.nodes for t in tasks if t.nodes}))
+    for state in _RUN_ORDER:
+        hit = [t for t in tasks if t.state is state]
+        if hit:
+            return Observed(state, hit[0].reason, nodes)
+    live = [t for t in tasks if not t.state.terminal]
+    if live:
+        return Observed(live[0].state, live[0].reason, nodes)
+    bad = [t for t in tasks if t.state is not JobState.COMPLETED]
+    if not bad:
+        return Observed(JobState.COMPLETED, "", nodes, 0, 0)
+    first = sorted(bad, key=lambda t: t.job_id)[0]
+    return Observed(first.state, "%d of %d tasks did not complete (first: %s %s)"
+                    % (len(bad), len(tasks), first.job_id, first.state.value), nodes, first.exit_code, first.signal)
+
+
+def records_of(slurm_id: str, table: Mapping[str, JobStatus]) -> list[JobStatus]:
+    """A job's records in a squeue/sacct table: the job itself, or its array tasks."""
+    rec = table.get(slurm_id)
+    prefix = slurm_id + "_"
+    tasks = [v for k, v in table.items() if k.startswith(prefix) and "[" not in k]
+    if tasks:
+        return tasks
+    return [rec] if rec is not None else []
+
+
+def portal_id_of(status: JobStatus) -> str | None:
+    c = status.comment
+    return c[len(COMMENT_PREFIX):] if c.startswith(COMMENT_PREFIX) and len(c) == len(COMMENT_PREFIX) + 36 else None
+
+
+def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[str, JobStatus],
+         known_slurm_ids: set[str], unix_users: set[str], now: dt.datetime, submit_grace_s: float) -> Plan:
+    """Pure: what to change, from the portal's unfinished jobs and Slurm's two answers."""
+    out = Plan()
+    by_comment: dict[str, str] = {}
+    for jid, st in queue.items():
+        pid = portal_id_of(st)
+        if pid:
+            by_comment.setdefault(pid, jid.split("_")[0])
+    for job in jobs:
+        if job.state is JobState.SUBMITTING:
+            if job.id in by_comment:
+                out.adopt[job.id] = by_comment[job.id]
+            elif (now - job.updated_at).total_seconds() > submit_grace_s:
+                out.resubmit.append(job.id)
+            continue
+        if not job.slurm_job_id:
+            continue
+        obs = fold(records_of(job.slurm_job_id, queue))
+        if obs is None or obs.state.terminal:
+            # gone from the queue, or finished (squeue keeps those a while, without exit codes)
+            obs = fold(records_of(job.slurm_job_id, accounting)) or obs
+        if obs is None:
+            out.lost.append(job.id)
+            continue
+        if (obs.state, obs.reason, obs.nodes) != (job.state, job.reason, job.nodes) or (
+                obs.state.terminal and obs.exit_code != job.exit_code):
+            out.updates[job.id] = obs
+    seen_arrays: set[str] = set()
+    for jid, st in sorted(queue.items()):
+        base = jid.split("_")[0]
+        if base in known_slurm_ids or base in seen_arrays or portal_id_of(st) or st.user not in unix_users:
+            continue
+        if st.comment.startswith(COMMENT_PREFIX):    # the portal's own image conversions and services
+            continue
+        seen_arrays.add(base)
+        out.external.append(JobStatus(base, st.state, st.reason, st.nodes, st.exit_code, st.signal,
+                                      st.user, st.comment, st.name))
+    return out
+
+
+def _transition_event(job: Job, obs: Observed) -> tuple[EventKind, str]:
+    prev = job.state
+    if obs.state.terminal:
+        code = "" if obs.exit_code is None else " with exit code %d" % obs.exit_code
+        if obs.signal:
+            code += " (signal %d)" % obs.signal
+        return EventKind.FINISHED, "%s%s%s" % (obs.state.value, code, (": " + obs.reason) if obs.reason else "")
+    if prev in (JobState.RUNNING, JobState.COMPLETING) and obs.state in (
+            JobState.PENDING, JobState.REQUEUED, JobState.REQUEUE_HOLD):
+        return EventKind.REQUEUED, "requeued%s" % ((" (%s)" % obs.reason) if obs.reason else "")
+    if obs.state is JobState.RUNNING:
+        return EventKind.STATE, "running on %s" % (obs.nodes or "?")
+    if obs.state is JobState.PENDING:
+        return EventKind.STATE, "pending%s" % ((": " + obs.reason) if obs.reason else "")
+    return EventKind.STATE, obs.state.value.lower() + ((": " + obs.reason) if obs.reason else "")
+
+
+def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime) -> None:
+    """Write one plan's state changes and events (the caller commits)."""
+    for job_id, obs in p.updates.items():
+        job = jobs[job_id]
+        kind, message = _transition_event(job, obs)
+        if kind is EventKind.REQUEUED:
+            job.restarts += 1
+        state_changed = obs.state is not job.state
+        job.state, job.reason, job.nodes = obs.state, obs.reason[:1024], obs.nodes[:1024]
+        if obs.state is JobState.RUNNING and job.started_at is None:
+            job.started_at = now
+        if obs.state.terminal:
+            job.exit_code, job.signal = obs.exit_code, obs.signal
+            job.ended_at = job.ended_at or now
+            if job.job_dir and not job.external:
+                try:
+                    pending = finish_job_data(job.job_dir)
+                except OSError as e:
+                    log.warning("job %s: cannot tidy its folder %s: %s", job.id, job.job_dir, e)
+                    pending = []
+                job.stage_out_pending = json.dumps(pending) if pending else None
+        job.updated_at = now
+        db.add(job)
+        if state_changed or kind is not EventKind.STATE or obs.state is JobState.PENDING:
+            db.add(Event(at=now, kind=kind, job_id=job.id, user_id=job.user_id, state=obs.state,
+                         node=obs.nodes or None, message=message[:2000]))
+        log.info("job %s (Slurm %s): %s", job.id, job.slurm_job_id, message)
+    for job_id, slurm_id in p.adopt.items():
+        job = jobs[job_id]
+        job.slurm_job_id, job.state, job.submitted_at, job.updated_at = slurm_id, JobState.PENDING, now, now
+        db.add(job)
+        db.add(Event(at=now, kind=EventKind.SUBMITTED, job_id=job.id, user_id=job.user_id, state=JobState.PENDING,
+                     message="found in Slurm as job %s (the portal stopped before recording it)" % slurm_id))
+        log.info("job %s: adopted Slurm job %s by its comment", job_id, slurm_id)
+    for job_id in p.lost:
+        job = jobs[job_id]
+        job.state, job.reason, job.updated_at, job.ended_at = JobState.UNKNOWN, "Slurm has no record of it", now, now
+        db.add(job)
+        db.add(Event(at=now, kind=EventKind.FINISHED, job_id=job.id, user_id=job.user_id, state=JobState.UNKNOWN,
+                     message="Slurm has no record of job %s any more" % job.slurm_job_id))
+
+
+def add_external(db: Session, found: list[JobStatus], users: Mapping[str, int], now: dt.datetime) -> None:
+    new = []
+    for st in found:
+        job = Job(user_id=users[st.user], name=(st.name or "sbatch-%s" % st.job_id)[:128], state=st.state,
+                  slurm_job_id=st.job_id, external=True, reason=st.reason[:1024], nodes=st.nodes[:1024],
+                  submitted_at=now, started_at=now if st.state is JobState.RUNNING else None, updated_at=now,
+                  ended_at=now if st.state.terminal else None)
+        db.add(job)
+        new.append((job, st))
+    db.flush()      # the jobs first: events refer to them
+    for job, st in new:
+        db.add(Event(at=now, kind=EventKind.SUBMITTED, job_id=job.id, user_id=job.user_id, state=st.state,
+                     message="submitted with sbatch as Slurm job %s (found by the portal)" % st.job_id))
+
+
+@dataclass
+class CycleStats:
+    jobs: int = 0
+    updated: int = 0
+    adopted: int = 0
+    resubmitted: int = 0
+    external: int = 0
+    slurm_calls: int = 0
+    seconds: float = 0.0
+
+
+class Reconciler:
+    """Runs cycles against a database engine and a Slurm backend."""
+
+    def __init__(self, engine, backend, settings, box=None):
+        self.engine, self.backend, self.settings, self.box = engine, backend, settings, box
+
+    def cycle(self) -> CycleStats:
+        t0 = time.monotonic()
+        stats = CycleStats()
+        now = utcnow()
+        with Session(self.engine, expire_on_commit=False) as db:
+            jobs = list(db.exec(select(Job).where(Job.state.not_in(list(TERMINAL | {JobState.UNKNOWN})))))
+            stats.jobs = len(jobs)
+            queue = self.backend.queue()
+            stats.slurm_calls = 1
+            gone = [j.slurm_job_id for j in jobs if j.slurm_job_id and not records_of(j.slurm_job_id, queue)]
+            done = [j.slurm_job_id for j in jobs if j.slurm_job_id
+                    and any(r.state.terminal for r in records_of(j.slurm_job_id, queue))]
+            accounting = {}
+            if gone or done:
+                accounting = self.backend.accounting(sorted(set(gone + done)))
+                stats.slurm_calls += 1
+            users: dict[str, int] = {}
+            # a Unix account several portal users share goes to the first non-admin one
+            for u in db.exec(select(User).where(User.unix_user != "", User.disabled == False)  # noqa: E712
+                             .order_by(User.is_admin, User.id)):
+                users.setdefault(u.unix_user, u.id)
+            known = self._known_slurm_ids(db, queue)
+            p = plan(jobs, queue, accounting, known, set(users), now, self.settings.submit_grace_s)
+            by_id = {j.id: j for j in jobs}
+            apply(db, by_id, p, now)
+            add_external(db, p.external, users, now)
+            db.commit()
+            stats.updated, stats.adopted, stats.external = len(p.updates), len(p.adopt), len(p.external)
+            for job_id in p.resubmit:
+                stats.resubmitted += self._resubmit(db, by_id[job_id])
+        stats.seconds = time.monotonic() - t0
+        return stats
+
+    def _known_slurm_ids(self, db: Session, queue: Mapping[str, JobStatus]) -> set[str]:
+        bases = sorted({k.split("_")[0] for k in queue})
+        known: set[str] = set()
+        for i in range(0, len(bases), 500):
+            chunk = bases[i:i + 500]
+            known.update(db.exec(select(Job.slurm_job_id).where(Job.slurm_job_id.in_(chunk))))
+        return known
+
+    def _resubmit(self, db: Session, job: Job) -> int:
+        from portal.services.jobs import submit_again
+        try:
+            return 1 if submit_again(db, self.settings, self.backend, self.box, job) else 0
+        except Exception as e:   # noqa: BLE001 -- one bad job must not stop the loop; it is marked FAILED
+            log.warning("job %s: submitting it again failed: %s", job.id, e)
+            return 0
+
+    def run(self, interval: float, stop: threading.Event | None = None) -> None:
+        """Cycle every ``interval`` seconds until ``stop`` is set (or SIGTERM/SIGINT)."""
+        stop = stop or threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+        log.info("reconciler started, every %.1fs", interval)
+        while not stop.is_set():
+            try:
+                s = self.cycle()
+                if s.updated or s.adopted or s.resubmitted or s.external:
+                    log.info("cycle: %d jobs, %d updated, %d adopted, %d resubmitted, %d external, %.3fs",
+                             s.jobs, s.updated, s.adopted, s.resubmitted, s.external, s.seconds)
+            except Exception:   # noqa: BLE001 -- Slurm or the database down: say so, try again next cycle
+                log.exception("reconcile cycle failed; retrying in %.1fs", interval)
+            stop.wait(interval)
+        log.info("reconciler stopped")

@@ -1,0 +1,201 @@
+"""Accounts: users (each maps to the Unix account its jobs run as), projects, passwords,
+API tokens and the login rate limit. Pure use cases over a database session; no Flask."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import pwd
+import re
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func
+from sqlmodel import Session, select
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from portal.errors import AuthError, ConflictError, NotFoundError, RateLimitError, ValidationError
+from portal.models import ApiToken, LoginFailure, Project, ProjectMember, User, utcnow
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+_UNIX_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+TOKEN_PREFIX = "aip_"
+# A dummy hash, checked when the account does not exist, so both cases take the same time.
+_DUMMY_HASH = generate_password_hash("not-a-password")
+
+
+@dataclass(frozen=True)
+class LoginLimits:
+    """At most ``per_name`` failed logins per account and ``per_address`` per client address
+    within ``window_s``; then logins are refused (429) until the window has passed."""
+
+    per_name: int = 5
+    per_address: int = 20
+    window_s: int = 300
+
+
+def _check_name(name: str) -> str:
+    if not _NAME_RE.match(name or ""):
+        raise ValidationError("name", "user names are 1-64 lower-case letters, digits, '_', '.', '-', "
+                                      "starting with a letter; got %r" % (name,))
+    return name
+
+
+def check_unix_user(unix_user: str, must_exist: bool = True) -> str:
+    if not _UNIX_RE.match(unix_user or ""):
+        raise ValidationError("unix_user", "%r is not a Unix user name" % (unix_user,))
+    if unix_user == "root":
+        raise ValidationError("unix_user", "jobs never run as root; map the user to their own Unix account")
+    if must_exist:
+        try:
+            pwd.getpwnam(unix_user)
+        except KeyError:
+            raise ValidationError("unix_user", "Unix user %r does not exist on this host; create it on the "
+                                               "cluster (Ansible: aiportal_unix_users) first" % unix_user) from None
+    return unix_user
+
+
+def check_password(password: str) -> str:
+    if len(password or "") < 10:
+        raise ValidationError("password", "use at least 10 characters")
+    return password
+
+
+def add_user(db: Session, name: str, unix_user: str, password: str | None = None, admin: bool = False,
+             check_unix: bool = True) -> User:
+    """A new portal user mapped to ``unix_user``. Raises ConflictError when the name is taken."""
+    _check_name(name)
+    check_unix_user(unix_user, must_exist=check_unix)
+    if db.exec(select(User).where(User.name == name)).first() is not None:
+        raise ConflictError("user %r already exists" % name)
+    user = User(name=name, unix_user=unix_user, is_admin=admin,
+                password_hash=generate_password_hash(check_password(password)) if password else None)
+    db.add(user)
+    db.flush()
+    return user
+
+
+def set_password(db: Session, user: User, password: str) -> None:
+    user.password_hash = generate_password_hash(check_password(password))
+    db.add(user)
+
+
+def get_user(db: Session, name: str) -> User:
+    user = db.exec(select(User).where(User.name == name)).first()
+    if user is None:
+        raise NotFoundError("user %r does not exist (`aiportal user add %s --unix-user UNIX_USER`)" % (name, name))
+    return user
+
+
+def list_users(db: Session) -> list[User]:
+    return list(db.exec(select(User).order_by(User.name)))
+
+
+def _failures(db: Session, key: str, since: dt.datetime) -> int:
+    return db.exec(select(func.count()).select_from(LoginFailure)
+                   .where(LoginFailure.key == key, LoginFailure.at >= since)).one()
+
+
+def authenticate(db: Session, name: str, password: str, address: str,
+                 limits: LoginLimits = LoginLimits()) -> User:
+    """The user for a name and password, or AuthError; RateLimitError after too many failures.
+    Failures are recorded (committed by the caller's session scope)."""
+    now = utcnow()
+    since = now - dt.timedelta(seconds=limits.window_s)
+    name_key, addr_key = "name:%s" % name[:100], "addr:%s" % address[:100]
+    if (_failures(db, name_key, since) >= limits.per_name
+            or _failures(db, addr_key, since) >= limits.per_address):
+        raise RateLimitError("too many failed logins; try again in %d minutes" % max(1, limits.window_s // 60),
+                             retry_after=limits.window_s)
+    user = db.exec(select(User).where(User.name == name)).first()
+    ok = check_password_hash(user.password_hash if user and user.password_hash else _DUMMY_HASH, password or "")
+    if not ok or user is None or user.disabled or not user.password_hash:
+        db.add(LoginFailure(key=name_key, at=now))
+        db.add(LoginFailure(key=addr_key, at=now))
+        db.exec(delete(LoginFailure).where(LoginFailure.at < since))
+        raise AuthError("wrong user name or password")
+    db.exec(delete(LoginFailure).where(LoginFailure.key == name_key))
+    return user
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(db: Session, user: User, name: str = "", expires_days: int | None = None) -> tuple[str, ApiToken]:
+    """A new API token for ``user``: returns the clear token (shown once) and its record."""
+    if expires_days is not None and not 1 <= expires_days <= 3650:
+        raise ValidationError("expires_days", "between 1 and 3650 days")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    rec = ApiToken(user_id=user.id, name=name[:64], token_sha256=token_hash(token), prefix=token[:12],
+                   expires_at=utcnow() + dt.timedelta(days=expires_days) if expires_days else None)
+    db.add(rec)
+    db.flush()
+    return token, rec
+
+
+def user_for_token(db: Session, token: str, bootstrap_sha256: str = "") -> User | None:
+    """The user an API token belongs to (None: unknown, revoked, expired, or a disabled user).
+    The site's bootstrap admin token (its sha256 from settings) stands for the ``admin`` user."""
+    if not token:
+        return None
+    digest = token_hash(token)
+    rec = db.exec(select(ApiToken).where(ApiToken.token_sha256 == digest)).first()
+    if rec is not None:
+        now = utcnow()
+        if rec.revoked_at is not None or (rec.expires_at is not None and rec.expires_at <= now):
+            return None
+        user = db.get(User, rec.user_id)
+        if user is None or user.disabled:
+            return None
+        if rec.last_used_at is None or (now - rec.last_used_at).total_seconds() > 60:
+            rec.last_used_at = now      # at most one write a minute per token
+            db.add(rec)
+        return user
+    if bootstrap_sha256 and hmac.compare_digest(digest, bootstrap_sha256):
+        return ensure_admin(db)
+    return None
+
+
+def ensure_admin(db: Session) -> User:
+    """The built-in ``admin`` account (no Unix user: admins manage, they do not run jobs as it)."""
+    user = db.exec(select(User).where(User.name == "admin")).first()
+    if user is None:
+        user = User(name="admin", unix_user="", is_admin=True)
+        db.add(user)
+        db.flush()
+    return user
+
+
+def list_tokens(db: Session, user: User) -> list[ApiToken]:
+    return list(db.exec(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.created_at.desc())))
+
+
+def revoke_token(db: Session, user: User, token_id: int) -> None:
+    rec = db.get(ApiToken, token_id)
+    if rec is None or (rec.user_id != user.id and not user.is_admin):
+        raise NotFoundError("token %s does not exist" % token_id)
+    rec.revoked_at = utcnow()
+    db.add(rec)
+
+
+def add_project(db: Session, name: str, description: str = "", slurm_account: str | None = None) -> Project:
+    _check_name(name)
+    if db.exec(select(Project).where(Project.name == name)).first() is not None:
+        raise ConflictError("project %r already exists" % name)
+    project = Project(name=name, description=description, slurm_account=slurm_account)
+    db.add(project)
+    db.flush()
+    return project
+
+
+def add_member(db: Session, project: Project, user: User) -> None:
+    if db.get(ProjectMember, (project.id, user.id)) is None:
+        db.add(ProjectMember(project_id=project.id, user_id=user.id))
+
+
+def projects_of(db: Session, user: User) -> list[Project]:
+    q = select(Project).order_by(Project.name)
+    if not user.is_admin:
+        q = q.join(ProjectMember, ProjectMember.project_id == Project.id).where(ProjectMember.user_id == user.id)
+    return list(db.exec(q))

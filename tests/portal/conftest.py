@@ -1,0 +1,288 @@
+"""Fixtures for the portal: an app on a migrated in-memory database, the accounts alice, bob
+(mapped to the Unix users of the dev cluster) and an admin, logged-in clients and API tokens.
+
+The Slurm backend is the real one (``SlurmCli``) unless a test asks for ``fake_backend``,
+a recorder below the adapter boundary for tests that must not touch the cluster."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+from sqlmodel import Session
+
+from portal import db as dbmod
+from portal.app import create_app
+from portal.models import User
+from portal.services import accounts
+from portal.settings import Settings
+from slurm.backend import ClusterView, SlurmBackend
+from slurm.jobs import JobStatus
+from slurm.states import JobState
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22", "root-admin": "admin-password-3"}
+
+
+@dataclass
+class FakeBackend(SlurmBackend):
+    """Records submissions and answers from a table; for tests that must not use the cluster."""
+
+    jobs: dict[str, JobStatus] = field(default_factory=dict)
+    submitted: list[tuple[str, str]] = field(default_factory=list)
+    cancelled: list[tuple[str, str]] = field(default_factory=list)
+    next_id: int = 1000
+
+    def submit(self, script, user=None):
+        self.next_id += 1
+        jid = str(self.next_id)
+        self.submitted.append((script, user))
+        comment = re.search(r"^#SBATCH --comment=(\S+)", script, re.M)
+        self.jobs[jid] = JobStatus(jid, JobState.PENDING, "Priority", user=user or "",
+                                   comment=comment.group(1) if comment else "")
+        return jid
+
+    def statuses(self, job_ids):
+        return {j: self.jobs[j] for j in job_ids if j in self.jobs}
+
+    def queue(self):
+        return {k: v for k, v in self.jobs.items() if not v.state.terminal}
+
+    def accounting(self, job_ids):
+        return {j: self.jobs[j] for j in job_ids if j in self.jobs}
+
+    def cancel(self, job_id, user=None):
+        self.cancelled.append((job_id, user))
+
+    def cluster(self):
+        return ClusterView("aiportal", [], [])
+
+
+@pytest.fixture
+def settings(tmp_path):
+    """Settings for the in-process app: job folders under a temporary shared root."""
+    root = tmp_path / "shared"
+    for user in ("alice", "bob"):
+        (root / "users" / user).mkdir(parents=True)
+        shutil.chown(root / "users" / user, user, user)
+    (root / "datasets").mkdir()
+    return Settings.from_mapping({
+        "secret_key": "s" * 64, "data_key": Fernet.generate_key().decode(),
+        "admin_token_sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest(),
+        "database_url": "sqlite://", "shared_root": str(root)})
+
+
+@pytest.fixture(scope="session")
+def migrated_template(tmp_path_factory):
+    """A database file migrated once per session (Alembic), copied into each test's database."""
+    path = tmp_path_factory.mktemp("db") / "template.db"
+    eng = dbmod.make_engine("sqlite:///%s" % path)
+    dbmod.upgrade(eng)
+    eng.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def password_hashes():
+    # scrypt is slow on purpose: hash the test passwords once
+    from werkzeug.security import generate_password_hash
+    return {name: generate_password_hash(pw) for name, pw in PASSWORDS.items()}
+
+
+@pytest.fixture
+def engine(migrated_template):
+    """A private in-memory database at the current schema."""
+    import sqlite3
+    eng = dbmod.make_engine("sqlite://")
+    src = sqlite3.connect(migrated_template)
+    raw = eng.raw_connection()
+    try:
+        src.backup(raw.driver_connection)
+    finally:
+        raw.close()
+        src.close()
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def users(engine, password_hashes):
+    with Session(engine, expire_on_commit=False) as db:
+        out = {
+            "alice": accounts.add_user(db, "alice", "alice"),
+            "bob": accounts.add_user(db, "bob", "bob"),
+            "root-admin": accounts.add_user(db, "root-admin", "alice", admin=True),
+        }
+        for name, user in out.items():
+            user.password_hash = password_hashes[name]
+            db.add(user)
+        db.commit()
+    return out
+
+
+@pytest.fixture
+def fake_backend():
+    return FakeBackend()
+
+
+@pytest.fixture
+def app(settings, engine, users, request):
+    backend = request.getfixturevalue("fake_backend") if "fake_backend" in request.fixturenames else None
+    return create_app({"TESTING": True}, settings=settings, engine=engine, backend=backend)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def csrf_of(client, path="/login") -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', client.get(path).get_data(as_text=True)).group(1)
+
+
+def login(client, name="alice", password=None):
+    return client.post("/login", data={"name": name, "password": password or PASSWORDS[name],
+                                       "csrf": csrf_of(client)})
+
+
+@pytest.fixture
+def tokens(engine, users):
+    out = {}
+    with Session(engine, expire_on_commit=False) as db:
+        for name in ("alice", "bob", "root-admin"):
+            out[name], _ = accounts.create_token(db, db.get(User, users[name].id), "test")
+        db.commit()
+    return out
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": "Bearer " + token}
+
+
+# -- a live portal: gunicorn and the reconciler as separate processes, on the real cluster --------
+
+VENV_BIN = Path(sys.executable).parent
+TEST_PORTS = range(9101, 9150)     # DESIGN.md: second instances in tests use 9100-9199
+
+
+def free_port(ports=TEST_PORTS) -> int:
+    """The first port of ``ports`` nothing listens on (test runs may overlap)."""
+    import socket
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in %s-%s" % (ports[0], ports[-1]))
+
+
+@dataclass
+class LivePortal:
+    url: str
+    config: Path
+    engine: object
+    tokens: dict
+    procs: list
+
+    def get(self, path: str, token: str | None = None, timeout: float = 20) -> bytes:
+        req = urllib.request.Request(self.url + path)
+        if token:
+            req.add_header("Authorization", "Bearer " + token)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("portal exited %s:\n%s" % (proc.returncode, log.read_text()[-3000:]))
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("portal did not answer %s in %ss:\n%s" % (url, timeout, log.read_text()[-3000:]))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_portal(tmp_path_factory):
+    """gunicorn (gthread) on a free port of 127.0.0.1:9101-9149 and ``aiportal reconcile`` with a fresh SQLite
+    database, the dev cluster's Slurm, shared filesystem and log sshd; accounts alice, bob and
+    an admin with API tokens. Both processes are stopped by pid at the end."""
+    base = tmp_path_factory.mktemp("live-portal")
+    os.chmod(base, 0o755)
+    config = base / "portal.toml"
+    config.write_text("\n".join([
+        'secret_key = "%s"' % ("k" * 64),
+        'admin_token_sha256 = "%s"' % hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest(),
+        'data_key = "%s"' % Fernet.generate_key().decode(),
+        'database_url = "sqlite:///%s/portal.db"' % base,
+        'reconcile_interval_s = 1.0', ""]))
+    os.chmod(config, 0o600)
+    env = dict(os.environ, AIPORTAL_CONFIG=str(config))
+    settings = Settings.load(config)
+    engine = dbmod.make_engine(settings.database_url)
+    dbmod.upgrade(engine)
+    tokens = {}
+    with Session(engine, expire_on_commit=False) as db:
+        for name, unix, admin in (("alice", "alice", False), ("bob", "bob", False), ("root-admin", "alice", True)):
+            user = accounts.add_user(db, name, unix, PASSWORDS[name], admin=admin)
+            tokens[name], _ = accounts.create_token(db, user, "live")
+        db.commit()
+    procs = []
+    log = base / "gunicorn.log"
+    port = free_port()
+    try:
+        procs.append(subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class", "gthread",
+             "--threads", "16", "--workers", "2", "--error-logfile", str(log), "portal.app:create_app()"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        _wait_http("http://127.0.0.1:%d/healthz" % port, procs[0], log)
+        rlog = open(base / "reconcile.log", "w")
+        procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "reconcile"], env=env,
+                                      stdout=rlog, stderr=subprocess.STDOUT))
+        rlog.close()
+        yield LivePortal("http://127.0.0.1:%d" % port, config, engine, tokens, procs)
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        engine.dispose()
+
+
+@pytest.fixture
+def cluster_settings(settings):
+    """``settings`` with the dev cluster's real shared root (jobs that really run need it);
+    the job folders made during the test are removed after it."""
+    from dataclasses import replace
+
+    from tests.conftest import SHARED_ROOT
+    jobs = [SHARED_ROOT / "users" / u / "jobs" for u in ("alice", "bob")]
+    before = {p for d in jobs if d.is_dir() for p in d.iterdir()}
+    yield replace(settings, shared_root=str(SHARED_ROOT))
+    for d in jobs:
+        for p in (d.iterdir() if d.is_dir() else ()):
+            if p not in before:
+                shutil.rmtree(p, ignore_errors=True)
