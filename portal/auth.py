@@ -126,7 +126,8 @@ def login():
         name = request.form.get("name", "").strip()
         try:
             user = accounts.authenticate(db(), name, request.form.get("password", ""),
-                                         request.remote_addr or "unknown")
+                                         request.remote_addr or "unknown",
+                                         bootstrap_sha256=current_app.extensions["aiportal.settings"].admin_token_sha256)
         except RateLimitError as e:
             db().commit()
             flash(str(e))

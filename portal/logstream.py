@@ -45,12 +45,14 @@ def read(settings, db: Session, job: Job, offset: int = 0, task: str | None = No
 
 
 def progress(settings, db: Session, job: Job) -> list[logtail.Progress]:
-    """Training progress from the log's ``step N, loss = X (...)`` lines (its first 8 MiB)."""
+    """Training progress from the log's ``step N, loss = X (...)`` lines (its first 8 MiB),
+    one point per step: the last one logged (a requeued job that resumed redoes a few steps)."""
     try:
         chunk = logtail.read_log(_target(settings, db, job), log_path(job), 0, PROGRESS_READ)
     except NotFoundError:
         return []
-    return logtail.parse_progress(chunk.data.decode("utf-8", errors="replace"))
+    points = {p.step: p for p in logtail.parse_progress(chunk.data.decode("utf-8", errors="replace"))}
+    return [points[step] for step in sorted(points)]
 
 
 def sse(event: str | None, data: dict, event_id: int | None = None) -> str:

@@ -82,14 +82,29 @@ def fold(tasks: Iterable[JobStatus]) -> Observed | None:
                     % (len(bad), len(tasks), first.job_id, first.state.value), nodes, first.exit_code, first.signal)
 
 
-def records_of(slurm_id: str, table: Mapping[str, JobStatus]) -> list[JobStatus]:
+class Records:
+    """A squeue/sacct table indexed for lookups by job id: the job itself, or an array's tasks
+    (``ID_N``) under ``ID``. Built once per cycle: lookups stay O(1) with thousands of jobs."""
+
+    def __init__(self, table: Mapping[str, JobStatus]):
+        self.exact: dict[str, JobStatus] = dict(table)
+        self.tasks: dict[str, list[JobStatus]] = {}
+        for key, status in table.items():
+            base, sep, index = key.partition("_")
+            if sep and "[" not in index:
+                self.tasks.setdefault(base, []).append(status)
+
+    def of(self, slurm_id: str) -> list[JobStatus]:
+        tasks = self.tasks.get(slurm_id)
+        if tasks:
+            return tasks
+        rec = self.exact.get(slurm_id)
+        return [rec] if rec is not None else []
+
+
+def records_of(slurm_id: str, table: Mapping[str, JobStatus] | Records) -> list[JobStatus]:
     """A job's records in a squeue/sacct table: the job itself, or its array tasks."""
-    rec = table.get(slurm_id)
-    prefix = slurm_id + "_"
-    tasks = [v for k, v in table.items() if k.startswith(prefix) and "[" not in k]
-    if tasks:
-        return tasks
-    return [rec] if rec is not None else []
+    return (table if isinstance(table, Records) else Records(table)).of(slurm_id)
 
 
 def portal_id_of(status: JobStatus) -> str | None:
@@ -101,6 +116,7 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
          known_slurm_ids: set[str], unix_users: set[str], now: dt.datetime, submit_grace_s: float) -> Plan:
     """Pure: what to change, from the portal's unfinished jobs and Slurm's two answers."""
     out = Plan()
+    live, done = Records(queue), Records(accounting)
     by_comment: dict[str, str] = {}
     for jid, st in queue.items():
         pid = portal_id_of(st)
@@ -115,10 +131,10 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
             continue
         if not job.slurm_job_id:
             continue
-        obs = fold(records_of(job.slurm_job_id, queue))
+        obs = fold(live.of(job.slurm_job_id))
         if obs is None or obs.state.terminal:
             # gone from the queue, or finished (squeue keeps those a while, without exit codes)
-            obs = fold(records_of(job.slurm_job_id, accounting)) or obs
+            obs = fold(done.of(job.slurm_job_id)) or obs
         if obs is None:
             out.lost.append(job.id)
             continue
@@ -238,12 +254,13 @@ class Reconciler:
             stats.jobs = len(jobs)
             queue = self.backend.queue()
             stats.slurm_calls = 1
-            gone = [j.slurm_job_id for j in jobs if j.slurm_job_id and not records_of(j.slurm_job_id, queue)]
-            done = [j.slurm_job_id for j in jobs if j.slurm_job_id
-                    and any(r.state.terminal for r in records_of(j.slurm_job_id, queue))]
+            live = Records(queue)
+            # jobs that left the queue, or finished: their exit codes come from accounting
+            ended = sorted({j.slurm_job_id for j in jobs if j.slurm_job_id
+                            and (not live.of(j.slurm_job_id) or any(r.state.terminal for r in live.of(j.slurm_job_id)))})
             accounting = {}
-            if gone or done:
-                accounting = self.backend.accounting(sorted(set(gone + done)))
+            if ended:
+                accounting = self.backend.accounting(ended)
                 stats.slurm_calls += 1
             users: dict[str, int] = {}
             # a Unix account several portal users share goes to the first non-admin one

@@ -97,9 +97,10 @@ def _failures(db: Session, key: str, since: dt.datetime) -> int:
 
 
 def authenticate(db: Session, name: str, password: str, address: str,
-                 limits: LoginLimits = LoginLimits()) -> User:
+                 limits: LoginLimits = LoginLimits(), bootstrap_sha256: str = "") -> User:
     """The user for a name and password, or AuthError; RateLimitError after too many failures.
-    Failures are recorded (committed by the caller's session scope)."""
+    Failures are recorded (committed by the caller's session scope). The ``admin`` account's
+    password is the site's bootstrap admin token (``bootstrap_sha256``: its sha256)."""
     now = utcnow()
     since = now - dt.timedelta(seconds=limits.window_s)
     name_key, addr_key = "name:%s" % name[:100], "addr:%s" % address[:100]
@@ -107,6 +108,10 @@ def authenticate(db: Session, name: str, password: str, address: str,
             or _failures(db, addr_key, since) >= limits.per_address):
         raise RateLimitError("too many failed logins; try again in %d minutes" % max(1, limits.window_s // 60),
                              retry_after=limits.window_s)
+    if name == "admin" and bootstrap_sha256 and password:
+        if hmac.compare_digest(token_hash(password), bootstrap_sha256):
+            db.exec(delete(LoginFailure).where(LoginFailure.key == name_key))
+            return ensure_admin(db)
     user = db.exec(select(User).where(User.name == name)).first()
     ok = check_password_hash(user.password_hash if user and user.password_hash else _DUMMY_HASH, password or "")
     if not ok or user is None or user.disabled or not user.password_hash:

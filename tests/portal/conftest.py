@@ -286,3 +286,21 @@ def cluster_settings(settings):
         for p in (d.iterdir() if d.is_dir() else ()):
             if p not in before:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster_jobs_cleanup():
+    """Slurm job ids a test appends are cancelled at teardown (by id); job folders made
+    during the test under alice's and bob's folders are removed."""
+    from tests.conftest import SHARED_ROOT
+    folders = [SHARED_ROOT / "users" / u / "jobs" for u in ("alice", "bob")]
+    before = {p for d in folders if d.is_dir() for p in d.iterdir()}
+    ids: list[str] = []
+    yield ids
+    live = [i for i in ids if i]
+    if live:
+        subprocess.run(["scancel", *live], capture_output=True, timeout=60, check=False)
+    for d in folders:
+        for p in (d.iterdir() if d.is_dir() else ()):
+            if p not in before:
+                shutil.rmtree(p, ignore_errors=True)

@@ -282,3 +282,11 @@ def test_slurm_down_gives_503_with_the_command(settings, engine, users, tokens):
     assert r.status_code == 503
     assert r.get_json()["error"] == "slurm_unavailable"
     assert "sinfo" in r.get_json()["message"]
+
+
+def test_admin_logs_in_with_the_bootstrap_token(client):
+    r = login(client, "admin", ADMIN_TOKEN)
+    assert r.status_code == 302
+    assert client.get("/api/v1/me").get_json()["is_admin"]
+    client.post("/logout", data={"csrf": csrf_of(client, "/login")})
+    assert login(client, "admin", "not-the-token").status_code == 401
