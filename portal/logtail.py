@@ -196,8 +196,9 @@ def _stat_argv(path: str) -> list[str]:
 
 
 def _tail_argv(path: str, offset: int) -> list[str]:
-    # -s: the poll interval where inotify cannot be used (NFS)
-    return ["tail", "-c", "+%d" % (offset + 1), "-F", "-s", "0.5", path]
+    # -s: the poll interval where inotify cannot be used (NFS, and a log that does not exist
+    # yet when following starts: a job page opened before Slurm created the file)
+    return ["tail", "-c", "+%d" % (offset + 1), "-F", "-s", "0.2", path]
 
 
 @dataclass(frozen=True)

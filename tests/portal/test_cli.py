@@ -31,7 +31,8 @@ def test_wrong_token_is_reported_with_the_api_error(tmp_path):
     bad.write_text("wrong")
     res = cli("--token-file", str(bad), "cluster")
     assert res.returncode == 2
-    assert "answered 401 (unauthorized" in res.stderr
+    assert res.stderr.startswith("aiportal: the portal at http://127.0.0.1:8000 refused the API token from %s" % bad)
+    assert "aiportal token create --user NAME" in res.stderr
 
 
 def test_missing_token_file_says_what_to_do(tmp_path):

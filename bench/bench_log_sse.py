@@ -1,0 +1,158 @@
+"""Log latency to the browser: a line written into a job's log on the node, until it arrives
+in the portal's Server-Sent Events stream (`GET /api/v1/jobs/ID/log?follow=1`, what the job
+page's EventSource reads), against `follow_log` straight over SSH in the same run.
+
+    .venv/bin/python bench/bench_log_sse.py [--lines 300]
+
+Starts its own portal (gunicorn, gthread, on a free port of 9150-9199) on a temporary
+database with a RUNNING job of alice's whose log is a file in alice's folder; a writer running
+as alice appends lines carrying their write time. Target: p95 under 1 s. Stops the portal by
+pid. Needs the dev cluster's sshd (`make run`) and root.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cryptography.fernet import Fernet  # noqa: E402
+from sqlmodel import Session  # noqa: E402
+
+from bench_log_latency import WRITER, Latencies  # noqa: E402
+from portal import db as dbmod  # noqa: E402
+from portal.logtail import follow_log, target_for  # noqa: E402
+from portal.models import Job  # noqa: E402
+from portal.services import accounts  # noqa: E402
+from portal.settings import Settings  # noqa: E402
+from slurm.states import JobState  # noqa: E402
+
+SHARED_USERS = Path("/srv/aiportal/shared/users")
+
+
+def free_port() -> int:
+    for port in range(9150, 9200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("no free port in 9150-9199")
+
+
+def summary(name: str, lat: Latencies) -> tuple[float, float]:
+    values = list(lat.values.values())
+    q = statistics.quantiles(values, n=100)
+    print("  %-34s p50 %6.1f ms  p95 %6.1f ms  max %6.1f ms  (%d lines)"
+          % (name, q[49] * 1e3, q[94] * 1e3, max(values) * 1e3, len(values)))
+    return q[49], q[94]
+
+
+def sse_reader(url: str, token: str, sink: Latencies, stop: threading.Event) -> None:
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer " + token, "Accept": "text/event-stream"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        event, data = None, []
+        for raw in resp:
+            if stop.is_set():
+                return
+            line = raw.rstrip(b"\r\n")
+            if not line:
+                if event == b"log" and data:
+                    sink.feed(json.loads(b"\n".join(data))["text"].encode())
+                event, data = None, []
+            elif line.startswith(b"event:"):
+                event = line[6:].strip()
+            elif line.startswith(b"data:"):
+                data.append(line[5:].lstrip())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lines", type=int, default=300)
+    ap.add_argument("--min-gap", type=float, default=0.005)
+    ap.add_argument("--max-gap", type=float, default=0.2)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sse-"))
+    job_dir = SHARED_USERS / "alice" / ("bench-sse-%s" % uuid.uuid4().hex[:8])
+    (job_dir / "logs").mkdir(parents=True)
+    for d in (job_dir, job_dir / "logs"):
+        shutil.chown(d, "alice", "alice")
+        os.chmod(d, 0o700)
+    admin = "bench-admin-token-%s" % uuid.uuid4().hex
+    config = tmp / "portal.toml"
+    config.write_text('secret_key = "%s"\nadmin_token_sha256 = "%s"\ndata_key = "%s"\ndatabase_url = "sqlite:///%s/p.db"\n'
+                      % ("b" * 64, hashlib.sha256(admin.encode()).hexdigest(), Fernet.generate_key().decode(), tmp))
+    settings = Settings.load(config)
+    engine = dbmod.make_engine(settings.database_url)
+    dbmod.upgrade(engine)
+    with Session(engine) as db:
+        alice = accounts.add_user(db, "alice", "alice")
+        token, _ = accounts.create_token(db, alice)
+        job = Job(user_id=alice.id, name="bench", state=JobState.RUNNING, slurm_job_id="999999", job_dir=str(job_dir))
+        db.add(job)
+        db.commit()
+        job_id = job.id
+    log = job_dir / "logs" / "slurm-999999.out"
+    port = free_port()
+    venv = Path(sys.executable).parent
+    portal = subprocess.Popen([str(venv / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class", "gthread",
+                               "--threads", "8", "--workers", "1", "--error-logfile", str(tmp / "g.log"),
+                               "portal.app:create_app()"], env=dict(os.environ, AIPORTAL_CONFIG=str(config)))
+    stop = threading.Event()
+    sse, direct = Latencies(), Latencies()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen("http://127.0.0.1:%d/healthz" % port, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or portal.poll() is not None:
+                    raise SystemExit("portal did not start: %s" % (tmp / "g.log").read_text()[-2000:])
+                time.sleep(0.2)
+        url = "http://127.0.0.1:%d/api/v1/jobs/%s/log?follow=1" % (port, job_id)
+        readers = [threading.Thread(target=sse_reader, args=(url, token, sse, stop), daemon=True)]
+
+        def follow_direct():
+            for chunk in follow_log(target_for(settings, "alice"), str(log), 0, heartbeat_s=1.0, stop=stop):
+                direct.feed(chunk.data)
+        readers.append(threading.Thread(target=follow_direct, daemon=True))
+        for t in readers:
+            t.start()
+        time.sleep(1.5)        # both readers connected
+        subprocess.run(["runuser", "-u", "alice", "--", "/usr/bin/python3", "-c", WRITER, str(log), str(args.lines),
+                        str(args.min_gap), str(args.max_gap), "7"], check=True, timeout=600)
+        time.sleep(1.5)
+        stop.set()
+        print("%d lines written as alice (gaps %g-%g s); portal %s" % (args.lines, args.min_gap, args.max_gap, url))
+        d, s = summary("follow_log over SSH (direct)", direct), summary("portal SSE stream (browser path)", sse)
+        print("ratio SSE/direct: p50 %.2fx, p95 %.2fx; target p95 < 1 s: %s"
+              % (s[0] / d[0], s[1] / d[1], "met" if s[1] < 1.0 and len(sse.values) == args.lines else "NOT met"))
+    finally:
+        stop.set()
+        portal.send_signal(signal.SIGTERM)
+        portal.wait(timeout=30)
+        engine.dispose()
+        shutil.rmtree(job_dir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
