@@ -26,6 +26,7 @@ run: provision
 	@echo "stop:        make down"
 
 test: provision
+	@scripts/bootstrap.sh --browser
 	@scripts/timed.sh pytest $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 down:

@@ -60,8 +60,10 @@ def _bearer_user() -> User | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     settings = current_app.extensions["aiportal.settings"]
-    user = accounts.user_for_token(db(), token.strip(), settings.admin_token_sha256)
-    db().commit()      # last_used_at, or the admin account made on first use
+    session_ = db()
+    user = accounts.user_for_token(session_, token.strip(), settings.admin_token_sha256)
+    if session_.new or session_.dirty:
+        session_.commit()      # last_used_at (at most once a minute), or the admin account on first use
     return user
 
 

@@ -1,6 +1,7 @@
 #!/bin/bash
 # bootstrap.sh - make this Debian 12/13 machine able to run the project's Ansible and tests:
 # Debian's python3 with venv, then ./.venv with aiportal (editable) and its dev extras.
+# `bootstrap.sh --browser` installs only Debian's chromium and chromium-driver (browser tests).
 # Idempotent and fast when done: the venv is rebuilt only when pyproject.toml changes.
 # Installs from Debian's mirror and PyPI only.
 set -euo pipefail
@@ -18,8 +19,11 @@ if [ ! -d /run/systemd/system ] && [ ! -e /usr/sbin/policy-rc.d ]; then
   chmod 0755 /usr/sbin/policy-rc.d
 fi
 
+packages=(python3 python3-venv python3-dev gcc make git curl ca-certificates)
+# --browser: also the headless Chromium and its WebDriver the browser tests drive (make test)
+[ "${1:-}" = "--browser" ] && packages=(chromium chromium-driver)
 need=()
-for p in python3 python3-venv python3-dev gcc make git curl ca-certificates; do
+for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if ((${#need[@]})); then
@@ -27,6 +31,7 @@ if ((${#need[@]})); then
   apt-get -o DPkg::Lock::Timeout=300 update -qq
   apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+[ "${1:-}" = "--browser" ] && { log "browser: $(/usr/bin/chromium --version 2>/dev/null | head -1)"; exit 0; }
 
 stamp=.venv/.aiportal-bootstrap
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)

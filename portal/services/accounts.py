@@ -145,13 +145,14 @@ def user_for_token(db: Session, token: str, bootstrap_sha256: str = "") -> User 
     if not token:
         return None
     digest = token_hash(token)
-    rec = db.exec(select(ApiToken).where(ApiToken.token_sha256 == digest)).first()
-    if rec is not None:
+    row = db.exec(select(ApiToken, User).join(User, User.id == ApiToken.user_id)
+                  .where(ApiToken.token_sha256 == digest)).first()
+    if row is not None:
+        rec, user = row
         now = utcnow()
         if rec.revoked_at is not None or (rec.expires_at is not None and rec.expires_at <= now):
             return None
-        user = db.get(User, rec.user_id)
-        if user is None or user.disabled:
+        if user.disabled:
             return None
         if rec.last_used_at is None or (now - rec.last_used_at).total_seconds() > 60:
             rec.last_used_at = now      # at most one write a minute per token

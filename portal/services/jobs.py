@@ -267,7 +267,7 @@ def submit_job(db: Session, settings: Settings, backend, box: SecretBox, user: U
 
 def _submit_stored(db: Session, settings: Settings, backend, sources, job: Job, req: TrainingRequest) -> Job:
     try:
-        slurm_id, spec = submit_training(settings, backend, req, sources=sources)
+        slurm_id, spec, script = submit_training(settings, backend, req, sources=sources)
     except (SlurmError, StorageError, ContainerError, PortalError, OSError) as e:
         job.state = JobState.FAILED
         job.reason = ("submission failed: %s" % e)[:1024]
@@ -278,7 +278,7 @@ def _submit_stored(db: Session, settings: Settings, backend, sources, job: Job, 
         log.info("job %s: submission failed: %s", job.id, e)
         raise
     job.slurm_job_id = slurm_id
-    job.script = render_sbatch(spec)
+    job.script = script
     job.state = JobState.PENDING
     job.submitted_at = job.updated_at = utcnow()
     _event(db, job, EventKind.SUBMITTED, "submitted as Slurm job %s to %s" % (slurm_id, spec.partition),

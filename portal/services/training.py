@@ -77,8 +77,8 @@ def prepare_job_dir(settings: Settings, user: str, job_id: str) -> Path:
 
 
 def submit_training(settings: Settings, backend, req: TrainingRequest, sources=None,
-                    roots=None) -> tuple[str, JobSpec]:
-    """Submit a training request as its user. Returns (Slurm job id, spec).
+                    roots=None) -> tuple[str, JobSpec, str]:
+    """Submit a training request as its user. Returns (Slurm job id, spec, the script submitted).
 
     1. validate the data locations (before anything is submitted: a bad location is refused
        with a clear message, not a failed job) and pick the data sources they need;
@@ -86,7 +86,6 @@ def submit_training(settings: Settings, backend, req: TrainingRequest, sources=N
     3. render, prepare the job folder, write the credentials file for the data sources;
     4. submit as the request's user.
     ``sources`` are the user's data sources by name (``storage.credentials.DataSource``).
-    The spec returned renders (``render_sbatch``) to exactly the script that was submitted.
     """
     needed = check_job_data(settings, req.user, req.inputs, req.output, sources, roots)
     image = request_image(settings, backend, req.image_sif, user=req.user)
@@ -96,4 +95,5 @@ def submit_training(settings: Settings, backend, req: TrainingRequest, sources=N
     spec = build_spec(settings, req)
     prepare_job_dir(settings, req.user, req.job_id)
     spec = attach_credentials(spec, req.user, needed)
-    return backend.submit(render_sbatch(spec), user=req.user), spec
+    script = render_sbatch(spec)
+    return backend.submit(script, user=req.user), spec, script

@@ -98,7 +98,7 @@ PROBE = ("import os, sys; d = os.listdir('/data/data'); "
 
 def test_4card_job_runs_in_the_image_with_4_gpus_and_stages_out(settings, backend, submitted, base_image, user_dirs):
     req = request(base_image, user_dirs, command=("python3", "-c", PROBE))
-    job_id, spec = submit_training(settings, backend, req)
+    job_id, spec, _ = submit_training(settings, backend, req)
     submitted.append(job_id)
     st = wait(backend, job_id)
     log = next((Path(spec.job_dir) / "logs").glob("slurm-*.out")).read_text()
@@ -113,7 +113,7 @@ def test_4card_job_runs_in_the_image_with_4_gpus_and_stages_out(settings, backen
 
 def test_1card_job_gets_one_gpu(settings, backend, submitted, base_image, user_dirs):
     req = request(base_image, user_dirs, node_type="1card", command=("python3", "-c", PROBE))
-    job_id, _ = submit_training(settings, backend, req)
+    job_id, _, _ = submit_training(settings, backend, req)
     submitted.append(job_id)
     assert wait(backend, job_id).state is JobState.COMPLETED
     assert (user_dirs / "out" / "result.txt").read_text().startswith("gpus=0 inputs=")
@@ -121,7 +121,7 @@ def test_1card_job_gets_one_gpu(settings, backend, submitted, base_image, user_d
 
 def test_failing_command_still_stages_out_and_keeps_its_exit_code(settings, backend, submitted, base_image, user_dirs):
     req = request(base_image, user_dirs, node_type="1card", command=("python3", "-c", PROBE), env=(("RC", "3"),))
-    job_id, _ = submit_training(settings, backend, req)
+    job_id, _, _ = submit_training(settings, backend, req)
     submitted.append(job_id)
     st = wait(backend, job_id)
     assert st.state is JobState.FAILED and st.exit_code == 3
@@ -130,7 +130,7 @@ def test_failing_command_still_stages_out_and_keeps_its_exit_code(settings, back
 
 def test_cancel(settings, backend, submitted, base_image, user_dirs):
     req = request(base_image, user_dirs, node_type="1card", command=("sleep", "300"))
-    job_id, _ = submit_training(settings, backend, req)
+    job_id, _, _ = submit_training(settings, backend, req)
     submitted.append(job_id)
     wait(backend, job_id, until=lambda st: st.state is JobState.RUNNING)
     backend.cancel(job_id, user=JOB_USER)
@@ -153,7 +153,7 @@ def test_requeue_restarts_at_once_and_resumes_from_staged_outputs(settings, back
             "open(p, 'a').write('run %d\\n' % (n + 1)); print('run', n + 1, flush=True); "
             "time.sleep(300 if n == 0 else 0)")
     req = request(base_image, user_dirs, node_type="1card", command=("python3", "-c", body))
-    job_id, spec = submit_training(settings, backend, req)
+    job_id, spec, _ = submit_training(settings, backend, req)
     submitted.append(job_id)
     runs = Path(spec.job_dir) / "output" / "runs.txt"
     wait(backend, job_id, until=lambda st: st.state is JobState.RUNNING)
@@ -201,7 +201,7 @@ def test_hostile_arguments_and_env_reach_the_program_verbatim_in_a_real_job(sett
             "if k.startswith('H_')}}, open('/data/output/dump.json', 'w'))")
     req = request(base_image, user_dirs, node_type="1card", command=("python3", "-c", dump, *HOSTILE),
                   env=tuple(("H_%d" % i, v) for i, v in enumerate(HOSTILE)))
-    job_id, _ = submit_training(settings, backend, req)
+    job_id, _, _ = submit_training(settings, backend, req)
     submitted.append(job_id)
     assert wait(backend, job_id).state is JobState.COMPLETED
     got = __import__("json").loads((user_dirs / "out" / "dump.json").read_text())

@@ -6,6 +6,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -39,18 +40,37 @@ def test_cluster_api_without_token_is_401():
     err.value.close()
 
 
-def test_status_page_after_login(admin_token):
+def test_cluster_page_after_login_as_admin(admin_token):
+    """The installed portal: the admin logs in with the bootstrap token as password."""
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     with opener.open(URL + "/login", timeout=20) as resp:
         form = resp.read().decode()
     token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
-    data = urllib.parse.urlencode({"token": admin_token, "csrf": token}).encode()
-    with opener.open(URL + "/login", data=data, timeout=20) as resp:
+    data = urllib.parse.urlencode({"name": "admin", "password": admin_token, "csrf": token}).encode()
+    with opener.open(URL + "/login?next=/cluster", data=data, timeout=20) as resp:
         page = resp.read().decode()
     for name in NODES:
         assert name in page
     assert "of 11 GPUs in use" in page
+
+
+def test_dev_accounts_log_in_with_their_generated_passwords():
+    for user in ("alice", "bob"):
+        password = (Path("/etc/aiportal/secrets") / ("portal_password_" + user)).read_text().strip()
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with opener.open(URL + "/login", timeout=20) as resp:
+            token = re.search(r'name="csrf" value="([^"]+)"', resp.read().decode()).group(1)
+        data = urllib.parse.urlencode({"name": user, "password": password, "csrf": token}).encode()
+        with opener.open(URL + "/login", data=data, timeout=20) as resp:
+            assert resp.geturl().endswith("/") and "Log out" in resp.read().decode()
+
+
+def test_reconciler_runs_beside_the_portal():
+    pid = int(Path("/run/aiportal/reconcile.pid").read_text())
+    cmd = Path("/proc/%d/cmdline" % pid).read_bytes().split(b"\0")
+    assert any(part.endswith(b"aiportal") for part in cmd) and b"reconcile" in cmd
 
 
 def test_portal_config_holds_secrets_for_root_only():

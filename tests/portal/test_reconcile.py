@@ -161,7 +161,7 @@ def test_crash_between_stored_and_submitted_neither_loses_nor_duplicates(cluster
             db.commit()
             ids[name] = req
         # A: submitted by the "crashed" portal, id never stored
-        slurm_a, _ = submit_training(settings, real_backend, ids["a"])
+        slurm_a, _, _ = submit_training(settings, real_backend, ids["a"])
         cleanup_jobs.append(slurm_a)
     rec = Reconciler(engine, real_backend, settings, box)
     time.sleep(1.2)

@@ -72,7 +72,7 @@ def test_job_stages_in_from_s3_and_out_to_s3(settings, source, bucket, base_imag
                           time_limit="5", command=("python3", "-c", PROGRAM),
                           inputs=("s3://%s/datasets/d1" % bucket,), output=out_uri)
     backend = SlurmCli(timeout=20)
-    job_id, spec = submit_training(settings, backend, req, sources={source.name: source})
+    job_id, spec, _ = submit_training(settings, backend, req, sources={source.name: source})
     job_dir = Path(spec.job_dir)
     try:
         creds = job_dir / JOB_CREDENTIALS_NAME
