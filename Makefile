@@ -26,7 +26,7 @@ run: provision
 	@echo "stop:        make down"
 
 test: provision
-	@scripts/bootstrap.sh --browser
+	@scripts/bootstrap.sh --test-tools
 	@scripts/timed.sh pytest $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 down:

@@ -48,8 +48,8 @@ def make_engine(url: str, echo: bool = False) -> sa.Engine:
     try:
         return create_engine(url, echo=echo, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ModuleNotFoundError) as e:
-        raise ConfigError("database_url %r: %s (PostgreSQL needs the psycopg package: "
-                          "pip install 'psycopg[binary]')" % (_safe_url(url), e)) from e
+        raise ConfigError("database_url %r: %s (PostgreSQL URLs look like "
+                          "postgresql+psycopg://USER@/DB?host=/run/postgresql)" % (_safe_url(url), e)) from e
 
 
 def _safe_url(url: str) -> str:

@@ -1,7 +1,8 @@
 #!/bin/bash
 # bootstrap.sh - make this Debian 12/13 machine able to run the project's Ansible and tests:
 # Debian's python3 with venv, then ./.venv with aiportal (editable) and its dev extras.
-# `bootstrap.sh --browser` installs only Debian's chromium and chromium-driver (browser tests).
+# `bootstrap.sh --test-tools` installs only what the tests need besides: chromium, chromium-driver
+# and postgresql (Debian packages; no daemon is started: tests start their own).
 # Idempotent and fast when done: the venv is rebuilt only when pyproject.toml changes.
 # Installs from Debian's mirror and PyPI only.
 set -euo pipefail
@@ -20,8 +21,9 @@ if [ ! -d /run/systemd/system ] && [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 
 packages=(python3 python3-venv python3-dev gcc make git curl ca-certificates)
-# --browser: also the headless Chromium and its WebDriver the browser tests drive (make test)
-[ "${1:-}" = "--browser" ] && packages=(chromium chromium-driver)
+# --test-tools: what only the test suite needs (make test): the headless Chromium and its
+# WebDriver the browser test drives, and a PostgreSQL server for the PostgreSQL test
+[ "${1:-}" = "--test-tools" ] && packages=(chromium chromium-driver postgresql)
 need=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
@@ -31,7 +33,7 @@ if ((${#need[@]})); then
   apt-get -o DPkg::Lock::Timeout=300 update -qq
   apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-[ "${1:-}" = "--browser" ] && { log "browser: $(/usr/bin/chromium --version 2>/dev/null | head -1)"; exit 0; }
+[ "${1:-}" = "--test-tools" ] && { log "test tools: $(/usr/bin/chromium --version 2>/dev/null | head -1), $(ls -d /usr/lib/postgresql/*/bin | head -1)"; exit 0; }
 
 stamp=.venv/.aiportal-bootstrap
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
