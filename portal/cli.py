@@ -251,7 +251,11 @@ def cmd_script(args) -> int:
         image = _cached_image(args.image)
     req = TrainingRequest(user=getpass.getuser(), image_sif=image, node_type=args.node_type,
                           command=tuple(command), name=args.name, inputs=tuple(args.input),
-                          output=args.output, time_limit=args.time, env=_parse_env(args.env))
+                          output=args.output, time_limit=args.time, env=_parse_env(args.env),
+                          credentials=os.path.abspath(args.credentials) if args.credentials else None)
+    if any(u.startswith("s3://") for u in list(args.input) + [args.output or ""]) and not args.credentials:
+        raise CliError("s3:// locations need your data-source keys: write them to a file only you can read "
+                       "(format: docs/storage.md) and pass --credentials FILE")
     settings = _site_settings()
     try:
         text = render_request(settings, req)
@@ -1025,6 +1029,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("script", help="print the batch script the portal would submit")
     _add_job_arguments(p)
+    p.add_argument("--credentials", metavar="FILE",
+                   help="your data-source credentials file for s3:// locations (mode 0600; the job reads it, "
+                        "the script carries only its path)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     p.set_defaults(func=cmd_script)
 

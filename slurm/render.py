@@ -86,6 +86,8 @@ def render_sbatch(spec: JobSpec) -> str:
     q = shlex.quote
     stage = q(spec.stage_bin)
     creds = (' --credentials "$AIPORTAL_JOB_DIR"/%s' % q(spec.credentials_file)) if spec.credentials_file else ""
+    if spec.user_credentials:
+        creds = " --credentials %s" % q(spec.user_credentials)
     lines = ["#!/bin/bash"] + sbatch_header(spec) + [
         "# Rendered by aiportal%s. Runs the command in its image with /data/data and /data/output"
         % (" for job " + spec.portal_id if spec.portal_id else ""),

@@ -86,6 +86,9 @@ class JobSpec:
     # The data-source credentials file for s3:// inputs/outputs: a file name inside job_dir
     # (written by the portal, mode 0600); the script passes only its path to `stage`.
     credentials_file: str | None = None
+    # Or the user's own credentials file, by absolute path (``aiportal script --credentials``:
+    # power users keep their keys in their home; the script passes the path and leaves the file)
+    user_credentials: str | None = None
 
     def __post_init__(self):
         if isinstance(self.command, (str, bytes)):
@@ -143,6 +146,11 @@ class JobSpec:
                                                   or self.credentials_file in (".", "..")):
             raise SpecError("credentials_file", self.credentials_file, "a file name inside the job directory "
                                                                        "(letters, digits, '.', '_', '-')")
+        if self.user_credentials is not None and (not self.user_credentials.startswith("/")
+                                                  or any(c in self.user_credentials for c in "\0\n")):
+            raise SpecError("user_credentials", self.user_credentials, "an absolute path to your credentials file")
+        if self.user_credentials and self.credentials_file:
+            raise SpecError("user_credentials", self.user_credentials, "give one credentials file, not two")
         for src, dst in self.extra_binds:
             if not (src.startswith("/") and dst.startswith("/")) or ":" in src + dst or "," in src + dst:
                 raise SpecError("bind", (src, dst), "binds are absolute paths without ':' or ','")

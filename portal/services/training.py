@@ -32,6 +32,8 @@ class TrainingRequest:
     #: one environment per array task (a parameter sweep); () for a single job
     sweep: tuple[tuple[tuple[str, str], ...], ...] = ()
     account: str | None = None
+    #: the user's own credentials file (absolute path), for scripts power users submit themselves
+    credentials: str | None = None
     job_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
@@ -50,6 +52,8 @@ def build_spec(settings: Settings, req: TrainingRequest) -> JobSpec:
         kw["sweep"] = req.sweep
     if req.account:
         kw["account"] = req.account
+    if req.credentials:
+        kw["user_credentials"] = req.credentials
     return JobSpec.for_node_type(
         node_type, name=req.name, image=req.image_sif, command=req.command,
         job_dir=str(job_dir_for(settings, req.user, req.job_id)), inputs=req.inputs, output=req.output,

@@ -106,3 +106,13 @@ def test_image_convert_refuses_users_who_cannot_write_the_cache(tmp_path):
                           "image", "convert", "/x.sif"], capture_output=True, text=True, timeout=60, cwd="/")
     assert res.returncode == 2
     assert "is written only by aiportal-img" in res.stderr
+
+
+def test_script_with_s3_data_needs_and_passes_the_users_credentials_file(tmp_path):
+    res = cli("script", "--image", "/x.sif", "--node-type", "1card", "--input", "s3://data/in", "--", "true")
+    assert res.returncode == 2 and "pass --credentials FILE" in res.stderr
+    creds = tmp_path / "my creds.json"
+    res = cli("script", "--image", "/x.sif", "--node-type", "1card", "--input", "s3://data/in",
+              "--output", "s3://data/out", "--credentials", str(creds), "--", "true")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("--credentials '%s'" % creds) == 3

@@ -206,3 +206,17 @@ def test_sweep_task_gets_its_parameters(tmp_path, recorder):
     run = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()][1]
     assert run["env"] == {"H_LR": "it's $(x)"}
     assert "%s/output/task-1:/data/output" % (tmp_path / "j") in run["argv"]
+
+
+def test_users_own_credentials_file_is_passed_by_path_and_kept():
+    spec = JobSpec(name="t", partition="gpu-1card", image="/i.sif", command=("true",), job_dir="/j",
+                   inputs=("s3://b/in",), output="s3://b/out", user_credentials="/home/a b/creds.json")
+    text = render_sbatch(spec)
+    assert text.count("--credentials '/home/a b/creds.json'") == 3     # stage in, restore, stage out
+    assert "rm -f" not in text
+
+
+@pytest.mark.parametrize("path", ["relative.json", "/x\nrm -rf /"])
+def test_users_credentials_file_must_be_an_absolute_path(path):
+    with pytest.raises(SpecError, match="user_credentials"):
+        JobSpec(name="t", partition="p", image="/i.sif", command=("true",), job_dir="/j", user_credentials=path)
