@@ -16,7 +16,7 @@ from portal.db_session import db
 from portal.errors import ForbiddenError, ValidationError
 from portal.models import Event, User
 from portal.openapi import openapi_document, query_parameters
-from portal.services import accounts, datasources, images, jobs, outputs
+from portal.services import accounts, datasources, images, inference, jobs, outputs
 from slurm.states import JobState
 
 bp = Blueprint("api", __name__)
@@ -342,3 +342,50 @@ def revoke_token(token_id: int):
     db().commit()
     return "", 204
 
+
+
+# -- inference services ------------------------------------------------------------------------
+
+def _service_out(svc):
+    return inference.public(svc, inference.replicas_of(db(), svc), _owners([svc]).get(svc.user_id))
+
+
+@bp.get("/services")
+@api_auth
+def list_services():
+    rows = inference.list_services(db(), g.user)
+    names = _owners(rows)
+    return jsonify(services=[inference.public(s, inference.replicas_of(db(), s), names.get(s.user_id)) for s in rows])
+
+
+@bp.post("/services")
+@api_auth
+def deploy_service():
+    """Deploy a service: its replicas are submitted by the controller within a cycle."""
+    svc = inference.deploy(db(), _settings(), _box(), g.user, _body())
+    return jsonify(_service_out(svc)), 201, {"Location": "/api/v1/services/%s" % svc.name}
+
+
+@bp.get("/services/<name>")
+@api_auth
+def show_service(name: str):
+    return jsonify(_service_out(inference.get_service(db(), g.user, name)))
+
+
+@bp.post("/services/<name>/scale")
+@api_auth
+def scale_service(name: str):
+    return jsonify(_service_out(inference.scale(db(), g.user, name, _body())))
+
+
+@bp.post("/services/<name>/update")
+@api_auth
+def update_service(name: str):
+    """A rolling update to the spec with the given fields changed (e.g. version, model)."""
+    return jsonify(_service_out(inference.update(db(), _settings(), _box(), g.user, name, _body()))), 202
+
+
+@bp.delete("/services/<name>")
+@api_auth
+def delete_service(name: str):
+    return jsonify(_service_out(inference.delete(db(), g.user, name))), 202

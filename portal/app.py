@@ -9,6 +9,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from containers.errors import ContainerError, ImageRefError
+from inference.errors import InferenceError
 from portal import db as dbmod
 from portal.errors import PortalError, RateLimitError, ValidationError
 from portal.settings import Settings
@@ -47,11 +48,12 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
     if not app.debug and not app.testing:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from portal import api, auth, db_session, web
+    from portal import api, auth, db_session, router, web
     db_session.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(web.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")
+    app.register_blueprint(router.bp)       # POST|PUT /service/NAME (inference)
 
     @app.get("/healthz")
     def healthz():
@@ -72,6 +74,8 @@ def error_status(e: Exception) -> tuple[str, int]:
         return e.code, STORAGE_STATUS.get(e.code, 400)
     if isinstance(e, ContainerError):
         return e.code, 500
+    if isinstance(e, InferenceError):
+        return e.code, e.status
     if isinstance(e, PortalError):
         return e.code, e.status
     return "internal", 500
@@ -89,7 +93,7 @@ def _error_handlers(app: Flask) -> None:
             resp.headers["Retry-After"] = str(e.retry_after)
         return resp
 
-    for cls in (SlurmError, StorageError, ContainerError, PortalError):
+    for cls in (SlurmError, StorageError, ContainerError, InferenceError, PortalError):
         app.register_error_handler(cls, as_json)
 
     @app.errorhandler(HTTPException)

@@ -15,6 +15,12 @@ Jobs, through the portal's JSON API (like any other client):
     aiportal cluster [--json]                    partitions and nodes
     aiportal token create [--name N] [--expires-days D] | list | revoke ID
                                                  the caller's own API tokens
+    aiportal service deploy NAME --image SIF --model URI [--model-file F] [--class C] [--version V]
+                    [--replicas N | --min N --max N] [--target-inflight X] [--gpus N] [--wait]
+    aiportal service list | show NAME | delete NAME
+    aiportal service scale NAME (--replicas N | --min N --max N) [--target-inflight X]
+    aiportal service update NAME [--model URI] [--image SIF] [--version V] ... [--wait]
+                                                 inference services behind POST|PUT /service/NAME
 
 JOB is a job id, a unique prefix of one (as `jobs` shows it), or a Slurm job id.
 
@@ -30,10 +36,15 @@ On the node, from the public site settings (/etc/aiportal/site.toml):
     aiportal stage out --from DIR --to URI [--credentials FILE] ...
                                                  move data inside a job (run by the batch script)
 
+On every node, as root (Slurm's HealthCheckProgram runs `aiportal-healthcheck`, the same):
+
+    aiportal health check [--node NAME] [--dry-run] [--json] [--all] [--timeout S]
+    aiportal dev fail-node NAME --mode gpu|disk|slurmd|hang | --heal   (dev cluster only)
+
 On the portal host, as root, straight on the database (portal.toml, --config):
 
-    aiportal db upgrade | reconcile
-    aiportal user add NAME --unix-user U [--admin] [--password-file F | --password-stdin] [--exists-ok]
+    aiportal db upgrade | reconcile | monitor
+    aiportal user add NAME --unix-user U [--admin] [--email ADDR] [--password-file F | --password-stdin] [--exists-ok]
     aiportal user list [--json] | passwd NAME (--password-file F | --password-stdin) | disable NAME | enable NAME
     aiportal token create --user NAME [--name N] [--expires-days D]   prints only the token
     aiportal token list --user NAME | revoke ID --user NAME
@@ -383,6 +394,92 @@ def cmd_reconcile(args) -> int:
                  stats.seconds))
         return 0
     rec.run(args.interval or settings.reconcile_interval_s)
+    return 0
+
+
+def _node_name(args) -> str:
+    """--node, else the name Slurm gives HealthCheckProgram, else this host's short name."""
+    import socket
+    name = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    if not name:
+        raise CliError("give the node with --node NAME (Slurm sets SLURMD_NODENAME when it runs the check)")
+    return name
+
+
+def cmd_health_check(args) -> int:
+    """Exit 0 healthy, 1 unhealthy (NHC's convention), 2 on a usage or settings error."""
+    import faulthandler
+
+    from monitor.health import format_report, run_health_check
+    from monitor.probe import DEFAULT_PATH
+    from portal.errors import ConfigError
+    # Slurm runs HealthCheckProgram with no PATH; probes and Slurm's clients need one
+    os.environ.setdefault("PATH", DEFAULT_PATH)
+    logging.basicConfig(level=logging.WARNING, format="[aiportal health] %(message)s")
+    try:
+        settings = _site_settings()
+        if args.timeout is not None:
+            from dataclasses import replace
+            settings = replace(settings, health_timeout_s=args.timeout,
+                               health_probe_timeout_s=min(settings.health_probe_timeout_s, args.timeout / 2))
+        config = settings.health_config()
+    except ConfigError as e:
+        raise CliError(str(e)) from e
+    node = _node_name(args)
+    # the last resort, even if a thread is stuck in C code: dump stacks and exit
+    faulthandler.dump_traceback_later(config.timeout_s + 10, exit=True)
+    report = run_health_check(config, node, dry_run=args.dry_run)
+    faulthandler.cancel_dump_traceback_later()
+    if args.json:
+        _print_json(report.to_dict(all_failures=args.all))
+    else:
+        print(format_report(report, all_failures=args.all))
+    return 0 if report.healthy else 1
+
+
+def healthcheck_main() -> int:
+    """``aiportal-healthcheck``: what Slurm's HealthCheckProgram runs (it passes no arguments)."""
+    return main(["health", "check"] + sys.argv[1:])
+
+
+def cmd_fail_node(args) -> int:
+    from monitor.errors import FaultError
+    from monitor.faults import heal, inject
+    from portal.errors import ConfigError
+    logging.basicConfig(level=logging.INFO, format="[aiportal dev] %(message)s")
+    try:
+        settings = _site_settings()
+        config = settings.health_config()
+    except ConfigError as e:
+        raise CliError(str(e)) from e
+    try:
+        if args.heal:
+            done = heal(config, args.node, args.mode)
+        else:
+            if not args.mode:
+                raise CliError("give --mode gpu|disk|slurmd|hang (or --heal)")
+            done = inject(config, args.node, args.mode)
+    except FaultError as e:
+        raise CliError(str(e)) from e
+    for line in done:
+        print(line)
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from portal import db as dbmod
+    from portal.recovery import HealthMonitor
+    from slurm.backend import SlurmCli
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _portal_settings(args)
+    engine = dbmod.make_engine(settings.database_url)
+    dbmod.check_schema(engine)
+    mon = HealthMonitor(engine, SlurmCli(settings.slurm_conf, settings.slurm_timeout_s, settings.cluster_name), settings)
+    if args.once:
+        stats = mon.cycle()
+        print(stats.summary())
+        return 0
+    mon.run(args.interval or settings.monitor_interval_s)
     return 0
 
 
@@ -794,7 +891,8 @@ def cmd_user_add(args) -> int:
         accounts.check_unix_user(args.unix_user)
         user = db.exec(select(User).where(User.name == args.name)).first()
         if user is None:
-            user = accounts.add_user(db, args.name, args.unix_user, password, admin=bool(args.admin))
+            user = accounts.add_user(db, args.name, args.unix_user, password, admin=bool(args.admin),
+                                     email=args.email)
             print("added user %s (Unix user %s%s%s)" % (user.name, user.unix_user, ", admin" if user.is_admin else "",
                                                        "" if password else "; API tokens only, no password"))
             return 0
@@ -812,6 +910,10 @@ def cmd_user_add(args) -> int:
         if password is not None and not (user.password_hash and check_password_hash(user.password_hash, password)):
             accounts.set_password(db, user, password)
             changes.append("password set")
+        if args.email is not None and (user.email or "") != args.email:
+            user.email = accounts.check_email(args.email)
+            db.add(user)
+            changes.append("email %s" % (user.email or "removed"))
         print("user %s exists: %s%s" % (user.name, ", ".join(changes) or "unchanged",
                                         " (disabled; `aiportal user enable %s`)" % user.name if user.disabled else ""))
     return 0
@@ -955,6 +1057,155 @@ def cmd_project_add(args) -> int:
     return 0
 
 
+# -- inference services (through the API) --------------------------------------------------------
+
+_SPEC_ARGS = (("image", "image"), ("model", "model"), ("model_file", "model_file"), ("class_name", "class_name"),
+              ("version", "version"), ("gpus", "gpus"), ("cpus", "cpus"), ("memory_mb", "memory_mb"),
+              ("max_batch_size", "max_batch_size"), ("max_wait_ms", "max_wait_ms"),
+              ("max_body_bytes", "max_body_bytes"))
+_POLICY_ARGS = (("replicas", "replicas"), ("min_replicas", "min_replicas"), ("max_replicas", "max_replicas"),
+                ("target_inflight", "target_inflight"), ("scale_down_delay", "scale_down_delay_s"))
+
+
+def _fields(args, table) -> dict:
+    return {key: getattr(args, attr) for attr, key in table if getattr(args, attr, None) is not None}
+
+
+def _svc_path(name: str, rest: str = "") -> str:
+    return "/services/%s%s" % (urllib.parse.quote(name, safe=""), rest)
+
+
+def _print_service(svc: dict, url: str) -> None:
+    spec = svc.get("spec") or {}
+    rows = [("service", svc["name"]), ("url", "%s%s" % (url.rstrip("/"), svc["url"])),
+            ("owner", svc.get("owner") or "-"), ("state", svc["state"]),
+            ("version", "%s (generation %s)" % (spec.get("version"), svc.get("generation"))),
+            ("image", spec.get("image", "-")), ("model", "%s (%s in %s)" % (spec.get("class_name"), spec.get("model_file"),
+                                                                          spec.get("model"))),
+            ("replicas", "%s ready, %s wanted (min %s, max %s; target %s in flight each)" % (
+                svc.get("ready_replicas", "?"), svc["desired_replicas"], svc["min_replicas"], svc["max_replicas"],
+                svc["target_inflight"])),
+            ("batching", "up to %s per call, waiting at most %s ms" % (spec.get("max_batch_size"), spec.get("max_wait_ms")))]
+    if svc.get("next_spec"):
+        rows.append(("updating to", "version %s" % svc["next_spec"].get("version")))
+    if svc.get("message"):
+        rows.append(("message", svc["message"]))
+    for label, value in rows:
+        print("%-12s %s" % (label, value))
+    if svc.get("replicas"):
+        print()
+        print("  %-8s %-10s %-8s %-8s %-21s %-9s %s" % ("REPLICA", "PHASE", "VERSION", "SLURM", "ENDPOINT", "IN FLIGHT",
+                                                      "MESSAGE"))
+        for r in svc["replicas"]:
+            print("  %-8s %-10s %-8s %-8s %-21s %-9s %s" % (
+                r["id"][:8], r["phase"], r["version"], r["slurm_job_id"] or "-",
+                "%s:%s" % (r["host"], r["port"]) if r.get("port") else "-",
+                "-" if r.get("avg_inflight") is None else "%.2f" % r["avg_inflight"], r.get("message") or ""))
+
+
+def _wait_service(args, name: str, done, what: str) -> dict:
+    deadline = time.monotonic() + args.wait_timeout
+    while True:
+        svc = _api(args, "GET", _svc_path(name))
+        if done(svc):
+            return svc
+        if time.monotonic() > deadline:
+            raise CliError("service %s: still no %s after %.0fs (`aiportal service show %s`)" % (name, what,
+                                                                                              args.wait_timeout, name))
+        time.sleep(1.0)
+
+
+def cmd_service_deploy(args) -> int:
+    body = {"name": args.name, **_fields(args, _SPEC_ARGS), **_fields(args, _POLICY_ARGS)}
+    svc = _api(args, "POST", "/services", body)
+    if args.wait:
+        svc = _wait_service(args, args.name, lambda s: s["ready_replicas"] >= max(1, s["desired_replicas"]) or (
+            "failed" in (s.get("message") or "")), "ready replicas")
+        if svc["ready_replicas"] < 1:
+            raise CliError("service %s: %s" % (args.name, svc.get("message")))
+    if args.json:
+        _print_json(svc)
+    else:
+        print("service %s deployed: POST or PUT %s%s (Authorization: Bearer TOKEN)" % (
+            svc["name"], args.url.rstrip("/"), svc["url"]))
+    return 0
+
+
+def cmd_service_list(args) -> int:
+    rows = _api(args, "GET", "/services")["services"]
+    if args.json:
+        _print_json(rows)
+        return 0
+    print("%-24s %-9s %-10s %-8s %-10s %s" % ("NAME", "STATE", "VERSION", "READY", "MIN-MAX", "URL"))
+    for s in rows:
+        print("%-24s %-9s %-10s %-8s %-10s %s" % (s["name"][:24], s["state"], str(s.get("version"))[:10],
+                                                 "%s/%s" % (s.get("ready_replicas", 0), s["desired_replicas"]),
+                                                 "%s-%s" % (s["min_replicas"], s["max_replicas"]), s["url"]))
+    return 0
+
+
+def cmd_service_show(args) -> int:
+    svc = _api(args, "GET", _svc_path(args.name))
+    if args.json:
+        _print_json(svc)
+    else:
+        _print_service(svc, args.url)
+    return 0
+
+
+def cmd_service_scale(args) -> int:
+    svc = _api(args, "POST", _svc_path(args.name, "/scale"), _fields(args, _POLICY_ARGS))
+    if args.json:
+        _print_json(svc)
+    else:
+        print("service %s: %s-%s replicas (now %s wanted)" % (svc["name"], svc["min_replicas"], svc["max_replicas"],
+                                                             svc["desired_replicas"]))
+    return 0
+
+
+def cmd_service_update(args) -> int:
+    svc = _api(args, "POST", _svc_path(args.name, "/update"), _fields(args, _SPEC_ARGS))
+    target = (svc.get("next_spec") or {}).get("version")
+    if args.wait:
+        svc = _wait_service(args, args.name, lambda s: s["state"] != "UPDATING", "end of the rolling update")
+        if svc.get("version") != target:
+            raise CliError("service %s: %s" % (args.name, svc.get("message")))
+    if args.json:
+        _print_json(svc)
+    else:
+        print("service %s: %s" % (svc["name"], svc.get("message") or "rolling update to version %s" % target))
+    return 0
+
+
+def cmd_service_delete(args) -> int:
+    _api(args, "DELETE", _svc_path(args.name))
+    print("service %s: deleting (its replicas are being stopped)" % args.name)
+    return 0
+
+
+def _add_spec_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--image", required=required, help="a .sif path on the shared filesystem")
+    p.add_argument("--model", required=required, help="the model folder: s3://SOURCE/bucket/prefix or a shared path")
+    p.add_argument("--model-file", help="the .py file in the model folder defining the class (default model.py)")
+    p.add_argument("--class", dest="class_name", help="the model class (default Model)")
+    p.add_argument("--version", help="a version label (default 1)")
+    p.add_argument("--gpus", type=int, help="GPUs per replica (default 0)")
+    p.add_argument("--cpus", type=int, help="CPUs per replica (default 1)")
+    p.add_argument("--memory-mb", type=int, help="memory per replica (default 2000)")
+    p.add_argument("--max-batch-size", type=int, help="requests per execute() call (default 8)")
+    p.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
+    p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 16 MiB)")
+
+
+def _add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", type=int, help="a fixed number of replicas (min = max)")
+    p.add_argument("--min", dest="min_replicas", type=int, help="autoscale from this many replicas")
+    p.add_argument("--max", dest="max_replicas", type=int, help="... up to this many")
+    p.add_argument("--target-inflight", type=float, help="requests in flight per replica to aim at (default 4)")
+    p.add_argument("--scale-down-delay", type=float, metavar="SECONDS",
+                   help="low load this long before a replica is removed (default 60)")
+
+
 def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments `script` and `submit` share."""
     p.add_argument("--image", required=True, help="a .sif path, or an image reference (script: already converted)")
@@ -1077,6 +1328,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="run one cycle and print what it did")
     p.set_defaults(func=cmd_reconcile)
 
+    p = sub.add_parser("monitor", help="recover jobs hit by node failures, record node events, notify owners "
+                                       "(started with the portal)")
+    _add_config(p)
+    p.add_argument("--interval", type=float, help="seconds between cycles (default: monitor_interval_s)")
+    p.add_argument("--once", action="store_true", help="run one cycle and print what it did")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("health", help="node health checks (Slurm's HealthCheckProgram)")
+    hsub = p.add_subparsers(dest="health_command", required=True)
+    c = hsub.add_parser("check", help="check this node; drain it when a check fails, resume it after passes")
+    c.add_argument("--node", help="the Slurm node to check (default: $SLURMD_NODENAME, else the host name)")
+    c.add_argument("--dry-run", action="store_true", help="check and report only: never drain, resume or count passes")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--all", action="store_true", help="report every failure (default: up to the first one)")
+    c.add_argument("--timeout", type=float, help="watchdog for the whole run in seconds (default: health_timeout_s)")
+    c.set_defaults(func=cmd_health_check)
+
+    p = sub.add_parser("dev", help="dev cluster tools (root; refused unless health_dev_faults is set)")
+    dsub = p.add_subparsers(dest="dev_command", required=True)
+    c = dsub.add_parser("fail-node", help="inject a fault into one emulated node, or --heal it")
+    c.add_argument("node")
+    c.add_argument("--mode", choices=["gpu", "disk", "slurmd", "hang"],
+                   help="gpu: move its fake GPU device aside; disk: its scratch reads as full; slurmd: kill "
+                        "its slurmd and its jobs' processes (node death); hang: its shared-filesystem probe blocks")
+    c.add_argument("--heal", action="store_true", help="undo the fault (all of the node's faults without --mode)")
+    c.set_defaults(func=cmd_fail_node)
+
     p = sub.add_parser("user", help="portal accounts (root, on the portal host)")
     usub = p.add_subparsers(dest="user_command", required=True)
     c = usub.add_parser("add", help="add a user mapped to a Unix account (no password: API tokens only)")
@@ -1085,6 +1363,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None,
                    help="an admin (sees every job, drains nodes); --no-admin takes it away with --exists-ok")
     _add_password(c, required=False)
+    c.add_argument("--email", help="where health and recovery notifications go (default: UNIXUSER@notify_email_domain; "
+                                   "'' removes it)")
     c.add_argument("--exists-ok", action="store_true",
                    help="an existing user is not an error: its admin flag and password are set as given")
     _add_config(c)
@@ -1104,6 +1384,39 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("name")
         _add_config(c)
         c.set_defaults(func=cmd_user_disable, disable=disable)
+
+    p = sub.add_parser("service", help="inference services: replicas behind POST|PUT /service/NAME")
+    ssub = p.add_subparsers(dest="service_command", required=True)
+    c = ssub.add_parser("deploy", help="deploy a model as a service")
+    c.add_argument("name", help="lower-case letters, digits and '-': the URL /service/NAME")
+    _add_spec_arguments(c, required=True)
+    _add_policy_arguments(c)
+    c.add_argument("--wait", action="store_true", help="wait until the replicas are ready")
+    c.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS")
+    c.add_argument("--json", action="store_true", help="print the API's JSON")
+    c.set_defaults(func=cmd_service_deploy)
+    c = ssub.add_parser("list", help="your services")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_service_list)
+    c = ssub.add_parser("show", help="a service and its replicas")
+    c.add_argument("name")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_service_show)
+    c = ssub.add_parser("scale", help="set the replica count, or the autoscaling range")
+    c.add_argument("name")
+    _add_policy_arguments(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_service_scale)
+    c = ssub.add_parser("update", help="rolling update to a new version (one replica at a time)")
+    c.add_argument("name")
+    _add_spec_arguments(c, required=False)
+    c.add_argument("--wait", action="store_true", help="wait until the rolling update is over")
+    c.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_service_update)
+    c = ssub.add_parser("delete", help="delete a service (its replicas are stopped)")
+    c.add_argument("name")
+    c.set_defaults(func=cmd_service_delete)
 
     p = sub.add_parser("token", help="API tokens: your own (through the API), or any user's with --user (root)")
     tsub = p.add_subparsers(dest="token_command", required=True)

@@ -1,8 +1,8 @@
 """The portal's database tables (SQLModel), and the data models the API speaks.
 
 Tables: users, projects (with members), API tokens (hashed), login failures (rate limit),
-jobs, events (a job's timeline; node events for the cluster page), images and data sources
-(keys sealed with the site's data key). The schema is created and changed only by the Alembic
+jobs, events (a job's timeline; node events for the cluster page), images, data sources
+(keys sealed with the site's data key), inference services and their replicas. The schema is created and changed only by the Alembic
 migrations in ``portal/migrations``; a test checks that they match these classes.
 
 States are typed: a job's ``state`` is a :class:`slurm.states.JobState`, an image's an
@@ -19,6 +19,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
+from inference.controller import Phase
+from monitor.recovery import NodeCondition
 from slurm.states import JobState
 
 
@@ -61,6 +63,8 @@ class User(SQLModel, table=True):
     name: str = Field(max_length=64, sa_column_kwargs={"unique": True})
     unix_user: str = Field(max_length=32)
     password_hash: str | None = Field(default=None, max_length=255)
+    #: where health and recovery notifications go (else UNIXUSER@notify_email_domain, if set)
+    email: str | None = Field(default=None, max_length=254)
     is_admin: bool = False
     disabled: bool = False
     created_at: dt.datetime = Field(default_factory=utcnow)
@@ -148,10 +152,16 @@ class Job(SQLModel, table=True):
 
 class Event(SQLModel, table=True):
     """Something that happened to a job or a node: the job timeline and the cluster log.
-    ``notified_at`` is set once the owner was told (health and recovery notifications)."""
+
+    Health and recovery events are also an outbox (``portal/notify.py``): ``notify_after`` set
+    means "tell the owner, not before then"; a notifier claims a row (``notify_claim`` with a
+    lease ``notify_claimed_until``) with one conditional UPDATE, so two monitors never both send
+    it; ``notified_at`` is set once every channel took it (``notify_done`` lists those that did).
+    ``key`` is unique: the monitor records each requeue or node failure of a job once, whoever
+    sees it first."""
 
     __tablename__ = "events"
-    __table_args__ = (sa.Index("ix_events_job_at", "job_id", "at"),)
+    __table_args__ = (sa.Index("ix_events_job_at", "job_id", "at"), sa.Index("ux_events_key", "key", unique=True))
     id: int | None = Field(default=None, primary_key=True)
     at: dt.datetime = Field(default_factory=utcnow, index=True)
     kind: EventKind = Field(sa_type=_enum(EventKind))
@@ -162,6 +172,24 @@ class Event(SQLModel, table=True):
     message: str = Field(default="", max_length=2000)
     notified_at: dt.datetime | None = None
     notify_attempts: int = 0
+    key: str | None = Field(default=None, max_length=160)
+    notify_after: dt.datetime | None = Field(default=None, index=True)
+    notify_claim: str | None = Field(default=None, max_length=36)
+    notify_claimed_until: dt.datetime | None = None
+    notify_done: str = Field(default="", max_length=64)
+    notify_error: str = Field(default="", max_length=500)
+
+
+class NodeRecord(SQLModel, table=True):
+    """The last condition the monitor (or an admin action) recorded for a node; changed only
+    by compare-and-set, so each change becomes exactly one event."""
+
+    __tablename__ = "node_records"
+    name: str = Field(primary_key=True, max_length=64)
+    condition: NodeCondition = Field(sa_type=_enum(NodeCondition))
+    reason: str = Field(default="", max_length=1024)
+    since: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
 
 
 class Image(SQLModel, table=True):
@@ -198,3 +226,71 @@ class DataSourceRecord(SQLModel, table=True):
     secret_key_sealed: str = Field(sa_type=sa.Text)
     access_key_hint: str = Field(default="", max_length=16)
     created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class ServiceState(enum.Enum):
+    RUNNING = "RUNNING"          #: replicas are kept between min and max
+    UPDATING = "UPDATING"        #: a rolling update to ``next_generation`` is under way
+    DELETING = "DELETING"        #: its replicas are being stopped; the row goes when none is left
+
+
+class Service(SQLModel, table=True):
+    """An inference service: ``spec_json`` is what generation ``generation`` runs
+    (:class:`inference.service.ServiceSpec`); a rolling update carries the next one."""
+
+    __tablename__ = "services"
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    #: unique on the site: it is the URL /service/NAME
+    name: str = Field(max_length=48, sa_column_kwargs={"unique": True})
+    state: ServiceState = Field(default=ServiceState.RUNNING, sa_type=_enum(ServiceState))
+    generation: int = 1
+    spec_json: str = Field(sa_type=sa.Text)
+    next_generation: int | None = None
+    next_spec_json: str | None = Field(default=None, sa_type=sa.Text)
+    min_replicas: int = 1
+    max_replicas: int = 1
+    #: the replica count the autoscaler wants now (between min and max)
+    desired: int = 1
+    target_inflight: float = 4.0
+    scale_down_delay_s: float = 60.0
+    low_since: dt.datetime | None = None
+    failures: int = 0
+    last_failure_at: dt.datetime | None = None
+    #: the last rollout's outcome, or why replicas fail to start
+    message: str = Field(default="", max_length=2000)
+    service_dir: str = Field(default="", max_length=1024)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return json.loads(self.spec_json or "{}")
+
+
+class ServiceReplica(SQLModel, table=True):
+    """One replica: a Slurm job running the serving runtime; ``host``/``port`` come from the
+    ``endpoint.json`` it wrote (read again after a portal restart)."""
+
+    __tablename__ = "service_replicas"
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    service_id: str = Field(foreign_key="services.id", index=True, max_length=36)
+    generation: int = 1
+    version: str = Field(default="", max_length=64)
+    phase: Phase = Field(default=Phase.PENDING, sa_type=_enum(Phase), index=True)
+    slurm_job_id: str | None = Field(default=None, max_length=32)
+    job_dir: str = Field(default="", max_length=1024)
+    host: str | None = Field(default=None, max_length=255)
+    port: int | None = None
+    probe_failures: int = 0
+    cancel_requested: bool = False
+    last_inflight_seconds: float | None = None
+    last_sample_at: dt.datetime | None = None
+    avg_inflight: float | None = None
+    message: str = Field(default="", max_length=2000)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    started_at: dt.datetime | None = None
+    ready_at: dt.datetime | None = None
+    unhealthy_since: dt.datetime | None = None
+    draining_since: dt.datetime | None = None
+    ended_at: dt.datetime | None = None

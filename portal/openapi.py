@@ -61,6 +61,43 @@ DATASOURCE_INPUT = {"type": "object", "required": ["name", "endpoint", "access_k
     "buckets": {"type": "array", "items": _STR}, "bandwidth_mbps": {"type": ["number", "null"]},
     "workers": _NINT, "check": {"type": "boolean", "description": "check that the keys open each bucket (default true)"}}}
 
+_POLICY = {
+    "min_replicas": {"type": "integer", "minimum": 0, "maximum": 64},
+    "max_replicas": {"type": "integer", "minimum": 1, "maximum": 64},
+    "target_inflight": {"type": "number", "description": "requests in flight per replica the autoscaler aims at"},
+    "scale_down_delay_s": {"type": "number", "description": "seconds of low load before a replica is removed"},
+}
+_SPEC = {
+    "image": {"type": "string", "description": "a .sif path on the shared filesystem"},
+    "model": {"type": "string", "description": "the model folder: s3://SOURCE/bucket/prefix or a shared path, "
+                                               "staged into /data/data"},
+    "model_file": {"type": "string", "description": "the .py file with the model class, in the model folder "
+                                                    "(default model.py)"},
+    "class_name": {"type": "string", "description": "the class: load_model(self), execute(self, data, batch_size)"},
+    "version": _STR, "gpus": _INT, "cpus": _INT, "memory_mb": _INT, "max_batch_size": _INT,
+    "max_wait_ms": {"type": "number"}, "max_body_bytes": _INT,
+}
+SERVICE_INPUT = {"type": "object", "required": ["name", "image", "model"], "additionalProperties": False,
+                 "properties": {"name": {"type": "string", "description": "lower-case letters, digits, '-': "
+                                                                          "the URL /service/NAME"},
+                                "replicas": {"type": "integer", "description": "a fixed count (min = max)"},
+                                **_SPEC, **_POLICY}}
+SERVICE_UPDATE = {"type": "object", "additionalProperties": False, "properties": _SPEC,
+                  "description": "the fields to change; the rest stay as they are"}
+SERVICE_SCALE = {"type": "object", "additionalProperties": False,
+                 "properties": {"replicas": {"type": "integer"}, **_POLICY}}
+REPLICA = {"type": "object", "required": ["id", "phase"], "properties": {
+    "id": _STR, "phase": {"type": "string", "enum": ["PENDING", "STARTING", "READY", "UNHEALTHY", "DRAINING", "ENDED"]},
+    "version": _STR, "generation": _INT, "slurm_job_id": _NSTR, "host": _NSTR, "port": _NINT,
+    "avg_inflight": {"type": ["number", "null"]}, "message": _STR, "created_at": _TIME, "ready_at": _TIME,
+    "ended_at": _TIME}}
+SERVICE = {"type": "object", "required": ["id", "name", "state", "url"], "properties": {
+    "id": _STR, "name": _STR, "owner": _NSTR, "state": {"type": "string", "enum": ["RUNNING", "UPDATING", "DELETING"]},
+    "url": _STR, "spec": {"type": "object"}, "next_spec": {"type": ["object", "null"]}, "generation": _INT,
+    "version": _NSTR, "min_replicas": _INT, "max_replicas": _INT, "desired_replicas": _INT,
+    "target_inflight": {"type": "number"}, "scale_down_delay_s": {"type": "number"}, "message": _STR,
+    "ready_replicas": _INT, "replicas": {"type": "array", "items": REPLICA}, "created_at": _TIME, "updated_at": _TIME}}
+
 
 def _json(schema: dict, description: str = "OK") -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
@@ -182,6 +219,24 @@ def openapi_document() -> dict:
                 {"type": "object", "properties": {"name": _STR, "expires_days": {"type": ["integer", "null"],
                                                                                   "minimum": 1, "maximum": 3650}}},
                 body_required=False)},
+        "/services": {
+            "get": _op("the caller's inference services (admins: all)", {
+                "200": _json({"type": "object", "properties": {"services": {"type": "array",
+                                                                             "items": ref("Service")}}}),
+                **_errors(401)}),
+            "post": _op("deploy a service: replicas on the infer partition behind POST|PUT /service/NAME", {
+                "201": _json(ref("Service")), **_errors(400, 401, 403, 409, 422, 503)}, ref("ServiceInput"))},
+        "/services/{name}": {
+            "get": _op("a service and its replicas", {"200": _json(ref("Service")), **_errors(401, 404)},
+                       params=[_path_param("name")]),
+            "delete": _op("delete a service (its replicas are stopped)", {
+                "202": _json(ref("Service")), **_errors(401, 404)}, params=[_path_param("name")])},
+        "/services/{name}/scale": {"post": _op("set the replica count or the autoscaling range", {
+            "200": _json(ref("Service")), **_errors(400, 401, 404, 409, 422)}, SERVICE_SCALE,
+            [_path_param("name")])},
+        "/services/{name}/update": {"post": _op("rolling update to a new version (one replica at a time)", {
+            "202": _json(ref("Service")), **_errors(400, 401, 403, 404, 409, 422, 503)}, SERVICE_UPDATE,
+            [_path_param("name")])},
         "/tokens/{token_id}": {"delete": _op("revoke a token", {"204": {"description": "revoked"}, **_errors(401, 404)},
                                              params=[_path_param("token_id", _INT)])},
     }
@@ -196,6 +251,7 @@ def openapi_document() -> dict:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Error": ERROR, "Job": JOB, "JobInput": JOB_INPUT, "Event": EVENT, "Image": IMAGE,
-                        "DataSource": DATASOURCE, "DataSourceInput": DATASOURCE_INPUT},
+                        "DataSource": DATASOURCE, "DataSourceInput": DATASOURCE_INPUT, "Service": SERVICE,
+                        "ServiceInput": SERVICE_INPUT, "Replica": REPLICA},
         },
     }

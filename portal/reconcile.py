@@ -9,7 +9,9 @@ the queue; never one call per job. Then, from the pure :func:`plan`:
 - adopt jobs stored as ``SUBMITTING`` whose Slurm job carries their uuid in its comment (the
   portal died between ``sbatch`` and storing the id: no duplicate), and submit again those
   Slurm never got once ``submit_grace_s`` has passed (no loss);
-- add jobs that users submitted with plain ``sbatch`` under their Unix account, as external.
+- add jobs that users submitted with plain ``sbatch`` under their Unix account, as external;
+- then run the inference services' controller step on the same squeue answer
+  (:class:`portal.services.inference.ServiceController`).
 """
 from __future__ import annotations
 
@@ -171,12 +173,21 @@ def _transition_event(job: Job, obs: Observed) -> tuple[EventKind, str]:
     return EventKind.STATE, obs.state.value.lower() + ((": " + obs.reason) if obs.reason else "")
 
 
+def _requeue_recorded(db: Session, job: Job) -> bool:
+    """The health monitor already recorded this requeue (its event is the job's latest state
+    or requeue event): one timeline entry per requeue, and the restart count is its."""
+    last = db.exec(select(Event).where(Event.job_id == job.id, Event.kind.in_([EventKind.STATE, EventKind.REQUEUED]))
+                   .order_by(Event.id.desc())).first()
+    return last is not None and last.kind is EventKind.REQUEUED
+
+
 def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime) -> None:
     """Write one plan's state changes and events (the caller commits)."""
     for job_id, obs in p.updates.items():
         job = jobs[job_id]
         kind, message = _transition_event(job, obs)
-        if kind is EventKind.REQUEUED:
+        seen = kind is EventKind.REQUEUED and _requeue_recorded(db, job)
+        if kind is EventKind.REQUEUED and not seen:
             job.restarts += 1
         state_changed = obs.state is not job.state
         job.state, job.reason, job.nodes = obs.state, obs.reason[:1024], obs.nodes[:1024]
@@ -194,7 +205,7 @@ def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime) -> None:
                 job.stage_out_pending = json.dumps(pending) if pending else None
         job.updated_at = now
         db.add(job)
-        if state_changed or kind is not EventKind.STATE or obs.state is JobState.PENDING:
+        if (state_changed or kind is not EventKind.STATE or obs.state is JobState.PENDING) and not seen:
             db.add(Event(at=now, kind=kind, job_id=job.id, user_id=job.user_id, state=obs.state,
                          node=obs.nodes or None, message=message[:2000]))
         log.info("job %s (Slurm %s): %s", job.id, job.slurm_job_id, message)
@@ -236,6 +247,7 @@ class CycleStats:
     resubmitted: int = 0
     external: int = 0
     slurm_calls: int = 0
+    services: int = 0
     seconds: float = 0.0
 
 
@@ -243,7 +255,10 @@ class Reconciler:
     """Runs cycles against a database engine and a Slurm backend."""
 
     def __init__(self, engine, backend, settings, box=None):
+        from portal.services.inference import ServiceController
         self.engine, self.backend, self.settings, self.box = engine, backend, settings, box
+        #: inference services: one step of every cycle, on this cycle's squeue answer
+        self.services = ServiceController(engine, backend, settings, box)
 
     def cycle(self) -> CycleStats:
         t0 = time.monotonic()
@@ -276,6 +291,10 @@ class Reconciler:
             stats.updated, stats.adopted, stats.external = len(p.updates), len(p.adopt), len(p.external)
             for job_id in p.resubmit:
                 stats.resubmitted += self._resubmit(db, by_id[job_id])
+        try:
+            stats.services = self.services.cycle(queue)
+        except Exception:   # noqa: BLE001 -- a service problem must not stop the jobs' reconciliation
+            log.exception("services step failed; retrying next cycle")
         stats.seconds = time.monotonic() - t0
         return stats
 

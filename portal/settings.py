@@ -16,6 +16,8 @@ from portal.errors import ConfigError
 from slurm.spec import NodeType
 
 DEFAULT_SITE = "/etc/aiportal/site.toml"
+#: settings that are secrets: never in site.toml (world-readable), only in portal.toml (root)
+SECRETS = ("secret_key", "admin_token_sha256", "data_key", "notify_webhook_secret", "notify_smtp_password")
 DEFAULT_CONFIG = "/etc/aiportal/portal.toml"
 
 
@@ -57,6 +59,82 @@ class Settings:
     log_ssh_known_hosts: str = "/etc/aiportal/ssh/known_hosts"
     node_types: Mapping[str, NodeType] = field(default_factory=lambda: dict(DEFAULT_NODE_TYPES))
 
+    # -- inference services (docs/inference.md) --
+    #: the node type replicas run on (its partition must allow --time=UNLIMITED)
+    service_node_type: str = "infer"
+    #: the address replicas listen on: loopback on the one-machine dev cluster; 0.0.0.0 where the
+    #: portal reaches the inference nodes over the network
+    service_bind_host: str = "127.0.0.1"
+    service_probe_timeout_s: float = 1.0
+    service_initial_delay_s: float = 0.5
+    service_failure_threshold: int = 3
+    service_startup_timeout_s: float = 600.0
+    service_unhealthy_timeout_s: float = 30.0
+    service_drain_grace_s: float = 2.0
+    #: how often each portal process re-reads the ready replicas (and forgets tokens it checked)
+    router_refresh_s: float = 0.5
+    #: how long the router waits for a replica's answer
+    router_timeout_s: float = 300.0
+
+    # -- health checks (site.toml: every node reads them; see docs/health.md) --
+    health_state_dir: str = "/var/lib/aiportal/health"
+    health_scratch_path: str = "/tmp"
+    health_scratch_min_free_mb: int = 1024
+    #: a mount point that must be mounted (the NFS mount); "" where the shared root is a plain folder
+    health_shared_mount: str = ""
+    health_shared_min_free_mb: int = 1024
+    health_probe_image: str = "/var/lib/aiportal/health/probe.sif"
+    health_probe_timeout_s: float = 5.0
+    #: watchdog of a whole run; Slurm kills HealthCheckProgram after 60 s
+    health_timeout_s: float = 20.0
+    health_resume_after_passes: int = 3
+    health_gpu_max_retired_pending: int = 0
+    health_gpu_max_xid_errors: int = 0
+    health_skip_checks: tuple[str, ...] = ()
+    #: the one-machine dev cluster only: `aiportal dev fail-node` may inject faults
+    health_dev_faults: bool = False
+
+    # -- the monitor daemon (portal host): recovery and notifications --
+    monitor_interval_s: float = 3.0
+    #: a requeued job whose begin time is at most this far ahead is released at once (Slurm's
+    #: requeue hold is ~120 s; a user's own --begin further ahead is left alone)
+    monitor_release_within_s: float = 300.0
+    #: the portal's address in notifications (links to the job page)
+    portal_url: str = "http://127.0.0.1:8000"
+    notify_webhook_url: str = ""
+    #: secret: signs webhook bodies (X-Aiportal-Signature: sha256=HMAC); portal.toml only
+    notify_webhook_secret: str = ""
+    notify_smtp_host: str = ""
+    notify_smtp_port: int = 25
+    notify_smtp_user: str = ""
+    #: secret: portal.toml only
+    notify_smtp_password: str = ""
+    notify_smtp_starttls: bool = False
+    notify_email_from: str = "aiportal@localhost"
+    #: users without an email address get UNIXUSER@this domain ("" = no email for them)
+    notify_email_domain: str = ""
+    #: node events (drain, resume, node down) go to the webhook too (job events always do)
+    notify_node_events: bool = False
+    notify_max_attempts: int = 8
+    notify_backoff_s: float = 5.0
+    notify_timeout_s: float = 10.0
+
+    def health_config(self):
+        """The health check's thresholds (:class:`monitor.config.HealthConfig`)."""
+        from monitor.config import HealthConfig
+        try:
+            return HealthConfig(
+                slurm_conf=self.slurm_conf, state_dir=self.health_state_dir, scratch_path=self.health_scratch_path,
+                scratch_min_free_mb=self.health_scratch_min_free_mb, shared_root=self.shared_root,
+                shared_mount=self.health_shared_mount, shared_min_free_mb=self.health_shared_min_free_mb,
+                probe_image=self.health_probe_image, probe_timeout_s=self.health_probe_timeout_s,
+                timeout_s=self.health_timeout_s, resume_after_passes=self.health_resume_after_passes,
+                gpu_max_retired_pending=self.health_gpu_max_retired_pending,
+                gpu_max_xid_errors=self.health_gpu_max_xid_errors, skip_checks=tuple(self.health_skip_checks),
+                dev_faults=self.health_dev_faults)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
              require_secrets: bool = True, site_path: str | os.PathLike | None = None) -> "Settings":
@@ -65,7 +143,12 @@ class Settings:
         values: dict[str, Any] = {}
         site = Path(site_path or environ.get("AIPORTAL_SITE_CONFIG") or DEFAULT_SITE)
         if site.exists():
-            values.update(_read_toml(site))
+            public = _read_toml(site)
+            leaked = sorted(k for k in public if k in SECRETS)
+            if leaked:
+                raise ConfigError("%s holds %s: site.toml is readable by every user; move secrets to "
+                                  "portal.toml (root only)" % (site, ", ".join(leaked)))
+            values.update(public)
         path = path or environ.get("AIPORTAL_CONFIG") or DEFAULT_CONFIG
         p = Path(path)
         if p.exists() and (require_secrets or os.access(p, os.R_OK)):
@@ -93,11 +176,22 @@ class Settings:
         if "node_types" in kw:
             kw["node_types"] = {name: t if isinstance(t, NodeType) else NodeType(name=name, **t)
                                 for name, t in kw["node_types"].items()}
-        for name in ("slurm_timeout_s", "submit_grace_s", "reconcile_interval_s"):
-            if name in kw:
-                kw[name] = float(kw[name])
-        if "log_ssh_port" in kw:
-            kw["log_ssh_port"] = int(kw["log_ssh_port"])
+        types = {f.name: f.type for f in fields(cls)}
+        for name, value in list(kw.items()):
+            kind = types.get(name)
+            try:
+                if kind == "float":
+                    kw[name] = float(value)
+                elif kind == "int":
+                    kw[name] = int(value)
+                elif kind == "bool" and isinstance(value, str):
+                    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError("not a boolean")
+                    kw[name] = value.lower() in ("1", "true", "yes")
+                elif kind.startswith("tuple[str") and not isinstance(value, tuple):
+                    kw[name] = tuple(v for v in (value.split(",") if isinstance(value, str) else value) if v)
+            except (TypeError, ValueError) as e:
+                raise ConfigError("%s: %s = %r is not a valid %s" % (source, name, value, kind)) from e
         return cls(**kw)
 
 

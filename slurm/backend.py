@@ -19,7 +19,8 @@ from typing import Iterable
 
 from slurm.cluster import SEP, Node, Partition, parse_gres_used, parse_sinfo_nodes, sinfo_node_format
 from slurm.errors import SlurmCommandError, SubmitError
-from slurm.jobs import SACCT_FIELDS, SQUEUE_FIELDS, JobStatus, parse_sacct, parse_squeue
+from slurm.jobs import (SACCT_FIELDS, SQUEUE_FIELDS, JobStatus, QueuedJob, parse_sacct, parse_squeue,
+                        parse_squeue_recovery, recovery_format)
 from slurm.states import JobState
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,40 @@ class SlurmCli(SlurmBackend):
         if not _NODE_RE.match(node):
             raise ValueError("%r is not a node name" % (node,))
         self._call(["scontrol", "update", "nodename=%s" % node, "state=resume"])
+
+    def node(self, name: str) -> Node | None:
+        """One node's state, reason and configured GPUs (one sinfo call); None if unknown."""
+        if not _NODE_RE.match(name) or "," in name or "[" in name:
+            raise ValueError("%r is not a node name" % (name,))
+        nodes, _ = parse_sinfo_nodes(self._call(["sinfo", "--noheader", "--Node", "--nodes", name,
+                                                 "--format", sinfo_node_format()]))
+        return next((n for n in nodes if n.name == name), None)
+
+    def recovery_jobs(self, job_ids: Iterable[str] | None = None) -> dict[str, QueuedJob]:
+        """Every job Slurm holds (or only ``job_ids``) with its restart count, requeue flag and
+        begin time, in one call."""
+        argv = ["squeue", "--noheader", "--array", "--Format", recovery_format()]
+        if job_ids is not None:
+            ids = [_check_job_id(j) for j in job_ids]
+            if not ids:
+                return {}
+            argv += ["--jobs", ",".join(ids)]
+        return parse_squeue_recovery(self._call(argv))
+
+    def release(self, job_id: str) -> None:
+        """Clear the begin-time hold Slurm puts on a requeued job: it may start at once."""
+        self._call(["scontrol", "update", "jobid=%s" % _check_job_id(job_id), "StartTime=now"])
+
+    def requeue_now(self, job_id: str) -> None:
+        """``scontrol requeue`` without waiting (the caller releases the hold once PENDING)."""
+        self._call(["scontrol", "requeue", _check_job_id(job_id)])
+
+    def signal_batch(self, job_id: str, signal_name: str = "TERM") -> None:
+        """Signal only the batch shell of a job (``scancel --batch``): the rendered script traps
+        TERM, passes it to the program, then stages out; children are not signalled."""
+        if not re.match(r"^[A-Z0-9]+$", signal_name):
+            raise ValueError("%r is not a signal name such as TERM" % (signal_name,))
+        self._call(["scancel", "--batch", "--signal=%s" % signal_name, _check_job_id(job_id)])
 
     def max_array_size(self) -> int:
         for line in self._call(["scontrol", "show", "config"]).splitlines():

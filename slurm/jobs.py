@@ -1,6 +1,7 @@
 """Job status records and the pure parsers of squeue/sacct output."""
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 from slurm.errors import SlurmParseError
@@ -75,4 +76,62 @@ def parse_sacct(text: str) -> dict[str, JobStatus]:
         code, sig = parse_exit_code(exit_code)
         out[jid] = JobStatus(jid, parse_job_state(state), _clean(reason), _clean(nodes), code, sig,
                              user, _clean(comment), name)
+    return out
+
+
+# squeue -h --array -O with these fields, each ``NAME:0`` + SEP (the monitor's one call per cycle:
+# restart counts, the requeue flag and the begin time are not in the -o format letters)
+RECOVERY_FIELDS = ("JobID", "StateCompact", "Reason", "NodeList", "RestartCnt", "Requeue", "UserName",
+                   "Comment", "EligibleTime")
+
+
+def recovery_format() -> str:
+    return ",".join("%s:0%s" % (f, SEP) for f in RECOVERY_FIELDS)
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """A job Slurm holds, as the health monitor needs it."""
+
+    job_id: str
+    state: JobState
+    reason: str = ""
+    nodes: str = ""
+    #: how often Slurm has requeued it (0: first run)
+    restarts: int = 0
+    #: Slurm may requeue it (``--requeue``, or JobRequeue=1 without ``--no-requeue``)
+    requeue: bool = True
+    user: str = ""
+    comment: str = ""
+    #: when it may start (a requeued job is held about two minutes ahead); None if unknown
+    eligible: dt.datetime | None = None
+
+
+def _slurm_time(text: str) -> dt.datetime | None:
+    """Slurm's local ``YYYY-MM-DDTHH:MM:SS`` (or N/A, Unknown, None) as an aware datetime."""
+    text = text.strip()
+    try:
+        return dt.datetime.fromisoformat(text).astimezone() if text[:1].isdigit() else None
+    except ValueError:
+        return None
+
+
+def parse_squeue_recovery(text: str) -> dict[str, QueuedJob]:
+    """Parse ``squeue -h --array -O`` + :func:`recovery_format` (each line ends with SEP)."""
+    out = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        cols = line.split(SEP)
+        if cols and cols[-1].strip() == "":
+            cols = cols[:-1]
+        if len(cols) != len(RECOVERY_FIELDS):
+            raise SlurmParseError(line, "expected %d squeue fields, got %d" % (len(RECOVERY_FIELDS), len(cols)))
+        jid, state, reason, nodes, restarts, requeue, user, comment, eligible = (c.strip() for c in cols)
+        try:
+            n = int(restarts or 0)
+        except ValueError as e:
+            raise SlurmParseError(line, "restart count %r is not a number" % restarts) from e
+        out[jid] = QueuedJob(jid, parse_job_state(state), _clean(reason), _clean(nodes), n,
+                             requeue.strip() not in ("0", "no", "No"), user, _clean(comment), _slurm_time(eligible))
     return out

@@ -115,7 +115,7 @@ def render_sbatch(spec: JobSpec) -> str:
         "child=0",
         'forward() { if [ "$child" -gt 0 ]; then kill -s "$1" "$child" 2>/dev/null || true; fi; }',
         "trap 'log \"got USR1: passing it on so the program can checkpoint\"; forward USR1' USR1",
-        "trap 'log \"got TERM: stopping the program, then staging out\"; forward TERM' TERM INT",
+        "trap 'log \"got TERM: stopping the program, then staging out\"; stopped=1; forward TERM' TERM INT",
         "",
     ]
     for uri in spec.inputs:
@@ -128,6 +128,7 @@ def render_sbatch(spec: JobSpec) -> str:
                   % (stage, creds, EXIT_STAGE_IN_FAILED)]
     binds = ['--bind "$data_dir:/data/data"', '--bind "$out_dir:/data/output"']
     binds += ["--bind %s" % q("%s:%s" % (src, dst)) for src, dst in spec.extra_binds]
+    binds += ["--bind %s" % q("%s:%s:ro" % (src, dst)) for src, dst in spec.readonly_binds]
     lines += [
         "",
         "# --nv only where an NVIDIA driver is present (without one it is silently ignored)",
@@ -147,9 +148,12 @@ def render_sbatch(spec: JobSpec) -> str:
             % (stage, creds, EXIT_STAGE_OUT_FAILED),
         ]
     if spec.credentials_file:
-        # the job is over: its keys go, unless a stage-out is still pending (finishing it needs them);
-        # a job that dies with its node never gets here and finds them again when requeued
-        lines.append('[ "${staged_out:-1}" = 0 ] || rm -f "$AIPORTAL_JOB_DIR"/%s' % q(spec.credentials_file))
+        # the job is over: its keys go, unless a stage-out is still pending (finishing it needs them)
+        # or the job was stopped by a signal: a requeue or a preemption sends TERM and the next run
+        # stages in with them (the portal removes them once the job is over for good); a job that
+        # dies with its node never gets here and finds them again when requeued
+        lines.append('[ "${staged_out:-1}" = 0 ] || [ "${stopped:-0}" = 1 ] || rm -f "$AIPORTAL_JOB_DIR"/%s'
+                     % q(spec.credentials_file))
     lines.append('exit "$rc"')
     return "\n".join(lines) + "\n"
 

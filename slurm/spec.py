@@ -83,6 +83,8 @@ class JobSpec:
     stage_bin: str = "aiportal"
     apptainer: str = "apptainer"
     extra_binds: tuple[tuple[str, str], ...] = field(default=())
+    #: binds mounted read-only in the container (``--bind SRC:DST:ro``), e.g. the serving runtime
+    readonly_binds: tuple[tuple[str, str], ...] = field(default=())
     # The data-source credentials file for s3:// inputs/outputs: a file name inside job_dir
     # (written by the portal, mode 0600); the script passes only its path to `stage`.
     credentials_file: str | None = None
@@ -151,7 +153,7 @@ class JobSpec:
             raise SpecError("user_credentials", self.user_credentials, "an absolute path to your credentials file")
         if self.user_credentials and self.credentials_file:
             raise SpecError("user_credentials", self.user_credentials, "give one credentials file, not two")
-        for src, dst in self.extra_binds:
+        for src, dst in self.extra_binds + self.readonly_binds:
             if not (src.startswith("/") and dst.startswith("/")) or ":" in src + dst or "," in src + dst:
                 raise SpecError("bind", (src, dst), "binds are absolute paths without ':' or ','")
 

@@ -61,14 +61,24 @@ def check_password(password: str) -> str:
     return password
 
 
+def check_email(email: str | None) -> str | None:
+    """An address for notifications (one line, one @), or None."""
+    if email is None or email == "":
+        return None
+    if len(email) > 254 or email.count("@") != 1 or any(c.isspace() for c in email) or \
+            not all(email.split("@")) or "." not in email.split("@")[1]:
+        raise ValidationError("email", "%r is not an email address like alice@example.org" % email)
+    return email
+
+
 def add_user(db: Session, name: str, unix_user: str, password: str | None = None, admin: bool = False,
-             check_unix: bool = True) -> User:
+             check_unix: bool = True, email: str | None = None) -> User:
     """A new portal user mapped to ``unix_user``. Raises ConflictError when the name is taken."""
     _check_name(name)
     check_unix_user(unix_user, must_exist=check_unix)
     if db.exec(select(User).where(User.name == name)).first() is not None:
         raise ConflictError("user %r already exists" % name)
-    user = User(name=name, unix_user=unix_user, is_admin=admin,
+    user = User(name=name, unix_user=unix_user, is_admin=admin, email=check_email(email),
                 password_hash=generate_password_hash(check_password(password)) if password else None)
     db.add(user)
     db.flush()

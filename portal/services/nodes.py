@@ -11,7 +11,8 @@ import re
 from sqlmodel import Session
 
 from portal.errors import ValidationError
-from portal.models import Event, EventKind, User
+from portal.models import Event, EventKind, NodeCondition, User
+from portal.recovery import record_node
 
 MONITOR_PREFIX = "aiportal:"
 _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -34,12 +35,16 @@ def check_node(node: str) -> str:
 
 def drain(db: Session, backend, admin: User, node: str, reason: str) -> None:
     reason = check_reason(reason)
-    backend.drain(check_node(node), "%s (%s)" % (reason, admin.name))
-    db.add(Event(kind=EventKind.DRAIN, node=node, user_id=admin.id, message="drained by %s: %s" % (admin.name, reason)))
+    slurm_reason = "%s (%s)" % (reason, admin.name)
+    backend.drain(check_node(node), slurm_reason)
+    # recorded as the monitor's node record too, so its next look at Slurm adds no second event
+    record_node(db, node, NodeCondition.DRAIN, slurm_reason, event=Event(
+        kind=EventKind.DRAIN, node=node, user_id=admin.id, message="drained by %s: %s" % (admin.name, reason)))
     db.commit()
 
 
 def resume(db: Session, backend, admin: User, node: str) -> None:
     backend.resume(check_node(node))
-    db.add(Event(kind=EventKind.RESUME, node=node, user_id=admin.id, message="resumed by %s" % admin.name))
+    record_node(db, node, NodeCondition.UP, "", event=Event(
+        kind=EventKind.RESUME, node=node, user_id=admin.id, message="resumed by %s" % admin.name))
     db.commit()

@@ -68,6 +68,13 @@ def test_example_cluster_gres(example_cluster):
     ]
 
 
+def test_example_cluster_runs_the_health_check(example_cluster):
+    conf = example_cluster["slurm.conf"].splitlines()
+    for expected in ("HealthCheckProgram=/opt/aiportal/venv/bin/aiportal-healthcheck", "HealthCheckInterval=30",
+                     "HealthCheckNodeState=ANY"):
+        assert expected in conf, expected
+
+
 def test_a_node_type_without_a_partition_fails_with_a_message(tmp_path):
     res = ansible_playbook("-i", "inventories/example-cluster", "render-config.yml",
                            "-e", "aiportal_render_dir=%s" % tmp_path,

@@ -21,7 +21,9 @@ ENDPOINTS = [
     ("GET", "/api/v1/images"), ("POST", "/api/v1/images"), ("GET", "/api/v1/images/cache"),
     ("GET", "/api/v1/datasources"), ("POST", "/api/v1/datasources"), ("DELETE", "/api/v1/datasources/x"),
     ("GET", "/api/v1/datasources/x/browse"), ("GET", "/api/v1/tokens"), ("POST", "/api/v1/tokens"),
-    ("DELETE", "/api/v1/tokens/1"),
+    ("DELETE", "/api/v1/tokens/1"), ("GET", "/api/v1/services"), ("POST", "/api/v1/services"),
+    ("GET", "/api/v1/services/x"), ("DELETE", "/api/v1/services/x"), ("POST", "/api/v1/services/x/scale"),
+    ("POST", "/api/v1/services/x/update"),
 ]
 
 

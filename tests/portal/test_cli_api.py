@@ -513,3 +513,52 @@ def test_a_malformed_token_is_refused_without_echoing_it(tmp_path, content):
     assert res.code == 2
     assert res.err == ("aiportal: the API token from %s is empty or more than one word; it should be the one line "
                        "that `aiportal token create` printed\n" % (tmp_path / "tok"))
+
+
+@pytest.mark.portal
+def test_service_commands(live_portal, token_files, base_image, tmp_path):
+    """The service commands over the API (no replica needs to start: the service is deleted
+    at once, before the controller's next cycle could matter)."""
+    alice = as_user(live_portal, token_files, "alice")
+    bad = alice("service", "deploy", "cli-bad", "--image", "/nope.sif", "--model", "/srv/aiportal/shared/users/alice")
+    assert bad.code == 2 and bad.err.startswith("aiportal: image: /nope.sif does not exist")
+    bad = alice("service", "deploy", "Bad_Name", "--image", str(base_image), "--model", "/x")
+    assert bad.code == 2 and "name: 1-48 lower-case letters" in bad.err
+    name = "cli-%s" % os.urandom(3).hex()
+    ok = alice("service", "deploy", name, "--image", str(base_image), "--model", "/srv/aiportal/shared/users/alice",
+               "--min", "0", "--max", "2")
+    try:
+        assert ok.code == 0 and "/service/%s" % name in ok.out, ok.err
+        listed = alice("service", "list")
+        assert listed.code == 0 and name in listed.out and "0-2" in listed.out
+        shown = alice("service", "show", name)
+        assert shown.code == 0 and "0 wanted (min 0, max 2" in shown.out
+        scaled = alice("service", "scale", name, "--max", "3", "--json")
+        assert scaled.code == 0 and json.loads(scaled.out)["max_replicas"] == 3
+        assert as_user(live_portal, token_files, "bob")("service", "show", name).code == 2
+    finally:
+        gone = alice("service", "delete", name)
+    assert gone.code == 0 and "deleting" in gone.out
+    deadline = time.monotonic() + 20      # the controller removes it (and its folder) within a cycle
+    while alice("service", "show", name).code == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alice("service", "show", name).code == 2
+
+
+def test_user_add_sets_the_notification_email(portal_toml):
+    from sqlmodel import select
+
+    from portal.models import User
+    from portal.settings import Settings
+    cfg = ("--config", str(portal_toml))
+    assert call("user", "add", "erin", "--unix-user", "bob", "--email", "erin@example.org", *cfg).code == 0
+    changed = call("user", "add", "erin", "--unix-user", "bob", "--email", "e2@example.org", "--exists-ok", *cfg)
+    assert changed.out == "user erin exists: email e2@example.org\n"
+    bad = call("user", "add", "frank", "--unix-user", "bob", "--email", "not an address", *cfg)
+    assert bad.code == 2 and "not an email address" in bad.err
+    engine = dbmod.make_engine(Settings.load(portal_toml).database_url)
+    try:
+        with Session(engine) as db:
+            assert db.exec(select(User).where(User.name == "erin")).one().email == "e2@example.org"
+    finally:
+        engine.dispose()

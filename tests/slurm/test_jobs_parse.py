@@ -64,3 +64,17 @@ def test_bad_lines():
         parse_squeue("12 RUNNING")
     with pytest.raises(SlurmParseError, match="CODE:SIGNAL"):
         parse_exit_code("x:y")
+
+
+def test_recovery_queue_parse():
+    import datetime as dt
+
+    from slurm.jobs import SEP, parse_squeue_recovery
+    line = SEP.join(["952", "PD", "BeginTime", "", "1", "1", "alice", "(null)", "2026-11-27T11:52:32", ""])
+    line2 = SEP.join(["953", "R", "None", "g1n1", "0", "0", "bob", "aiportal:x", "N/A", ""])
+    got = parse_squeue_recovery(line + "\n" + line2 + "\n")
+    a, b = got["952"], got["953"]
+    assert (a.state, a.reason, a.nodes, a.restarts, a.requeue, a.comment) == (JobState.PENDING, "BeginTime", "", 1, True, "")
+    assert a.eligible == dt.datetime(2026, 11, 27, 11, 52, 32).astimezone()
+    assert (b.state, b.reason, b.nodes, b.requeue, b.eligible, b.comment) == (JobState.RUNNING, "", "g1n1", False, None,
+                                                                             "aiportal:x")

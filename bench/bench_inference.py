@@ -1,0 +1,347 @@
+"""Inference tier benchmarks, three parts (all in one run):
+
+1. router overhead: the same requests sent straight to a replica and through the portal's
+   ``/service/NAME`` (gunicorn, gthread, 2 workers x 16 threads, as deployed), in the same
+   run: added p50 latency (sequential, one keep-alive connection) and throughput at
+   concurrency 8. Targets: p50 added < 1 ms, throughput >= 0.9x direct.
+2. batching: a model whose cost per call is mostly fixed (``FixedCost`` in
+   tests/inference/toy_model/model.py: sleeps COST_MS=20 ms per call + 0.2 ms per item: a
+   stand-in for a GPU kernel launch, not a real network) at concurrency 32, max batch size 32
+   against 1. Target >= 3x.
+3. rolling update under load on the dev cluster: a service with 2 replicas (base image, toy
+   model), 4 clients sending requests through the router, ``update`` to a new version; every
+   failed request is counted. Target 0.
+
+    .venv/bin/python bench/bench_inference.py [--seconds 5] [--skip-cluster]
+
+Parts 1-2 run the serving runtime as a process on loopback (ports 9150-9199); part 3 needs the
+dev cluster and root. The portal is its own (port 9101-9149, temporary database), stopped by pid.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import pwd
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cryptography.fernet import Fernet  # noqa: E402
+from sqlmodel import Session  # noqa: E402
+
+from inference.controller import Phase  # noqa: E402
+from portal import db as dbmod  # noqa: E402
+from portal.models import Service, ServiceReplica, utcnow  # noqa: E402
+from portal.services import accounts  # noqa: E402
+from tests.inference.conftest import TOY, start_runtime, stop_runtime  # noqa: E402
+from tests.portal.conftest import free_port  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+BASE_IMAGE_DIR = Path("/srv/aiportal/shared/images/base")
+
+
+class Client:
+    """One keep-alive connection; ``post`` returns (status, seconds)."""
+
+    def __init__(self, host, port, path, token=None):
+        self.conn = http.client.HTTPConnection(host, port, timeout=60)
+        self.path = path
+        self.headers = {"Content-Type": "application/octet-stream"}
+        if token:
+            self.headers["Authorization"] = "Bearer " + token
+
+    def post(self, body: bytes) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        self.conn.request("POST", self.path, body=body, headers=self.headers)
+        resp = self.conn.getresponse()
+        resp.read()
+        return resp.status, time.perf_counter() - t0
+
+
+def sequential(make, n: int) -> list[float]:
+    c = make()
+    for _ in range(50):
+        c.post(b"warm")
+    out = []
+    for i in range(n):
+        status, dt = c.post(b"x%d" % i)
+        assert status == 200, status
+        out.append(dt)
+    return out
+
+
+def throughput(make, clients: int, seconds: float, body=b"x") -> tuple[float, int]:
+    done, failed = [0], [0]
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def run():
+        c = make()
+        n = bad = 0
+        while time.monotonic() < stop:
+            status, _ = c.post(body)
+            n += 1
+            bad += status != 200
+        with lock:
+            done[0] += n
+            failed[0] += bad
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done[0] / (time.monotonic() - t0), failed[0]
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1000
+
+
+class Portal:
+    """gunicorn (+ optionally the reconciler) on a temporary database."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        os.chmod(base, 0o755)
+        self.config = base / "portal.toml"
+        self.config.write_text("\n".join([
+            'secret_key = "%s"' % ("k" * 64), 'admin_token_sha256 = "%s"' % hashlib.sha256(b"bench-admin").hexdigest(),
+            'data_key = "%s"' % Fernet.generate_key().decode(), 'database_url = "sqlite:///%s/portal.db"' % base,
+            'reconcile_interval_s = 1.0', ""]))
+        os.chmod(self.config, 0o600)
+        self.engine = dbmod.make_engine("sqlite:///%s/portal.db" % base)
+        dbmod.upgrade(self.engine)
+        with Session(self.engine, expire_on_commit=False) as db:
+            self.user = accounts.add_user(db, "alice", "alice")
+            self.token, _ = accounts.create_token(db, self.user, "bench")
+            db.commit()
+        self.env = dict(os.environ, AIPORTAL_CONFIG=str(self.config))
+        self.port = free_port()
+        self.procs = [subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % self.port, "--worker-class", "gthread",
+             "--threads", "16", "--workers", "2", "--error-logfile", str(base / "gunicorn.log"),
+             "portal.app:create_app()"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen("http://127.0.0.1:%d/healthz" % self.port, timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (base / "gunicorn.log").read_text()
+                time.sleep(0.2)
+
+    def start_reconciler(self):
+        log = open(self.base / "reconcile.log", "w")
+        self.procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "reconcile"], env=self.env, stdout=log,
+                                           stderr=subprocess.STDOUT))
+        log.close()
+
+    def api(self, method, path, body=None):
+        req = urllib.request.Request("http://127.0.0.1:%d/api/v1%s" % (self.port, path), method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": "Bearer " + self.token,
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def stop(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def part_router(portal: Portal, tmp: Path, n: int, seconds: float) -> None:
+    rep = start_runtime(tmp / "echo", max_batch_size=1, max_wait_ms=0)
+    try:
+        with Session(portal.engine) as db:
+            svc = Service(user_id=portal.user.id, name="echo", spec_json=json.dumps({"max_body_bytes": 1 << 20}))
+            db.add(svc)
+            db.flush()
+            db.add(ServiceReplica(service_id=svc.id, phase=Phase.READY, host=rep.host, port=rep.port, version="v1",
+                                  ready_at=utcnow()))
+            db.commit()
+        direct = lambda: Client(rep.host, rep.port, "/service")  # noqa: E731
+        routed = lambda: Client("127.0.0.1", portal.port, "/service/echo", portal.token)  # noqa: E731
+        d_lat, r_lat = sequential(direct, n), sequential(routed, n)
+        d_tp, d_bad = throughput(direct, 8, seconds)
+        r_tp, r_bad = throughput(routed, 8, seconds)
+        added = statistics.median(r_lat) * 1000 - statistics.median(d_lat) * 1000
+        print("1. router overhead (toy model, batch size 1; %d sequential requests, then 8 clients for %.0fs)"
+              % (n, seconds))
+        print("  direct to the replica   p50 %6.2f ms  p99 %6.2f ms  %7.0f req/s  (%d failed)"
+              % (pct(d_lat, 50), pct(d_lat, 99), d_tp, d_bad))
+        print("  through /service/NAME   p50 %6.2f ms  p99 %6.2f ms  %7.0f req/s  (%d failed)"
+              % (pct(r_lat, 50), pct(r_lat, 99), r_tp, r_bad))
+        print("  added p50 %.2f ms (target < 1 ms: %s); throughput %.2fx direct (target >= 0.9x: %s)"
+              % (added, "met" if added < 1 else "NOT met", r_tp / d_tp, "met" if r_tp / d_tp >= 0.9 else "NOT met"))
+    finally:
+        stop_runtime(rep)
+        _clear(portal)
+
+
+def part_router_model(portal: Portal, tmp: Path, seconds: float) -> None:
+    """Throughput direct and through the router for a model that does some work per call."""
+    rep = start_runtime(tmp / "fixed-router", class_name="FixedCost", max_batch_size=32, max_wait_ms=5,
+                        env={"COST_MS": "20", "PER_ITEM_MS": "0.2"})
+    try:
+        with Session(portal.engine) as db:
+            svc = Service(user_id=portal.user.id, name="fixed", spec_json=json.dumps({"max_body_bytes": 1 << 20}))
+            db.add(svc)
+            db.flush()
+            db.add(ServiceReplica(service_id=svc.id, phase=Phase.READY, host=rep.host, port=rep.port, version="v1",
+                                  ready_at=utcnow()))
+            db.commit()
+        time.sleep(1.0)       # the routing table is re-read every router_refresh_s
+        d_tp, d_bad = throughput(lambda: Client(rep.host, rep.port, "/service"), 32, seconds, body=b"x" * 1024)
+        r_tp, r_bad = throughput(lambda: Client("127.0.0.1", portal.port, "/service/fixed", portal.token), 32, seconds,
+                                 body=b"x" * 1024)
+        print("  FixedCost model (20 ms per call, batches up to 32), 32 clients: direct %.0f req/s, through the "
+              "router %.0f req/s: %.2fx (%d + %d failed)" % (d_tp, r_tp, r_tp / d_tp, d_bad, r_bad))
+    finally:
+        stop_runtime(rep)
+        _clear(portal)
+
+
+def _clear(portal: Portal) -> None:
+    from sqlmodel import select
+    with Session(portal.engine) as db:
+        for r in db.exec(select(ServiceReplica)):
+            db.delete(r)
+        db.flush()
+        for s in db.exec(select(Service)):
+            db.delete(s)
+        db.commit()
+
+
+def part_batching(tmp: Path, seconds: float) -> None:
+    env = {"COST_MS": "20", "PER_ITEM_MS": "0.2"}
+    out = {}
+    for size in (1, 32):
+        rep = start_runtime(tmp / ("fixed-%d" % size), class_name="FixedCost", max_batch_size=size, max_wait_ms=5,
+                            env=env)
+        try:
+            tp, bad = throughput(lambda: Client(rep.host, rep.port, "/service"), 32, seconds, body=b"x" * 1024)
+            stats = json.loads(urllib.request.urlopen(rep.url + "/stats").read())
+            out[size] = tp
+            print("  max batch size %2d: %7.0f req/s, mean batch %.1f (%d failed)"
+                  % (size, tp, stats["items_total"] / max(1, stats["batches_total"]), bad))
+        finally:
+            stop_runtime(rep)
+    print("  gain %.1fx (target >= 3x: %s)" % (out[32] / out[1], "met" if out[32] / out[1] >= 3 else "NOT met"))
+
+
+def part_rollout(portal: Portal, clients: int) -> None:
+    sifs = sorted(BASE_IMAGE_DIR.glob("debian-python-*.sif"))
+    assert sifs, "no base image in %s: run the test suite once (fixture base_image)" % BASE_IMAGE_DIR
+    pw = pwd.getpwnam("alice")
+    root = Path("/srv/aiportal/shared/users/alice/bench-svc-%s" % uuid.uuid4().hex[:6])
+    models = {}
+    for v in ("1", "2"):
+        d = root / v
+        shutil.copytree(TOY, d, ignore=shutil.ignore_patterns("__pycache__"))
+        (d / "VERSION").write_text(v)
+        models[v] = str(d)
+    for dirpath, _, files in os.walk(root):
+        for p in [dirpath] + [os.path.join(dirpath, f) for f in files]:
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+    portal.start_reconciler()
+    name = "bench-%s" % uuid.uuid4().hex[:6]
+    jobs: set[str] = set()
+    try:
+        portal.api("POST", "/services", {"name": name, "image": str(sifs[-1]), "model": models["1"], "replicas": 2})
+
+        def show():
+            svc = portal.api("GET", "/services/%s" % name)
+            jobs.update(r["slurm_job_id"] for r in svc["replicas"] if r["slurm_job_id"])
+            return svc
+        deadline = time.monotonic() + 120
+        while show()["ready_replicas"] < 2:
+            assert time.monotonic() < deadline, show()
+            time.sleep(0.5)
+        results, stop = [], threading.Event()
+
+        def load():
+            c = Client("127.0.0.1", portal.port, "/service/%s" % name, portal.token)
+            while not stop.is_set():
+                try:
+                    results.append(c.post(b"roll")[0])
+                except OSError:
+                    results.append(0)
+                    c = Client("127.0.0.1", portal.port, "/service/%s" % name, portal.token)
+        threads = [threading.Thread(target=load) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        t0 = time.monotonic()
+        portal.api("POST", "/services/%s/update" % name, {"model": models["2"], "version": "2"})
+        while True:
+            svc = show()
+            if svc["state"] == "RUNNING" and svc["generation"] == 2 and len(
+                    [r for r in svc["replicas"] if r["phase"] != "ENDED"]) == 2 and svc["ready_replicas"] == 2:
+                break
+            assert time.monotonic() - t0 < 180, svc
+            time.sleep(0.3)
+        took = time.monotonic() - t0
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join()
+        failed = len([s for s in results if s != 200])
+        print("3. rolling update of 2 replicas (dev cluster, base image, toy model) under %d clients:" % clients)
+        print("  %d requests, %d failed; rollout took %.1fs (target 0 failed: %s)"
+              % (len(results), failed, took, "met" if failed == 0 else "NOT met"))
+    finally:
+        try:
+            portal.api("DELETE", "/services/%s" % name)
+            time.sleep(5)
+        except OSError:
+            pass
+        if jobs:
+            subprocess.run(["scancel", *sorted(jobs)], capture_output=True, timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--clients", type=int, default=4, help="part 3: clients during the rolling update")
+    ap.add_argument("--skip-cluster", action="store_true", help="parts 1-2 only")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
+    portal = Portal(tmp)
+    try:
+        part_router(portal, tmp, args.requests, args.seconds)
+        part_router_model(portal, tmp, args.seconds)
+        print("2. batching (FixedCost: 20 ms per call + 0.2 ms per item), 32 clients for %.0fs:" % args.seconds)
+        part_batching(tmp, args.seconds)
+        if not args.skip_cluster:
+            part_rollout(portal, args.clients)
+    finally:
+        portal.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

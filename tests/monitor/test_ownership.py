@@ -1,0 +1,45 @@
+"""Drain and resume with ownership: a table of node states, reasons, verdicts and pass counts."""
+import pytest
+
+from monitor.checks import Status, Verdict
+from monitor.ownership import Action, decide
+from slurm.cluster import NodeState as S
+
+OK = [Verdict("gpu_devices", Status.PASS, "4", "4"), Verdict("munge", Status.PASS, "ok", "round trip")]
+BAD = [Verdict("gpu_devices", Status.FAIL, "3", "4"), Verdict("scratch_free", Status.FAIL, "0MB", "1024MB")]
+OURS = "aiportal: gpu_devices: 3 (limit 4)"
+ADMIN = "replacing GPU 2 (root-admin)"
+
+
+@pytest.mark.parametrize("state,reason,verdicts,before,action,after", [
+    # failing: drain a node in service with the first failure as the reason
+    (S.IDLE, "", BAD, 5, Action.DRAIN, 0),
+    (S.MIXED, "", BAD, 0, Action.DRAIN, 0),
+    (S.ALLOCATED, "", BAD, 0, Action.DRAIN, 0),
+    # already drained by us, or by an admin: nothing (and the pass count restarts)
+    (S.DRAINED, OURS, BAD, 1, Action.NONE, 0),
+    (S.DRAINING, ADMIN, BAD, 1, Action.NONE, 0),
+    # slurmctld unreachable: state unknown, nothing done
+    (None, "", BAD, 0, Action.NONE, 0),
+    # passing: resume our drain after N=3 passes in a row, exactly
+    (S.DRAINED, OURS, OK, 0, Action.NONE, 1),
+    (S.DRAINED, OURS, OK, 1, Action.NONE, 2),
+    (S.DRAINED, OURS, OK, 2, Action.RESUME, 3),
+    (S.DRAINING, OURS, OK, 7, Action.RESUME, 8),
+    # an admin's drain is never resumed, however long checks pass
+    (S.DRAINED, ADMIN, OK, 100, Action.NONE, 101),
+    (S.DRAINED, "aiportal-test: drain test", OK, 100, Action.NONE, 101),
+    # healthy and in service
+    (S.IDLE, "", OK, 0, Action.NONE, 1),
+])
+def test_decide(state, reason, verdicts, before, action, after):
+    d = decide(state, reason, verdicts, before, resume_after=3)
+    assert (d.action, d.passes) == (action, after)
+    if action is Action.DRAIN:
+        assert d.reason == "aiportal: gpu_devices: 3 (limit 4)"
+
+
+def test_reason_is_one_short_line():
+    v = Verdict("shared_writable", Status.FAIL, "unknown\nvalue", "5s")
+    assert v.reason() == "aiportal: shared_writable: unknown value (limit 5s)"
+    assert len(Verdict("x", Status.FAIL, "v" * 500, "1").reason()) == 200
