@@ -15,7 +15,7 @@
     .venv/bin/python bench/bench_inference.py [--seconds 5] [--skip-cluster]
 
 Parts 1-2 run the serving runtime as a process on loopback (ports 9150-9199); part 3 needs the
-dev cluster and root. The portal is its own (port 9101-9149, temporary database), stopped by pid.
+dev cluster and root. The portal is its own (port 9110-9149, temporary database), stopped by pid.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from inference.endpoints import read_endpoint
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME = REPO / "inference" / "runtime.py"
 TOY = Path(__file__).resolve().parent / "toy_model"
-#: DESIGN.md: tests' extra instances use 9100-9199 (the live portal takes 9101-9149)
+#: DESIGN.md: tests' extra instances use 9100-9199 (the live portal takes 9110-9149)
 RUNTIME_PORTS = [9150, 9199]
 
 

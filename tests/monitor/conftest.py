@@ -16,7 +16,7 @@ from sqlmodel import Session
 from portal import db as dbmod
 from portal.services import accounts
 
-#: DESIGN.md: second instances in tests use 9100-9199; the live portal takes 9101-9149
+#: DESIGN.md: second instances in tests use 9100-9199; the live portal takes 9110-9149
 RECEIVER_PORTS = range(9150, 9200)
 
 

@@ -172,7 +172,7 @@ def bearer(token: str) -> dict:
 # -- a live portal: gunicorn and the reconciler as separate processes, on the real cluster --------
 
 VENV_BIN = Path(sys.executable).parent
-TEST_PORTS = range(9101, 9150)     # DESIGN.md: second instances in tests use 9100-9199
+TEST_PORTS = range(9110, 9150)     # DESIGN.md: tests use 9100-9199 (9100-9107: a private SeaweedFS)
 
 
 def free_port(ports=TEST_PORTS) -> int:
@@ -229,7 +229,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def live_portal(tmp_path_factory):
-    """gunicorn (gthread) on a free port of 127.0.0.1:9101-9149 and ``aiportal reconcile`` with a fresh SQLite
+    """gunicorn (gthread) on a free port of 127.0.0.1:9110-9149 and ``aiportal reconcile`` with a fresh SQLite
     database, the dev cluster's Slurm, shared filesystem and log sshd; accounts alice, bob and
     an admin with API tokens. Both processes are stopped by pid at the end."""
     base = tmp_path_factory.mktemp("live-portal")
