@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import statistics
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,19 +40,13 @@ from portal.models import Job  # noqa: E402
 from portal.services import accounts  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 from slurm.states import JobState  # noqa: E402
+from tests.conftest import free_port as _free_port  # noqa: E402
 
 SHARED_USERS = Path("/srv/aiportal/shared/users")
 
 
 def free_port() -> int:
-    for port in range(9150, 9200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit("no free port in 9150-9199")
+    return _free_port(range(9150, 9200))
 
 
 def summary(name: str, lat: Latencies) -> tuple[float, float]:

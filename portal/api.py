@@ -12,7 +12,10 @@ from sqlmodel import select
 
 from portal import logstream
 from portal.auth import api_auth
+from portal.db_session import backend as _backend
+from portal.db_session import box as _box
 from portal.db_session import db
+from portal.db_session import settings as _settings
 from portal.errors import ForbiddenError, ValidationError
 from portal.models import Event, User
 from portal.openapi import openapi_document, query_parameters
@@ -33,18 +36,6 @@ def _known_query_parameters():
         raise ValidationError("query", "unknown parameters %s; this endpoint takes %s"
                               % (", ".join(sorted(unknown)), ", ".join(sorted(allowed)) or "none"))
     return None
-
-
-def _settings():
-    return current_app.extensions["aiportal.settings"]
-
-
-def _backend():
-    return current_app.extensions["aiportal.slurm"]
-
-
-def _box():
-    return current_app.extensions["aiportal.secrets"]
 
 
 def _body() -> dict:

@@ -1,5 +1,6 @@
-"""One database session per request, opened on first use and closed when the request ends
-(rolled back unless the view committed)."""
+"""What a request works with: one database session (opened on first use, closed when the
+request ends, rolled back unless the view committed), and the app's settings, Slurm backend
+and secret box."""
 from __future__ import annotations
 
 from flask import Flask, current_app, g
@@ -10,6 +11,18 @@ def db() -> Session:
     if "db" not in g:
         g.db = Session(current_app.extensions["aiportal.engine"], expire_on_commit=False)
     return g.db
+
+
+def settings():
+    return current_app.extensions["aiportal.settings"]
+
+
+def backend():
+    return current_app.extensions["aiportal.slurm"]
+
+
+def box():
+    return current_app.extensions["aiportal.secrets"]
 
 
 def init_app(app: Flask) -> None:

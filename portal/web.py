@@ -24,7 +24,7 @@ import logging
 import math
 import shlex
 
-from flask import Blueprint, Response, current_app, flash, g, redirect, render_template, request, url_for
+from flask import Blueprint, Response, flash, g, redirect, render_template, request, url_for
 from markupsafe import Markup
 from sqlmodel import select
 from werkzeug.exceptions import HTTPException
@@ -33,7 +33,10 @@ from containers.errors import ContainerError
 from portal import logstream
 from portal.app import error_status
 from portal.auth import admin_required, login_required
+from portal.db_session import backend as _backend
+from portal.db_session import box as _box
 from portal.db_session import db
+from portal.db_session import settings as _settings
 from portal.errors import PortalError, ValidationError
 from portal.models import Event, Image, ImageState, Job, User
 from portal.plot import render_plot_svg
@@ -59,18 +62,6 @@ _STATE_GROUP = {JobState.COMPLETED: "ok", JobState.RUNNING: "run", JobState.CONF
                 JobState.COMPLETING: "run", JobState.CANCELLED: "off", JobState.SUBMITTING: "wait",
                 JobState.PENDING: "wait", JobState.REQUEUED: "wait", JobState.REQUEUE_HOLD: "wait",
                 JobState.SUSPENDED: "wait", JobState.UNKNOWN: "off"}
-
-
-def _settings():
-    return current_app.extensions["aiportal.settings"]
-
-
-def _backend():
-    return current_app.extensions["aiportal.slurm"]
-
-
-def _box():
-    return current_app.extensions["aiportal.secrets"]
 
 
 # -- template helpers and error pages ----------------------------------------------------------

@@ -25,6 +25,19 @@ JOB_USER = "alice"
 JOB_AIPORTAL_VENV = Path("/opt/aiportal/venv")
 
 
+def free_port(ports) -> int:
+    """The first port of ``ports`` nothing listens on (DESIGN.md: tests' own servers use 9100-9199)."""
+    import socket
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in %s-%s" % (ports[0], ports[-1]))
+
+
 def run(argv, **kw):
     """Run argv (never a shell), check the exit code and return stdout."""
     kw.setdefault("timeout", 60)

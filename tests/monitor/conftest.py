@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 
 import pytest
+
+from tests.conftest import free_port as _free_port
 from sqlmodel import Session
 
 from portal import db as dbmod
@@ -21,14 +22,7 @@ RECEIVER_PORTS = range(9150, 9200)
 
 
 def free_port(ports=RECEIVER_PORTS) -> int:
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port in %s-%s" % (ports[0], ports[-1]))
+    return _free_port(ports)
 
 
 @pytest.fixture

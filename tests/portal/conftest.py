@@ -22,6 +22,7 @@ from cryptography.fernet import Fernet
 from sqlmodel import Session
 
 from portal import db as dbmod
+from tests.conftest import free_port as _free_port
 from portal.app import create_app
 from portal.models import User
 from portal.services import accounts
@@ -176,16 +177,8 @@ TEST_PORTS = range(9110, 9150)     # DESIGN.md: tests use 9100-9199 (9100-9107: 
 
 
 def free_port(ports=TEST_PORTS) -> int:
-    """The first port of ``ports`` nothing listens on (test runs may overlap)."""
-    import socket
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port in %s-%s" % (ports[0], ports[-1]))
+    """A free port for a test portal (9110-9149 unless given)."""
+    return _free_port(ports)
 
 
 @dataclass
