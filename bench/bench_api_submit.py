@@ -23,7 +23,6 @@ import glob
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ from portal.cli import _api  # noqa: E402
 from portal.services import accounts  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 from slurm.backend import SlurmCli  # noqa: E402
+from tests.conftest import stop_process as stop  # noqa: E402
 
 USER = "alice"
 BASE_GLOB = "/srv/aiportal/shared/images/base/debian-python-*.sif"
@@ -103,14 +103,6 @@ def free_port(preferred: int) -> int:
     raise SystemExit("no free port (%d, 9150-9199)" % preferred)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def pct(values: list[float], p: float) -> float:

@@ -26,7 +26,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from portal import db as dbmod  # noqa: E402
 from portal.models import Service, ServiceReplica, utcnow  # noqa: E402
 from portal.services import accounts  # noqa: E402
 from tests.inference.conftest import TOY, start_runtime, stop_runtime  # noqa: E402
+from tests.conftest import stop_process  # noqa: E402
 from tests.portal.conftest import free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -162,12 +162,7 @@ class Portal:
 
     def stop(self):
         for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_process(p)
 
 
 def part_router(portal: Portal, tmp: Path, n: int, seconds: float) -> None:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from portal.services import accounts  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 from slurm.states import JobState  # noqa: E402
 from tests.conftest import free_port as _free_port  # noqa: E402
+from tests.conftest import stop_process  # noqa: E402
 
 SHARED_USERS = Path("/srv/aiportal/shared/users")
 
@@ -139,8 +139,7 @@ def main() -> int:
               % (s[0] / d[0], s[1] / d[1], "met" if s[1] < 1.0 and len(sse.values) == args.lines else "NOT met"))
     finally:
         stop.set()
-        portal.send_signal(signal.SIGTERM)
-        portal.wait(timeout=30)
+        stop_process(portal, timeout=30)
         engine.dispose()
         shutil.rmtree(job_dir, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)

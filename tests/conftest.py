@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -36,6 +37,17 @@ def free_port(ports) -> int:
                 continue
             return port
     raise AssertionError("no free port in %s-%s" % (ports[0], ports[-1]))
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM a process a test or bench started (by its Popen, so by pid), SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def run(argv, **kw):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.conftest import free_port as _free_port
+from tests.conftest import stop_process as _stop
 from sqlmodel import Session
 
 from portal import db as dbmod
@@ -120,7 +121,6 @@ def wait_node(name: str, pred, timeout: float, step: float = 0.5) -> tuple[str, 
 import hashlib  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -180,14 +180,6 @@ class LiveMonitor:
     logs: list
 
 
-def _stop(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture

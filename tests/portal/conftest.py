@@ -9,7 +9,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from sqlmodel import Session
 
 from portal import db as dbmod
 from tests.conftest import free_port as _free_port
+from tests.conftest import stop_process as _stop
 from portal.app import create_app
 from portal.models import User
 from portal.services import accounts
@@ -210,14 +210,6 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30)
     raise AssertionError("portal did not answer %s in %ss:\n%s" % (url, timeout, log.read_text()[-3000:]))
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
