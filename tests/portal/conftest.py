@@ -188,6 +188,11 @@ class LivePortal:
     engine: object
     tokens: dict
     procs: list
+    #: where ``POST|PUT /service/NAME`` is served (the inference router)
+    service_url: str = ""
+
+    def __post_init__(self):
+        self.service_url = self.service_url or self.url
 
     def get(self, path: str, token: str | None = None, timeout: float = 20) -> bytes:
         req = urllib.request.Request(self.url + path)

@@ -169,37 +169,37 @@ def test_a_service_answers_curl_shares_load_survives_a_killed_replica_and_a_port
     sample = Path(models["1"]) / "cat.txt"
     sample.write_text("a cat")
     res = subprocess.run(["curl", "-sS", "-X", "POST", "-H", "Authorization: Bearer " + alice, "-T", str(sample),
-                          "%s/service/%s" % (live_portal.url, name)], capture_output=True, text=True, timeout=30)
+                          "%s/service/%s" % (live_portal.service_url, name)], capture_output=True, text=True, timeout=30)
     answer = json.loads(res.stdout)
     assert answer["upper"] == "A CAT" and answer["version"] == "1", res
 
     # two replicas share the load
     seen = Counter()
     for i in range(20):
-        status, out, headers = infer(live_portal.url, name, alice, b"x%d" % i, method="PUT")
+        status, out, headers = infer(live_portal.service_url, name, alice, b"x%d" % i, method="PUT")
         assert status == 200 and out["upper"] == "X%d" % i
         seen[headers["X-Replica"]] += 1
     assert len(seen) == 2 and min(seen.values()) >= 5, seen
 
     # clear errors: no token, another user's service, an unknown service, too big, malformed
-    status, out, headers = infer(live_portal.url, name, None, b"x")
+    status, out, headers = infer(live_portal.service_url, name, None, b"x")
     assert status == 401 and "Authorization: Bearer" in out["message"] and headers["WWW-Authenticate"]
-    status, out, _ = infer(live_portal.url, name, "not-a-token", b"x")
+    status, out, _ = infer(live_portal.service_url, name, "not-a-token", b"x")
     assert status == 401 and out["error"] == "unauthorized"
     for token, svc_name in ((bob, name), (alice, "no-such-service")):
-        status, out, _ = infer(live_portal.url, svc_name, token, b"x")
+        status, out, _ = infer(live_portal.service_url, svc_name, token, b"x")
         assert status == 404 and out["error"] == "unknown_service" and svc_name in out["message"]
-    status, out, _ = infer(live_portal.url, name, alice, b"x" * 2000)
+    status, out, _ = infer(live_portal.service_url, name, alice, b"x" * 2000)
     assert status == 413 and "1000" in out["message"]
-    status, out, _ = infer(live_portal.url, name, alice, b"fail")
+    status, out, _ = infer(live_portal.service_url, name, alice, b"fail")
     assert status == 500 and out["error"] == "model_error"
-    host, port = live_portal.url[len("http://"):].split(":")
+    host, port = live_portal.service_url[len("http://"):].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(("POST /service/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n"
                    % (name, alice)).encode())
         raw = s.recv(65536)
     assert raw.split(b" ", 2)[1] == b"411", raw[:300]
-    req = urllib.request.Request("%s/service/%s" % (live_portal.url, name), headers={"Authorization": "Bearer " + alice})
+    req = urllib.request.Request("%s/service/%s" % (live_portal.service_url, name), headers={"Authorization": "Bearer " + alice})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 405
@@ -208,7 +208,7 @@ def test_a_service_answers_curl_shares_load_survives_a_killed_replica_and_a_port
 
     # kill one replica's job: the service keeps answering, a new replica comes up
     victim = svc["replicas"][0]
-    with Load(live_portal.url, name, alice, clients=2) as load:
+    with Load(live_portal.service_url, name, alice, clients=2) as load:
         time.sleep(0.5)
         subprocess.run(["scancel", victim["slurm_job_id"]], check=True, timeout=30)
         t0 = time.monotonic()
@@ -250,7 +250,7 @@ def test_rolling_update_under_load_fails_no_request_and_a_broken_version_keeps_t
     name = "roll-%s" % uuid.uuid4().hex[:6]
     deploy(live_portal, services, alice, name, image=str(base_image), model=models["1"], version="1", replicas=1)
     wait_for(live_portal, alice, name, ready(1), what="a ready replica")
-    with Load(live_portal.url, name, alice, clients=2) as load:
+    with Load(live_portal.service_url, name, alice, clients=2) as load:
         time.sleep(0.5)
         status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice, {"model": models["2"], "version": "2"})
         assert status == 202 and svc["state"] == "UPDATING", svc
@@ -266,7 +266,7 @@ def test_rolling_update_under_load_fails_no_request_and_a_broken_version_keeps_t
     assert svc["version"] == "2" and "rolled out" in svc["message"]
 
     # a version that cannot load: the rollout stops and version 2 keeps serving
-    with Load(live_portal.url, name, alice, clients=1) as load:
+    with Load(live_portal.service_url, name, alice, clients=1) as load:
         status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice,
                           {"model": models["broken"], "version": "3"})
         assert status == 202
@@ -274,7 +274,7 @@ def test_rolling_update_under_load_fails_no_request_and_a_broken_version_keeps_t
                        timeout=90, what="a failed rollout")
     assert load.failures() == [] and {out["version"] for _, out in load.results} == {"2"}
     assert svc["version"] == "2" and svc["generation"] == 2 and "did not start" in svc["message"], svc
-    status, out, _ = infer(live_portal.url, name, alice, b"still")
+    status, out, _ = infer(live_portal.service_url, name, alice, b"still")
     assert status == 200 and out["version"] == "2"
 
 
@@ -284,7 +284,7 @@ def test_scales_up_under_load_and_down_when_idle(live_portal, base_image, models
     deploy(live_portal, services, alice, name, image=str(base_image), model=models["1"], min_replicas=1,
            max_replicas=2, target_inflight=1.0, scale_down_delay_s=3, max_batch_size=1)
     wait_for(live_portal, alice, name, ready(1), what="a ready replica")
-    with Load(live_portal.url, name, alice, clients=4, body=b"sleep:0.2") as load:
+    with Load(live_portal.service_url, name, alice, clients=4, body=b"sleep:0.2") as load:
         t0 = time.monotonic()
         svc = wait_for(live_portal, alice, name, ready(2), timeout=90, what="a second replica under load")
         print("scaled up in %.1fs" % (time.monotonic() - t0))
@@ -294,5 +294,5 @@ def test_scales_up_under_load_and_down_when_idle(live_portal, base_image, models
                    and len([r for r in s["replicas"] if r["phase"] != "ENDED"]) == 1, timeout=60,
                    what="scale down when idle")
     print("scaled down %.1fs after the load stopped" % (time.monotonic() - t0))
-    status, out, _ = infer(live_portal.url, name, alice, b"idle")
+    status, out, _ = infer(live_portal.service_url, name, alice, b"idle")
     assert status == 200
