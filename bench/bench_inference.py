@@ -26,6 +26,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,7 @@ class Client:
         t0 = time.perf_counter()
         self.conn.request("POST", self.path, body=body, headers=self.headers)
         resp = self.conn.getresponse()
-        resp.read()
+        self.last = resp.read()
         return resp.status, time.perf_counter() - t0
 
 
@@ -79,13 +80,14 @@ def sequential(make, n: int) -> list[float]:
     out = []
     for i in range(n):
         status, dt = c.post(b"x%d" % i)
-        assert status == 200, status
+        assert status == 200, (status, c.last)
         out.append(dt)
     return out
 
 
 def throughput(make, clients: int, seconds: float, body=b"x") -> tuple[float, int]:
     done, failed = [0], [0]
+    failures: list = []
     lock = threading.Lock()
     stop = time.monotonic() + seconds
 
@@ -95,7 +97,10 @@ def throughput(make, clients: int, seconds: float, body=b"x") -> tuple[float, in
         while time.monotonic() < stop:
             status, _ = c.post(body)
             n += 1
-            bad += status != 200
+            if status != 200:
+                bad += 1
+                if not failures:
+                    failures.append((status, c.last[:300]))
         with lock:
             done[0] += n
             failed[0] += bad
@@ -105,6 +110,8 @@ def throughput(make, clients: int, seconds: float, body=b"x") -> tuple[float, in
         t.start()
     for t in threads:
         t.join()
+    if failures:
+        print("  (first failure: %s %r)" % failures[0])
     return done[0] / (time.monotonic() - t0), failed[0]
 
 
@@ -137,13 +144,22 @@ class Portal:
             [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % self.port, "--worker-class", "gthread",
              "--threads", "16", "--workers", "2", "--error-logfile", str(base / "gunicorn.log"),
              "portal.app:create_app()"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+        # the inference router, as deployed: its own process on the same database
+        self.router_port = free_port([p for p in range(9110, 9150) if p != self.port])
+        rlog = open(base / "router.log", "w")
+        self.procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "router", "--listen",
+                                            "127.0.0.1:%d" % self.router_port], env=self.env, stdout=rlog,
+                                           stderr=subprocess.STDOUT))
+        rlog.close()
         deadline = time.monotonic() + 30
         while True:
             try:
                 urllib.request.urlopen("http://127.0.0.1:%d/healthz" % self.port, timeout=2).close()
+                socket.create_connection(("127.0.0.1", self.router_port), timeout=2).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline, (base / "gunicorn.log").read_text()
+                assert time.monotonic() < deadline, (base / "gunicorn.log").read_text() + (
+                    base / "router.log").read_text()
                 time.sleep(0.2)
 
     def start_reconciler(self):
@@ -176,7 +192,7 @@ def part_router(portal: Portal, tmp: Path, n: int, seconds: float) -> None:
                                   ready_at=utcnow()))
             db.commit()
         direct = lambda: Client(rep.host, rep.port, "/service")  # noqa: E731
-        routed = lambda: Client("127.0.0.1", portal.port, "/service/echo", portal.token)  # noqa: E731
+        routed = lambda: Client("127.0.0.1", portal.router_port, "/service/echo", portal.token)  # noqa: E731
         d_lat, r_lat = sequential(direct, n), sequential(routed, n)
         d_tp, d_bad = throughput(direct, 8, seconds)
         r_tp, r_bad = throughput(routed, 8, seconds)
@@ -208,7 +224,7 @@ def part_router_model(portal: Portal, tmp: Path, seconds: float) -> None:
             db.commit()
         time.sleep(1.0)       # the routing table is re-read every router_refresh_s
         d_tp, d_bad = throughput(lambda: Client(rep.host, rep.port, "/service"), 32, seconds, body=b"x" * 1024)
-        r_tp, r_bad = throughput(lambda: Client("127.0.0.1", portal.port, "/service/fixed", portal.token), 32, seconds,
+        r_tp, r_bad = throughput(lambda: Client("127.0.0.1", portal.router_port, "/service/fixed", portal.token), 32, seconds,
                                  body=b"x" * 1024)
         print("  FixedCost model (20 ms per call, batches up to 32), 32 clients: direct %.0f req/s, through the "
               "router %.0f req/s: %.2fx (%d + %d failed)" % (d_tp, r_tp, r_tp / d_tp, d_bad, r_bad))
@@ -276,13 +292,13 @@ def part_rollout(portal: Portal, clients: int) -> None:
         results, stop = [], threading.Event()
 
         def load():
-            c = Client("127.0.0.1", portal.port, "/service/%s" % name, portal.token)
+            c = Client("127.0.0.1", portal.router_port, "/service/%s" % name, portal.token)
             while not stop.is_set():
                 try:
                     results.append(c.post(b"roll")[0])
                 except OSError:
                     results.append(0)
-                    c = Client("127.0.0.1", portal.port, "/service/%s" % name, portal.token)
+                    c = Client("127.0.0.1", portal.router_port, "/service/%s" % name, portal.token)
         threads = [threading.Thread(target=load) for _ in range(clients)]
         for t in threads:
             t.start()

@@ -20,7 +20,10 @@ READY replicas (from the runtime's ``inflight_seconds`` counter, over the last c
 ``target_inflight`` gives the wanted count, clamped to [min, max]; up at once, down one replica
 at a time after the load stayed low for ``scale_down_delay_s``. A rolling update (generation
 G -> G+1) adds one new replica, waits until it is READY, drains one old one, and repeats; the
-first new replica that fails to start ends the update, and the old version keeps serving.
+first new replica that fails to start ends the update, and the old version keeps serving. A
+gray release (``next_weight`` set) runs ``canary_replicas`` of G+1 beside G's replicas and the
+router sends ``next_weight`` % of the requests to them; it becomes a rolling update when the
+weight is set to 100 (the canaries count as new replicas) and ends when it is set to 0.
 """
 from __future__ import annotations
 
@@ -90,6 +93,10 @@ class ServiceView:
     target_inflight: float = 4.0
     scale_down_delay_s: float = 60.0
     next_generation: int | None = None    #: a rolling update to this generation is under way
+    #: gray release: the next generation runs beside the current one and takes this share (%)
+    #: of the requests, until the weight becomes 100 (then it rolls out) or 0 (it is stopped)
+    next_weight: int | None = None
+    canary_replicas: int = 1
     deleting: bool = False
     low_since: dt.datetime | None = None
     failures: int = 0                     #: replicas in a row that ended without becoming READY
@@ -240,6 +247,11 @@ def plan_service(svc: ServiceView, replicas: list[ReplicaView], now: dt.datetime
             out.rollout, out.rollout_message = "failed", "version generation %d did not start: %s" % (
                 svc.next_generation, failed_new[0].message)
             out.events.append("rolling update failed; the old version keeps serving")
+        elif svc.next_weight is not None:
+            _plan_gray(svc, out, rs, new, [r for r in old if r.generation == svc.generation], now, backoff_ok)
+            for r in old:
+                if r.generation != svc.generation:
+                    rs[r.id] = _drain(r, now, "not the service's version")
         elif not old:
             out.rollout = "done"
             out.events.append("rolling update to generation %d done" % svc.next_generation)
@@ -264,6 +276,19 @@ def plan_service(svc: ServiceView, replicas: list[ReplicaView], now: dt.datetime
         for victim in sorted(current, key=_drain_order)[:len(current) - out.desired]:
             rs[victim.id] = _drain(victim, now, "scaled down")
     return _finish(out, rs, cancel)
+
+
+def _plan_gray(svc: ServiceView, out: ServicePlan, rs: dict[str, ReplicaView], new: list[ReplicaView],
+               current: list[ReplicaView], now: dt.datetime, backoff_ok: bool) -> None:
+    """A gray release: ``canary_replicas`` of the next version beside the current version's
+    replica count; the router splits requests by weight. Nothing is replaced."""
+    if len(new) < svc.canary_replicas and backoff_ok:
+        out.submit.append(svc.next_generation)
+    if len(current) < out.desired and backoff_ok:
+        out.submit.extend([svc.generation] * (out.desired - len(current) if out.failures == 0 else 1))
+    elif len(current) > out.desired:
+        for victim in sorted(current, key=_drain_order)[:len(current) - out.desired]:
+            rs[victim.id] = _drain(victim, now, "scaled down")
 
 
 def _finish(out: ServicePlan, rs: dict[str, ReplicaView], cancel: set[str]) -> ServicePlan:

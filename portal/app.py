@@ -37,6 +37,10 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
                       SESSION_COOKIE_SAMESITE="Lax", MAX_CONTENT_LENGTH=16 * 1024 * 1024)
     if test_config:
         app.config.update(test_config)
+    if settings.proxy_hops:
+        # the client's address (login limits per address) and scheme come from the proxy's headers
+        from werkzeug.middleware.proxy_fix import ProxyFix
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
     if engine is None:
         engine = dbmod.make_engine(settings.database_url)
         dbmod.check_schema(engine)
@@ -48,12 +52,11 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
     if not app.debug and not app.testing:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from portal import api, auth, db_session, router, web
+    from portal import api, auth, db_session, web
     db_session.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(web.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")
-    app.register_blueprint(router.bp)       # POST|PUT /service/NAME (inference)
 
     @app.get("/healthz")
     def healthz():

@@ -19,7 +19,7 @@ Jobs, through the portal's JSON API (like any other client):
                     [--replicas N | --min N --max N] [--target-inflight X] [--gpus N] [--wait]
     aiportal service list | show NAME | delete NAME
     aiportal service scale NAME (--replicas N | --min N --max N) [--target-inflight X]
-    aiportal service update NAME [--model URI] [--image SIF] [--version V] ... [--wait]
+    aiportal service update NAME [--model URI] [--image SIF] [--version V] ... [--weight PERCENT] [--wait]
                                                  inference services behind POST|PUT /service/NAME
 
 JOB is a job id, a unique prefix of one (as `jobs` shows it), or a Slurm job id.
@@ -43,7 +43,7 @@ On every node, as root (Slurm's HealthCheckProgram runs `aiportal-healthcheck`, 
 
 On the portal host, as root, straight on the database (portal.toml, --config):
 
-    aiportal db upgrade | reconcile | monitor
+    aiportal db upgrade | reconcile | router | monitor
     aiportal user add NAME --unix-user U [--admin] [--email ADDR] [--password-file F | --password-stdin] [--exists-ok]
     aiportal user list [--json] | passwd NAME (--password-file F | --password-stdin) | disable NAME | enable NAME
     aiportal token create --user NAME [--name N] [--expires-days D]   prints only the token
@@ -394,6 +394,17 @@ def cmd_reconcile(args) -> int:
                  stats.seconds))
         return 0
     rec.run(args.interval or settings.reconcile_interval_s)
+    return 0
+
+
+def cmd_router(args) -> int:
+    from portal import db as dbmod
+    from portal import router
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _portal_settings(args)
+    engine = dbmod.make_engine(settings.database_url)
+    dbmod.check_schema(engine)
+    router.serve(settings, engine, args.listen or settings.router_listen)
     return 0
 
 
@@ -1164,9 +1175,15 @@ def cmd_service_scale(args) -> int:
 
 
 def cmd_service_update(args) -> int:
-    svc = _api(args, "POST", _svc_path(args.name, "/update"), _fields(args, _SPEC_ARGS))
+    body = _fields(args, _SPEC_ARGS)
+    if args.weight is not None:
+        body["weight"] = args.weight
+    svc = _api(args, "POST", _svc_path(args.name, "/update"), body)
     target = (svc.get("next_spec") or {}).get("version")
-    if args.wait:
+    if args.wait and svc.get("next_weight") is not None:
+        raise CliError("service %s: a gray release does not end by itself; --wait applies to rolling updates "
+                       "(--weight 100)" % args.name)
+    if args.wait and target is not None:
         svc = _wait_service(args, args.name, lambda s: s["state"] != "UPDATING", "end of the rolling update")
         if svc.get("version") != target:
             raise CliError("service %s: %s" % (args.name, svc.get("message")))
@@ -1328,6 +1345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="run one cycle and print what it did")
     p.set_defaults(func=cmd_reconcile)
 
+    p = sub.add_parser("router", help="serve POST|PUT /service/NAME, the inference services' front door "
+                                      "(started with the portal)")
+    _add_config(p)
+    p.add_argument("--listen", help="HOST:PORT or unix:PATH (default: router_listen)")
+    p.set_defaults(func=cmd_router)
+
     p = sub.add_parser("monitor", help="recover jobs hit by node failures, record node events, notify owners "
                                        "(started with the portal)")
     _add_config(p)
@@ -1407,9 +1430,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_arguments(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_service_scale)
-    c = ssub.add_parser("update", help="rolling update to a new version (one replica at a time)")
+    c = ssub.add_parser("update", help="a new version: rolling update (one replica at a time), or a gray release "
+                                       "with --weight")
     c.add_argument("name")
     _add_spec_arguments(c, required=False)
+    c.add_argument("--weight", type=int, metavar="PERCENT",
+                   help="gray release: with new fields (1-99), the new version runs beside the current one for this "
+                        "share of the requests; alone, changes the share (100: roll it out, 0: stop it)")
     c.add_argument("--wait", action="store_true", help="wait until the rolling update is over")
     c.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS")
     c.add_argument("--json", action="store_true")

@@ -248,6 +248,8 @@ class Service(SQLModel, table=True):
     spec_json: str = Field(sa_type=sa.Text)
     next_generation: int | None = None
     next_spec_json: str | None = Field(default=None, sa_type=sa.Text)
+    #: gray release: the next generation runs beside this one and takes this % of requests
+    next_weight: int | None = None
     min_replicas: int = 1
     max_replicas: int = 1
     #: the replica count the autoscaler wants now (between min and max)

@@ -82,7 +82,11 @@ SERVICE_INPUT = {"type": "object", "required": ["name", "image", "model"], "addi
                                                                           "the URL /service/NAME"},
                                 "replicas": {"type": "integer", "description": "a fixed count (min = max)"},
                                 **_SPEC, **_POLICY}}
-SERVICE_UPDATE = {"type": "object", "additionalProperties": False, "properties": _SPEC,
+SERVICE_UPDATE = {"type": "object", "additionalProperties": False, "properties": {
+    **_SPEC, "weight": {"type": "integer", "minimum": 0, "maximum": 100,
+                        "description": "gray release: with spec fields (1-99), the new version runs beside the "
+                                       "current one for this share of the requests; alone, changes that share "
+                                       "(100 rolls the new version out, 0 stops it)"}},
                   "description": "the fields to change; the rest stay as they are"}
 SERVICE_SCALE = {"type": "object", "additionalProperties": False,
                  "properties": {"replicas": {"type": "integer"}, **_POLICY}}
@@ -93,7 +97,7 @@ REPLICA = {"type": "object", "required": ["id", "phase"], "properties": {
     "ended_at": _TIME}}
 SERVICE = {"type": "object", "required": ["id", "name", "state", "url"], "properties": {
     "id": _STR, "name": _STR, "owner": _NSTR, "state": {"type": "string", "enum": ["RUNNING", "UPDATING", "DELETING"]},
-    "url": _STR, "spec": {"type": "object"}, "next_spec": {"type": ["object", "null"]}, "generation": _INT,
+    "url": _STR, "spec": {"type": "object"}, "next_spec": {"type": ["object", "null"]}, "next_weight": _NINT, "generation": _INT,
     "version": _NSTR, "min_replicas": _INT, "max_replicas": _INT, "desired_replicas": _INT,
     "target_inflight": {"type": "number"}, "scale_down_delay_s": {"type": "number"}, "message": _STR,
     "ready_replicas": _INT, "replicas": {"type": "array", "items": REPLICA}, "created_at": _TIME, "updated_at": _TIME}}
@@ -234,7 +238,8 @@ def openapi_document() -> dict:
         "/services/{name}/scale": {"post": _op("set the replica count or the autoscaling range", {
             "200": _json(ref("Service")), **_errors(400, 401, 404, 409, 422)}, SERVICE_SCALE,
             [_path_param("name")])},
-        "/services/{name}/update": {"post": _op("rolling update to a new version (one replica at a time)", {
+        "/services/{name}/update": {"post": _op("a new version: rolling update (one replica at a time), or gray "
+                                                  "release with a weight", {
             "202": _json(ref("Service")), **_errors(400, 401, 403, 404, 409, 422, 503)}, SERVICE_UPDATE,
             [_path_param("name")])},
         "/tokens/{token_id}": {"delete": _op("revoke a token", {"204": {"description": "revoked"}, **_errors(401, 404)},

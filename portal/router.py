@@ -1,122 +1,110 @@
-"""``POST|PUT /service/NAME``: the inference router (the front door of every service).
+"""``aiportal router``: the inference gateway (:mod:`inference.gateway`) on the portal's database.
 
-Authentication: ``Authorization: Bearer TOKEN``, an API token of the service's owner (or of an
-admin). Another user's service is "not found", like an unknown one. Checked tokens are
-remembered for ``router_refresh_s`` (a revoked token stops working within that time).
+The gateway serves ``POST|PUT /service/NAME``; this module answers its two questions from the
+database, without a query on the request path:
 
-Each portal process keeps the routing table (services and their READY replicas, from the
-database the controller writes) for ``router_refresh_s`` seconds, so a request costs no
-database query; :class:`inference.router.Router` picks the replica (least outstanding
-requests), retries another one when a replica refused or dropped the connection, and the
-answer is streamed back with the replica's status and Content-Type (plus ``X-Model-Version``
-and ``X-Replica``).
+- **who is calling**: ``Authorization: Bearer TOKEN``, an API token of the service's owner (or
+  of an admin). Checked tokens are remembered for ``router_refresh_s`` seconds (a revoked token
+  stops working within that time); unknown ones too, so a flood of bad tokens costs one query
+  per token and interval;
+- **where the service's replicas are**: the routing table (services and their READY replicas,
+  written by the controller in the reconcile cycle) is re-read in the background every
+  ``router_refresh_s`` seconds; requests use the table at hand.
+
+Another user's service is "not found", like an unknown one.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import threading
+import logging
 import time
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from sqlmodel import Session
 
-from inference.errors import InferenceError
-from inference.router import Router, Target
-from portal.db_session import db
+from inference.gateway import Gateway, GatewayError, Route, run
+from inference.router import Target
 from portal.services import accounts
 from portal.services.inference import routing_table
+from portal.settings import Settings
 
-bp = Blueprint("router", __name__)
+log = logging.getLogger(__name__)
 
 
-class RoutingCache:
-    """The routing table and checked tokens of this process, refreshed every ``ttl`` seconds."""
+class PortalDirectory:
+    """The gateway's :class:`~inference.gateway.Directory` on the portal database."""
 
-    def __init__(self, ttl: float):
-        self.ttl = ttl
-        self.lock = threading.Lock()
-        self.table: dict = {}
+    def __init__(self, engine, settings: Settings):
+        self.engine, self.settings = engine, settings
+        self.ttl = settings.router_refresh_s
+        self.table: dict | None = None
         self.loaded = 0.0
+        self._refresh: asyncio.Task | None = None
         self.tokens: dict[str, tuple[float, int | None, bool]] = {}
 
-    def services(self):
-        now = time.monotonic()
-        if now - self.loaded > self.ttl:
-            table = routing_table(db())
-            with self.lock:
-                self.table, self.loaded = table, now
-                # forget tokens checked before this refresh (revocations take effect)
-                self.tokens = {k: v for k, v in self.tokens.items() if now - v[0] <= self.ttl}
+    # -- database reads (in a worker thread) ---------------------------------------------------
+
+    def _read_table(self) -> dict:
+        with Session(self.engine) as db:
+            return routing_table(db)
+
+    def _read_caller(self, token: str) -> tuple[int | None, bool]:
+        with Session(self.engine) as db:
+            user = accounts.user_for_token(db, token, self.settings.admin_token_sha256)
+            if db.new or db.dirty:
+                db.commit()
+            return (user.id, user.is_admin) if user is not None else (None, False)
+
+    # -- cached answers -------------------------------------------------------------------------
+
+    async def services(self) -> dict:
+        if self.table is None:
+            await self._load()
+            self._refresh = asyncio.ensure_future(self._refresher())
         return self.table
 
-    def user(self, token: str) -> tuple[int | None, bool]:
-        """(user id, is admin) of a token; (None, False) for a bad one."""
+    async def _refresher(self) -> None:
+        """Re-read the table every ``ttl`` seconds, whether requests come or not, so a request
+        never waits for the database and never meets a table older than that."""
+        while True:
+            await asyncio.sleep(self.ttl)
+            await self._load()
+
+    async def _load(self) -> None:
+        try:
+            table = await asyncio.to_thread(self._read_table)
+        except Exception:
+            if self.table is None:
+                raise
+            log.exception("routing table not refreshed; the last one serves")
+            return
+        now = time.monotonic()
+        self.table, self.loaded = table, now
+        self.tokens = {k: v for k, v in self.tokens.items() if now - v[0] <= self.ttl}
+
+    async def caller(self, token: str) -> tuple[int | None, bool]:
         key = hashlib.sha256(token.encode()).hexdigest()
         hit = self.tokens.get(key)
         now = time.monotonic()
         if hit is not None and now - hit[0] <= self.ttl:
             return hit[1], hit[2]
-        session = db()
-        user = accounts.user_for_token(session, token, current_app.extensions["aiportal.settings"].admin_token_sha256)
-        if session.new or session.dirty:
-            session.commit()
-        found = (user.id, user.is_admin) if user is not None else (None, False)
-        with self.lock:
-            self.tokens[key] = (now, *found)
+        found = await asyncio.to_thread(self._read_caller, token)
+        self.tokens[key] = (time.monotonic(), *found)
         return found
 
-
-def _error(status: int, code: str, message: str, **headers):
-    resp = jsonify(error=code, message=message)
-    resp.status_code = status
-    resp.headers.update(headers)
-    return resp
-
-
-def _state():
-    ext = current_app.extensions
-    if "aiportal.router" not in ext:
-        settings = ext["aiportal.settings"]
-        ext["aiportal.router"] = (Router(timeout=settings.router_timeout_s), RoutingCache(settings.router_refresh_s))
-    return ext["aiportal.router"]
+    async def route(self, token: str, name: str) -> Route:
+        user_id, is_admin = await self.caller(token)
+        if user_id is None:
+            raise GatewayError(401, "unauthorized", "the API token is unknown, revoked or expired; create a new one "
+                               "(`aiportal token create`)", {"WWW-Authenticate": 'Bearer realm="aiportal"'})
+        entry = (await self.services()).get(name)
+        if entry is None or (entry[1] != user_id and not is_admin):
+            raise GatewayError(404, "unknown_service", "there is no service named %r that you may call; your "
+                               "services: `aiportal service list`" % name)
+        _sid, _owner, max_body, ready = entry
+        return Route(name, tuple(Target(*r) for r in ready), max_body)
 
 
-@bp.route("/service/<name>", methods=["POST", "PUT"])
-def serve(name: str):
-    router, cache = _state()
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return _error(401, "unauthorized", "send 'Authorization: Bearer TOKEN' with an API token of the service's "
-                                           "owner (`aiportal token create`, or the Tokens page)",
-                      **{"WWW-Authenticate": 'Bearer realm="aiportal"'})
-    user_id, is_admin = cache.user(token.strip())
-    if user_id is None:
-        return _error(401, "unauthorized", "the API token is unknown, revoked or expired; create a new one "
-                                           "(`aiportal token create`)", **{"WWW-Authenticate": 'Bearer realm="aiportal"'})
-    entry = cache.services().get(name)
-    if entry is None or (entry[1] != user_id and not is_admin):
-        return _error(404, "unknown_service", "there is no service named %r that you may call; your services: "
-                                              "`aiportal service list`" % name)
-    _sid, _owner, max_body, ready = entry
-    length = request.content_length
-    if length is None and request.headers.get("Transfer-Encoding", "").lower() != "chunked":
-        return _error(411, "length_required", "send the input as the request body with a Content-Length "
-                                              "(curl -X POST URL -T FILE)")
-    if max_body and length is not None and length > max_body:
-        return _error(413, "too_large", "the body is %d bytes; service %s takes at most %d" % (length, name, max_body),
-                      Connection="close")
-    if max_body:
-        request.max_content_length = max_body      # the service's limit, not the portal's forms'
-    body = request.get_data(cache=False)
-    if max_body and len(body) > max_body:
-        return _error(413, "too_large", "the body is over %d bytes, the most service %s takes" % (max_body, name))
-    targets = [Target(rid, host, port, version) for rid, host, port, version in ready]
-    try:
-        up = router.forward(targets, request.method, body, dict(request.headers), service=name)
-    except InferenceError as e:
-        return _error(e.status, e.code, str(e), **({"Retry-After": "1"} if e.status == 503 else {}))
-    headers = dict(up.headers)
-    headers["X-Replica"] = up.target.key[:8]
-    length = up.resp.getheader("Content-Length")
-    if length is not None:
-        headers["Content-Length"] = length
-    return Response(stream_with_context(up.body()), status=up.status, headers=headers, direct_passthrough=True)
+def serve(settings: Settings, engine, listen: str, ready=None) -> None:
+    gateway = Gateway(PortalDirectory(engine, settings), timeout=settings.router_timeout_s)
+    run(gateway, listen, ready)

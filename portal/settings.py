@@ -41,6 +41,9 @@ class Settings:
     data_key: str = ""
     database_url: str = "sqlite:////var/lib/aiportal/portal.db"
     bind: str = "127.0.0.1:8000"
+    #: web servers in front of the portal whose X-Forwarded-For/-Proto to trust (the portal
+    #: role puts nginx in front: 1); 0 when clients reach gunicorn directly
+    proxy_hops: int = 0
     shared_root: str = "/srv/aiportal/shared"
     slurm_conf: str = "/etc/slurm/slurm.conf"
     cluster_name: str = "aiportal"
@@ -71,7 +74,10 @@ class Settings:
     service_startup_timeout_s: float = 600.0
     service_unhealthy_timeout_s: float = 30.0
     service_drain_grace_s: float = 2.0
-    #: how often each portal process re-reads the ready replicas (and forgets tokens it checked)
+    #: where ``aiportal router`` listens: HOST:PORT or unix:PATH (the web server in front of the
+    #: portal passes /service/ there)
+    router_listen: str = "unix:/run/aiportal/router.sock"
+    #: how often the router re-reads the ready replicas (and forgets tokens it checked)
     router_refresh_s: float = 0.5
     #: how long the router waits for a replica's answer
     router_timeout_s: float = 300.0

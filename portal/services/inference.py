@@ -181,13 +181,25 @@ def scale(db: Session, user: User, name: str, body: Mapping[str, Any]) -> Servic
 
 
 def update(db: Session, settings: Settings, box: SecretBox, user: User, name: str, body: Mapping[str, Any]) -> Service:
-    """Start a rolling update to the spec with ``body``'s fields changed (a new version)."""
+    """Start a new version: a rolling update to the spec with ``body``'s fields changed, or with
+    ``weight`` (1-99) a gray release that runs it beside the current one for that share of the
+    requests. ``weight`` alone changes a gray release under way: 100 rolls it out, 0 stops it."""
     svc = get_service(db, user, name)
+    if not isinstance(body, Mapping) or not body:
+        raise ValidationError("body", "give the fields to change, e.g. version and model (and weight for a gray "
+                                      "release)")
+    body = dict(body)
+    weight = body.pop("weight", None)
+    if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100):
+        raise ValidationError("weight", "the share of requests for the new version: a whole number 0-100")
+    if not body:
+        return _reweigh(db, svc, weight)
     if svc.state is not ServiceState.RUNNING:
         raise ConflictError("service %s is %s; wait until that is over (`aiportal service show %s`)"
                             % (name, svc.state.value.lower(), name))
-    if not isinstance(body, Mapping) or not body:
-        raise ValidationError("body", "give the fields to change, e.g. version and model")
+    if weight is not None and not 1 <= weight <= 99:
+        raise ValidationError("weight", "a gray release starts with a share of 1-99 %% of the requests (%d given); "
+                                        "leave weight out for a rolling update" % weight)
     current = ServiceSpec.from_json(svc.spec)
     try:
         spec = ServiceSpec.from_json({**current.to_json(), **body})
@@ -201,10 +213,35 @@ def update(db: Session, settings: Settings, box: SecretBox, user: User, name: st
     owner = db.get(User, svc.user_id)
     _check_runs_here(db, settings, box, owner, spec)
     svc.next_generation, svc.next_spec_json = svc.generation + 1, json.dumps(spec.to_json())
-    svc.state, svc.message, svc.updated_at = ServiceState.UPDATING, "rolling update to version %s" % spec.version, utcnow()
+    svc.next_weight = weight
+    svc.state, svc.updated_at = ServiceState.UPDATING, utcnow()
+    svc.message = ("gray release of version %s: %d%% of the requests" % (spec.version, weight) if weight is not None
+                   else "rolling update to version %s" % spec.version)
     db.add(svc)
     db.commit()
-    log.info("service %s: rolling update to generation %d (version %s)", name, svc.next_generation, spec.version)
+    log.info("service %s: %s (generation %d)", name, svc.message, svc.next_generation)
+    return svc
+
+
+def _reweigh(db: Session, svc: Service, weight: int | None) -> Service:
+    """Change the share of a gray release under way: 100 rolls the new version out, 0 stops it."""
+    if weight is None:
+        raise ValidationError("body", "give the fields to change, e.g. version and model")
+    if svc.state is not ServiceState.UPDATING or svc.next_weight is None:
+        raise ConflictError("service %s has no gray release under way; start one with the new version's fields and "
+                            "a weight (`aiportal service update %s --version V --weight 10`)" % (svc.name, svc.name))
+    version = json.loads(svc.next_spec_json).get("version")
+    if weight == 0:
+        svc.next_generation, svc.next_spec_json, svc.next_weight = None, None, None
+        svc.state, svc.message = ServiceState.RUNNING, "gray release of version %s stopped" % version
+    elif weight == 100:
+        svc.next_weight, svc.message = None, "rolling update to version %s" % version
+    else:
+        svc.next_weight, svc.message = weight, "gray release of version %s: %d%% of the requests" % (version, weight)
+    svc.updated_at = utcnow()
+    db.add(svc)
+    db.commit()
+    log.info("service %s: %s", svc.name, svc.message)
     return svc
 
 
@@ -221,6 +258,7 @@ def public(svc: Service, replicas: list[ServiceReplica] | None = None, owner: st
         "id": svc.id, "name": svc.name, "owner": owner, "state": svc.state.value, "url": "/service/%s" % svc.name,
         "spec": svc.spec, "generation": svc.generation, "version": svc.spec.get("version"),
         "next_spec": json.loads(svc.next_spec_json) if svc.next_spec_json else None,
+        "next_weight": svc.next_weight,
         "min_replicas": svc.min_replicas, "max_replicas": svc.max_replicas, "desired_replicas": svc.desired,
         "target_inflight": svc.target_inflight, "scale_down_delay_s": svc.scale_down_delay_s,
         "message": svc.message, "created_at": svc.created_at.isoformat(), "updated_at": svc.updated_at.isoformat(),
@@ -389,6 +427,7 @@ class ServiceController:
         view = ServiceView(id=svc.id, generation=svc.generation, min_replicas=svc.min_replicas,
                            max_replicas=svc.max_replicas, desired=svc.desired, target_inflight=svc.target_inflight,
                            scale_down_delay_s=svc.scale_down_delay_s, next_generation=svc.next_generation,
+                           next_weight=svc.next_weight,
                            deleting=svc.state is ServiceState.DELETING, low_since=svc.low_since,
                            failures=svc.failures, last_failure_at=svc.last_failure_at)
         by_id = {r.id: r for r in rows}
@@ -425,9 +464,11 @@ class ServiceController:
         if plan.rollout == "done":
             svc.generation, svc.spec_json = svc.next_generation, svc.next_spec_json
             svc.next_generation, svc.next_spec_json, svc.state = None, None, ServiceState.RUNNING
+            svc.next_weight = None
             svc.message = "rolled out version %s" % svc.spec.get("version")
         elif plan.rollout == "failed":
             svc.next_generation, svc.next_spec_json, svc.state = None, None, ServiceState.RUNNING
+            svc.next_weight = None
             svc.message = "rolling update failed, the previous version keeps serving: %s" % plan.rollout_message
         svc.updated_at = now
         db.add(svc)
@@ -481,6 +522,7 @@ class ServiceController:
             svc.message = row.message
             if svc.next_generation == generation:
                 svc.next_generation, svc.next_spec_json, svc.state = None, None, ServiceState.RUNNING
+                svc.next_weight = None
                 svc.message = "rolling update failed, the previous version keeps serving: %s" % row.message
             db.add(svc)
             log.warning("service %s: replica %s %s", svc.name, row.id, row.message)
@@ -491,12 +533,18 @@ class ServiceController:
 
 # -- the router's view of the database ------------------------------------------------------
 
-def routing_table(db: Session) -> dict[str, tuple[str, int, int, list[tuple[str, str, int, str]]]]:
+def routing_table(db: Session) -> dict[str, tuple[str, int, int, list[tuple[str, str, int, str, int]]]]:
     """Every service by name: (id, owner user id, max body bytes, ready replicas as
-    (id, host, port, version)). One query for services, one for ready replicas."""
+    (id, host, port, version, weight)). One query for services, one for ready replicas. In a
+    gray release the next generation's replicas weigh ``next_weight``, the others the rest;
+    otherwise every replica weighs 100."""
     services = {s.id: s for s in db.exec(select(Service).where(Service.state != ServiceState.DELETING))}
     ready: dict[str, list] = {sid: [] for sid in services}
     for r in db.exec(select(ServiceReplica).where(ServiceReplica.phase == Phase.READY)):
-        if r.service_id in ready and r.host and r.port:
-            ready[r.service_id].append((r.id, r.host, r.port, r.version))
+        svc = services.get(r.service_id)
+        if svc is not None and r.host and r.port:
+            weight = 100
+            if svc.next_weight is not None:
+                weight = svc.next_weight if r.generation == svc.next_generation else 100 - svc.next_weight
+            ready[r.service_id].append((r.id, r.host, r.port, r.version, weight))
     return {s.name: (s.id, s.user_id, int(s.spec.get("max_body_bytes") or 0), ready[s.id]) for s in services.values()}

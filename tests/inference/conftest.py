@@ -91,3 +91,72 @@ def runtimes(tmp_path):
     yield start
     for rep in started:
         stop_runtime(rep)
+
+
+class StaticDirectory:
+    """A gateway Directory with fixed answers: ``routes`` maps a service name to (its owner's
+    token, Route)."""
+
+    def __init__(self, routes: dict | None = None):
+        self.routes = routes or {}
+
+    async def route(self, token, name):
+        from inference.gateway import GatewayError
+        if token not in {t for t, _ in self.routes.values()} | {"other-user"}:
+            raise GatewayError(401, "unauthorized", "the API token is unknown")
+        owner, route = self.routes.get(name, (None, None))
+        if route is None or owner != token:
+            raise GatewayError(404, "unknown_service", "there is no service named %r that you may call" % name)
+        return route
+
+
+class GatewayThread:
+    """An inference gateway serving on 127.0.0.1:PORT from its own thread and event loop."""
+
+    def __init__(self, directory, port: int, **kw):
+        import asyncio
+        import threading
+
+        from inference.gateway import Gateway
+        self.gateway = Gateway(directory, **kw)
+        self.port = port
+        self.url = "http://127.0.0.1:%d" % port
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.error: BaseException | None = None
+
+        def main():
+            asyncio.set_event_loop(self.loop)
+            self.stop = asyncio.Event()
+            try:
+                self.loop.run_until_complete(self.gateway.serve("127.0.0.1:%d" % port, started.set, self.stop,
+                                                                grace_s=2))
+            except BaseException as e:      # surfaced by the test through .error
+                self.error = e
+                started.set()
+            finally:
+                self.loop.close()
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        started.wait(10)
+        if self.error:
+            raise self.error
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def gateways():
+    """A factory of gateways on free ports of 9150-9199 (in threads), all stopped at teardown."""
+    from tests.conftest import free_port
+    started: list[GatewayThread] = []
+
+    def start(directory, **kw) -> GatewayThread:
+        gw = GatewayThread(directory, free_port(range(RUNTIME_PORTS[0], RUNTIME_PORTS[1] + 1)), **kw)
+        started.append(gw)
+        return gw
+    yield start
+    for gw in started:
+        gw.close()

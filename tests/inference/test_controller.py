@@ -148,3 +148,23 @@ def test_deleting_cancels_everything_then_the_service_goes():
     assert plan.cancel == ["a", "b"] and not plan.delete
     plan = plan_service(s, [rep("a", job=JobState.CANCELLED, cancel_requested=True)], T0, TIMING)
     assert plan.delete
+
+
+def test_a_gray_release_runs_canaries_beside_the_current_version_and_replaces_nothing():
+    s = svc(min_replicas=2, max_replicas=2, desired=2, next_generation=2, next_weight=10)
+    old = [rep("o1"), rep("o2")]
+    plan = plan_service(s, old, T0, TIMING)
+    assert plan.submit == [2] and not plan.cancel and plan.rollout is None
+    canary = rep("n1", gen=2)
+    plan = plan_service(s, old + [canary], T0, TIMING)
+    assert plan.submit == [] and set(phases(plan).values()) == {Phase.READY} and plan.rollout is None
+    # a current replica that ended is replaced with the current version, not the canary's
+    plan = plan_service(s, [old[0], rep("o2", job=JobState.FAILED, probe=None), canary], T0, TIMING)
+    assert plan.submit == [1]
+    # a canary that fails to start ends the gray release; the current version keeps serving
+    dead = rep("n1", gen=2, phase=Phase.STARTING, job=JobState.FAILED, probe=None, ready_at=None)
+    plan = plan_service(s, old + [dead], T0, TIMING)
+    assert plan.rollout == "failed" and phases(plan) == {"o1": Phase.READY, "o2": Phase.READY, "n1": Phase.ENDED}
+    # weight 100: a rolling update in which the canary already counts as a new replica
+    plan = plan_service(svc(min_replicas=2, max_replicas=2, desired=2, next_generation=2), old + [canary], T0, TIMING)
+    assert sorted(p.value for p in phases(plan).values()) == ["DRAINING", "READY", "READY"] and plan.submit == []

@@ -202,6 +202,24 @@ class LivePortal:
             return resp.read()
 
 
+def start_router(env: dict, port: int, log: Path) -> subprocess.Popen:
+    """``aiportal router`` (the inference gateway) on 127.0.0.1:PORT, once it accepts connections."""
+    import socket
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "aiportal"), "router", "--listen", "127.0.0.1:%d" % port], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
+                raise AssertionError("aiportal router did not start:\n%s" % log.read_text())
+            time.sleep(0.1)
+
+
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -255,7 +273,10 @@ def live_portal(tmp_path_factory):
         procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "reconcile"], env=env,
                                       stdout=rlog, stderr=subprocess.STDOUT))
         rlog.close()
-        yield LivePortal("http://127.0.0.1:%d" % port, config, engine, tokens, procs)
+        router_port = free_port([p for p in TEST_PORTS if p != port])
+        procs.append(start_router(env, router_port, base / "router.log"))
+        yield LivePortal("http://127.0.0.1:%d" % port, config, engine, tokens, procs,
+                         "http://127.0.0.1:%d" % router_port)
     finally:
         for proc in reversed(procs):
             _stop(proc)

@@ -1,5 +1,5 @@
 """Services through the Flask test client (no cluster): validation naming the field, users see
-only their own services, scale/update/delete, the router's errors, the Services page."""
+only their own services, scale/update/delete, the router's directory, the Services page."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ from sqlmodel import Session, select
 
 from portal.models import Service
 from portal.services.inference import ServiceController
-from tests.portal.conftest import bearer, csrf_of, login
+from tests.portal.conftest import ADMIN_TOKEN, bearer, csrf_of, login
 
 
 
@@ -60,6 +60,53 @@ def test_deploy_list_show_scale_update_delete(client, tokens, fake_backend, imag
     assert r.status_code == 202 and r.get_json()["state"] == "DELETING"
 
 
+def test_a_gray_release_starts_with_a_weight_changes_it_and_ends_at_0_or_100(client, tokens, fake_backend, image,
+                                                                           model_dir, engine, settings):
+    from inference.controller import Phase
+    from portal.models import ServiceReplica
+    from portal.services.inference import routing_table
+    alice = bearer(tokens["alice"])
+    assert client.post("/api/v1/services", headers=alice, json=body(image, model_dir)).status_code == 201
+    up = lambda **b: client.post("/api/v1/services/toy/update", headers=alice, json=b)  # noqa: E731
+    for bad in (0, 100, -1, 101, "10", True):
+        r = up(version="2", weight=bad)
+        assert r.status_code == 422 and "weight" in r.get_json()["errors"], (bad, r.get_json())
+    r = up(weight=50)
+    assert r.status_code == 409 and "no gray release under way" in r.get_json()["message"]
+    r = up(version="2", weight=10)
+    assert r.status_code == 202 and r.get_json()["next_weight"] == 10 and "10%" in r.get_json()["message"]
+    assert up(version="3", weight=10).status_code == 409          # one new version at a time
+    # the controller runs one canary beside the current replica; the router weighs them 10/90
+    ServiceController(engine, fake_backend, settings).cycle()
+    with Session(engine) as db:
+        rows = db.exec(select(ServiceReplica)).all()
+        assert sorted((r.generation, r.version) for r in rows) == [(1, "1"), (2, "2")]
+        for r in rows:
+            r.phase, r.host, r.port = Phase.READY, "127.0.0.1", 7000 + r.generation
+            db.add(r)
+        db.commit()
+        weights = {(v, w) for *_, v, w in routing_table(db)["toy"][3]}
+    assert weights == {("1", 90), ("2", 10)}
+    r = up(weight=25)
+    assert r.status_code == 202 and r.get_json()["next_weight"] == 25
+    r = up(weight=100)
+    assert r.status_code == 202 and r.get_json()["next_weight"] is None and r.get_json()["state"] == "UPDATING"
+    assert "rolling update to version 2" in r.get_json()["message"]
+    assert up(weight=0).status_code == 409                        # a rolling update is not a gray release
+    with Session(engine) as db:
+        assert {w for *_, w in routing_table(db)["toy"][3]} == {100}
+
+
+def test_stopping_a_gray_release_keeps_the_current_version(client, tokens, fake_backend, image, model_dir):
+    alice = bearer(tokens["alice"])
+    assert client.post("/api/v1/services", headers=alice, json=body(image, model_dir)).status_code == 201
+    assert client.post("/api/v1/services/toy/update", headers=alice, json={"version": "2", "weight": 5}).status_code == 202
+    r = client.post("/api/v1/services/toy/update", headers=alice, json={"weight": 0})
+    out = r.get_json()
+    assert r.status_code == 202 and out["state"] == "RUNNING" and out["next_spec"] is None and out["version"] == "1"
+    assert "stopped" in out["message"]
+
+
 @pytest.mark.parametrize("change, field", [
     ({"name": "Bad_Name"}, "name"), ({"name": None}, "name"), ({"image": "relative.sif"}, "image"),
     ({"image": "/srv/none.sif"}, "image"), ({"model": ""}, "model"), ({"model_file": "../x.py"}, "model_file"),
@@ -75,19 +122,48 @@ def test_invalid_deploys_name_the_field_and_store_nothing(client, tokens, fake_b
         assert db.exec(select(Service)).first() is None
 
 
-def test_router_errors_without_a_cluster(client, tokens, fake_backend, image, model_dir):
+def test_the_routers_directory_answers_owners_and_admins_and_refuses_the_rest(client, tokens, fake_backend, image,
+                                                                              model_dir, engine, settings):
+    """The router's questions to the database (portal/router.py), then its answers through a
+    gateway: bad tokens 401, another user's service 404 like an unknown one, an admin may call."""
+    import asyncio
+    import http.client
+    import json
+
+    from inference.gateway import GatewayError
+    from portal.router import PortalDirectory
+    from tests.inference.conftest import GatewayThread
+    from tests.conftest import free_port
     assert client.post("/api/v1/services", headers=bearer(tokens["alice"]), json=body(image, model_dir)).status_code == 201
-    r = client.post("/service/toy", data=b"x")
-    assert r.status_code == 401 and "Bearer" in r.get_json()["message"]
-    r = client.post("/service/toy", data=b"x", headers=bearer(tokens["bob"]))
-    assert r.status_code == 404 and r.get_json()["error"] == "unknown_service"
-    r = client.post("/service/nope", data=b"x", headers=bearer(tokens["alice"]))
-    assert r.status_code == 404
-    r = client.post("/service/toy", data=b"x", headers=bearer(tokens["alice"]))
-    assert r.status_code == 503 and "no ready replica" in r.get_json()["message"] and r.headers["Retry-After"]
-    r = client.post("/service/toy", data=b"x" * (16 * 1024 * 1024 + 1), headers=bearer(tokens["alice"]))
-    assert r.status_code == 413
-    assert client.get("/service/toy", headers=bearer(tokens["alice"])).status_code == 405
+
+    async def ask(directory, token, name):
+        try:
+            route = await directory.route(token, name)
+        except GatewayError as e:
+            return e.status, e.code
+        return 200, route
+
+    directory = PortalDirectory(engine, settings)
+    status, route = asyncio.run(ask(directory, tokens["alice"], "toy"))
+    assert status == 200 and route.service == "toy" and route.targets == () and route.max_body > 0
+    assert asyncio.run(ask(PortalDirectory(engine, settings), tokens["root-admin"], "toy"))[0] == 200
+    assert asyncio.run(ask(PortalDirectory(engine, settings), tokens["bob"], "toy")) == (404, "unknown_service")
+    assert asyncio.run(ask(PortalDirectory(engine, settings), tokens["alice"], "nope")) == (404, "unknown_service")
+    assert asyncio.run(ask(PortalDirectory(engine, settings), "not-a-token", "toy")) == (401, "unauthorized")
+    assert asyncio.run(ask(PortalDirectory(engine, settings), ADMIN_TOKEN, "toy"))[0] == 200  # the bootstrap token
+
+    gw = GatewayThread(PortalDirectory(engine, settings), free_port(range(9150, 9200)))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+        conn.request("POST", "/service/toy", body=b"x", headers=bearer(tokens["alice"]))
+        r = conn.getresponse()
+        out = json.loads(r.read())
+        assert r.status == 503 and "no ready replica" in out["message"] and r.getheader("Retry-After") == "1"
+        conn.request("POST", "/service/toy", body=b"x", headers=bearer(tokens["bob"]))
+        r = conn.getresponse()
+        assert r.status == 404 and json.loads(r.read())["error"] == "unknown_service"
+    finally:
+        gw.close()
 
 
 def test_services_page_deploys_and_shows_field_errors(client, users, fake_backend, image, model_dir):

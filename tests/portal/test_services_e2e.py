@@ -26,7 +26,7 @@ from inference.controller import Phase
 from portal.models import Service, ServiceReplica
 from tests.conftest import SHARED_ROOT
 from tests.inference.conftest import TOY
-from tests.portal.conftest import VENV_BIN, _stop, _wait_http, free_port
+from tests.portal.conftest import _stop, free_port, start_router
 
 pytestmark = [pytest.mark.portal, pytest.mark.slurm, pytest.mark.apptainer]
 
@@ -220,7 +220,7 @@ def test_a_service_answers_curl_shares_load_survives_a_killed_replica_and_a_port
     with Session(live_portal.engine) as db:
         assert db.get(ServiceReplica, victim["id"]).phase.value == "ENDED"
 
-    # a portal restart: a fresh gunicorn process (nothing in memory) on the same database
+    # a portal restart: a fresh router process (nothing in memory) on the same database
     # routes at once; endpoints forgotten in the database are read again from endpoint.json
     with Session(live_portal.engine) as db:
         rows = db.exec(select(ServiceReplica).where(ServiceReplica.phase == Phase.READY)).all()
@@ -230,14 +230,11 @@ def test_a_service_answers_curl_shares_load_survives_a_killed_replica_and_a_port
         db.commit()
     wait_for(live_portal, alice, name, lambda s: all(r["port"] for r in s["replicas"] if r["phase"] == "READY")
              and s["ready_replicas"] == 2, timeout=20, what="endpoints read again")
-    port = free_port()
-    log = live_portal.config.parent / ("gunicorn-%d.log" % port)
-    proc = subprocess.Popen([str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class",
-                             "gthread", "--threads", "4", "--workers", "1", "--error-logfile", str(log),
-                             "portal.app:create_app()"], env=dict(os.environ, AIPORTAL_CONFIG=str(live_portal.config)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    port = free_port([p for p in range(9110, 9150) if "127.0.0.1:%d" % p not in (live_portal.url,
+                                                                                  live_portal.service_url)])
+    proc = start_router(dict(os.environ, AIPORTAL_CONFIG=str(live_portal.config)), port,
+                        live_portal.config.parent / ("router-%d.log" % port))
     try:
-        _wait_http("http://127.0.0.1:%d/healthz" % port, proc, log)
         status, out, _ = infer("http://127.0.0.1:%d" % port, name, alice, b"after restart")
         assert status == 200 and out["upper"] == "AFTER RESTART"
     finally:
@@ -296,3 +293,30 @@ def test_scales_up_under_load_and_down_when_idle(live_portal, base_image, models
     print("scaled down %.1fs after the load stopped" % (time.monotonic() - t0))
     status, out, _ = infer(live_portal.service_url, name, alice, b"idle")
     assert status == 200
+
+
+def test_a_gray_release_splits_requests_by_weight_then_rolls_out_without_failures(live_portal, base_image, models,
+                                                                                   services):
+    alice = live_portal.tokens["alice"]
+    name = "gray-%s" % uuid.uuid4().hex[:6]
+    deploy(live_portal, services, alice, name, image=str(base_image), model=models["1"], replicas=1)
+    wait_for(live_portal, alice, name, ready(1), what="a ready replica")
+    with Load(live_portal.service_url, name, alice, clients=2) as load:
+        status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice,
+                          {"model": models["2"], "version": "2", "weight": 25})
+        assert status == 202 and svc["next_weight"] == 25, svc
+        svc = wait_for(live_portal, alice, name, ready(2), timeout=90, what="the canary beside version 1")
+        time.sleep(1.5)         # the router's table is re-read every router_refresh_s
+        versions = Counter(infer(live_portal.service_url, name, alice, b"x%d" % i)[1]["version"] for i in range(200))
+        assert len([r for r in svc["replicas"] if r["phase"] != "ENDED"]) == 2     # nothing was replaced
+        # weight 100: the canary counts as the new version's first replica; the old one drains
+        status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice, {"weight": 100})
+        assert status == 202 and svc["next_weight"] is None
+        svc = wait_for(live_portal, alice, name, lambda s: s["state"] == "RUNNING" and s["version"] == "2"
+                       and s["ready_replicas"] == 1, timeout=90, what="the rollout of version 2")
+        time.sleep(1)
+    # the clients' requests (2 more threads) share the router: its split is exact per pick, so
+    # the sequential sample lands near 25 %
+    assert 30 <= versions["2"] <= 70 and versions["1"] + versions["2"] == 200, versions
+    assert load.failures() == [] and len(load.results) > 50, (load.failures()[:5], len(load.results))
+    assert "rolled out" in svc["message"]
