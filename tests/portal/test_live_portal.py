@@ -76,3 +76,82 @@ def test_reconciler_runs_beside_the_portal():
 def test_portal_config_holds_secrets_for_root_only():
     assert os.stat("/etc/aiportal/portal.toml").st_mode & 0o777 == 0o600
     assert os.stat("/etc/aiportal/secrets").st_mode & 0o777 == 0o700
+
+
+def _runs(pidfile: str, program: bytes) -> bool:
+    pid = int(Path(pidfile).read_text().split()[0])
+    cmd = Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ")
+    return program in cmd
+
+
+def test_nginx_is_the_front_door_for_the_portal_and_the_router(admin_token):
+    """One address: nginx on :8000 passes /service/ to `aiportal router`, the rest to gunicorn
+    (both on unix sockets, so neither is reachable around nginx)."""
+    assert _runs("/run/aiportal/nginx.pid", b"nginx") and _runs("/run/aiportal/router.pid", b"router")
+    assert Path("/run/aiportal/portal.sock").is_socket() and Path("/run/aiportal/router.sock").is_socket()
+    with urllib.request.urlopen(URL + "/healthz", timeout=10) as resp:
+        assert resp.read() and "nginx/" not in resp.headers.get("Server", "")     # no version shown
+    req = urllib.request.Request(URL + "/service/no-such-service", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 401 and "Bearer" in err.value.headers["WWW-Authenticate"]
+    assert json.loads(err.value.read())["error"] == "unauthorized"       # the router's answer
+    req.add_header("Authorization", "Bearer " + admin_token)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 404 and json.loads(err.value.read())["error"] == "unknown_service"
+
+
+def test_a_service_answers_through_the_front_door(base_image, tmp_path):
+    """Deploy the toy model on the installed portal as alice and call it on :8000/service/NAME
+    with curl, as a user would."""
+    import pwd
+    import shutil
+    import subprocess
+    import time
+    import uuid
+    from tests.conftest import SHARED_ROOT
+    from tests.inference.conftest import TOY
+    token = subprocess.run(["/usr/local/bin/aiportal", "token", "create", "--user", "alice", "--name", "live-test",
+                            "--expires-days", "1"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    name = "live-%s" % uuid.uuid4().hex[:6]
+    model = SHARED_ROOT / "users" / "alice" / name
+    shutil.copytree(TOY, model, ignore=shutil.ignore_patterns("__pycache__"))
+    pw = pwd.getpwnam("alice")
+    for p in [model, *model.iterdir()]:
+        os.chown(p, pw.pw_uid, pw.pw_gid)
+
+    def api(method, path, body=None):
+        req = urllib.request.Request(URL + "/api/v1" + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+    api("POST", "/services", {"name": name, "image": str(base_image), "model": str(model)})
+    try:
+        deadline = time.monotonic() + 120
+        while api("GET", "/services/" + name)["ready_replicas"] < 1:
+            assert time.monotonic() < deadline, api("GET", "/services/" + name)
+            time.sleep(0.5)
+        time.sleep(1)           # the router re-reads the table every router_refresh_s
+        (tmp_path / "in.txt").write_text("through nginx")
+        out = subprocess.run(["curl", "-sS", "-X", "POST", "-H", "Authorization: Bearer " + token, "-T",
+                              str(tmp_path / "in.txt"), URL + "/service/" + name],
+                             capture_output=True, text=True, timeout=30)
+        assert json.loads(out.stdout)["upper"] == "THROUGH NGINX", (out.stdout, out.stderr)
+    finally:
+        api("DELETE", "/services/" + name)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                api("GET", "/services/" + name)
+            except urllib.error.HTTPError as e:
+                e.close()
+                break
+            time.sleep(0.5)
+        shutil.rmtree(model, ignore_errors=True)
+        for line in subprocess.run(["/usr/local/bin/aiportal", "token", "list", "--user", "alice"],
+                                   capture_output=True, text=True, timeout=60).stdout.splitlines():
+            if "live-test" in line:
+                subprocess.run(["/usr/local/bin/aiportal", "token", "revoke", line.split()[0], "--user", "alice"],
+                               capture_output=True, timeout=60)
