@@ -144,22 +144,35 @@ class Portal:
             [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % self.port, "--worker-class", "gthread",
              "--threads", "16", "--workers", "2", "--error-logfile", str(base / "gunicorn.log"),
              "portal.app:create_app()"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
-        # the inference router, as deployed: its own process on the same database
+        # the inference router on its own (TCP), and as deployed: behind nginx (the portal
+        # role's template) on unix sockets, with gunicorn beside it
         self.router_port = free_port([p for p in range(9110, 9150) if p != self.port])
-        rlog = open(base / "router.log", "w")
-        self.procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "router", "--listen",
-                                            "127.0.0.1:%d" % self.router_port], env=self.env, stdout=rlog,
-                                           stderr=subprocess.STDOUT))
-        rlog.close()
+        self.front_port = free_port([p for p in range(9110, 9150) if p not in (self.port, self.router_port)])
+        for listen, log in (("127.0.0.1:%d" % self.router_port, "router.log"),
+                            ("unix:%s/router.sock" % base, "router-front.log")):
+            with open(base / log, "w") as out:
+                self.procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "router", "--listen", listen],
+                                                   env=self.env, stdout=out, stderr=subprocess.STDOUT))
+        self.procs.append(subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "--bind", "unix:%s/portal.sock" % base, "--worker-class", "gthread",
+             "--threads", "4", "--workers", "1", "--error-logfile", str(base / "gunicorn-front.log"),
+             "portal.app:create_app()"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 30
+        while not (base / "router.sock").exists():
+            assert time.monotonic() < deadline, (base / "router-front.log").read_text()
+            time.sleep(0.1)
+        self.procs.append(start_nginx(base, self.front_port))
         deadline = time.monotonic() + 30
         while True:
             try:
                 urllib.request.urlopen("http://127.0.0.1:%d/healthz" % self.port, timeout=2).close()
+                urllib.request.urlopen("http://127.0.0.1:%d/healthz" % self.front_port, timeout=2).close()
                 socket.create_connection(("127.0.0.1", self.router_port), timeout=2).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline, (base / "gunicorn.log").read_text() + (
-                    base / "router.log").read_text()
+                assert time.monotonic() < deadline, "".join(
+                    (base / f).read_text() for f in ("gunicorn.log", "router.log", "nginx-error.log")
+                    if (base / f).exists())
                 time.sleep(0.2)
 
     def start_reconciler(self):
@@ -181,6 +194,42 @@ class Portal:
             stop_process(p)
 
 
+def start_nginx(base: Path, port: int) -> subprocess.Popen:
+    """nginx with the portal role's configuration (ansible/roles/portal/templates/nginx.conf.j2),
+    its sockets, logs and temporary folders in ``base``."""
+    import jinja2
+    template = (REPO / "ansible/roles/portal/templates/nginx.conf.j2").read_text()
+    conf = jinja2.Template(template).render(
+        aiportal_nginx_workers=1, aiportal_run_dir=str(base), aiportal_log_dir=str(base), aiportal_state_dir=str(base),
+        aiportal_portal_max_body="1g", aiportal_portal_socket="%s/portal.sock" % base,
+        aiportal_router_socket="%s/router.sock" % base, aiportal_portal_bind="127.0.0.1", aiportal_portal_port=port,
+        aiportal_router_timeout_s=300)
+    (base / "nginx").mkdir(exist_ok=True)
+    (base / "nginx.conf").write_text(conf)
+    return subprocess.Popen(["/usr/sbin/nginx", "-c", str(base / "nginx.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+
+
+def cpu_seconds(*pids: int) -> float:
+    """CPU time (user + system) of these processes and their children (nginx's workers)."""
+    want = set(pids)
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) in pids:
+                    want.add(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    total = 0.0
+    for pid in want:
+        try:
+            f = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def part_router(portal: Portal, tmp: Path, n: int, seconds: float) -> None:
     rep = start_runtime(tmp / "echo", max_batch_size=1, max_wait_ms=0)
     try:
@@ -193,18 +242,30 @@ def part_router(portal: Portal, tmp: Path, n: int, seconds: float) -> None:
             db.commit()
         direct = lambda: Client(rep.host, rep.port, "/service")  # noqa: E731
         routed = lambda: Client("127.0.0.1", portal.router_port, "/service/echo", portal.token)  # noqa: E731
-        d_lat, r_lat = sequential(direct, n), sequential(routed, n)
+        front = lambda: Client("127.0.0.1", portal.front_port, "/service/echo", portal.token)  # noqa: E731
+        d_lat, r_lat, f_lat = sequential(direct, n), sequential(routed, n), sequential(front, n)
         d_tp, d_bad = throughput(direct, 8, seconds)
+        router, front_router, nginx = portal.procs[1].pid, portal.procs[2].pid, portal.procs[4].pid
+        c0 = cpu_seconds(router)
         r_tp, r_bad = throughput(routed, 8, seconds)
-        added = statistics.median(r_lat) * 1000 - statistics.median(d_lat) * 1000
+        r_cpu = (cpu_seconds(router) - c0) / (r_tp * seconds)
+        c0 = cpu_seconds(front_router), cpu_seconds(nginx)
+        f_tp, f_bad = throughput(front, 8, seconds)
+        f_cpu = ((cpu_seconds(front_router) - c0[0]) / (f_tp * seconds), (cpu_seconds(nginx) - c0[1]) / (f_tp * seconds))
         print("1. router overhead (toy model, batch size 1; %d sequential requests, then 8 clients for %.0fs)"
               % (n, seconds))
-        print("  direct to the replica   p50 %6.2f ms  p99 %6.2f ms  %7.0f req/s  (%d failed)"
-              % (pct(d_lat, 50), pct(d_lat, 99), d_tp, d_bad))
-        print("  through /service/NAME   p50 %6.2f ms  p99 %6.2f ms  %7.0f req/s  (%d failed)"
-              % (pct(r_lat, 50), pct(r_lat, 99), r_tp, r_bad))
-        print("  added p50 %.2f ms (target < 1 ms: %s); throughput %.2fx direct (target >= 0.9x: %s)"
-              % (added, "met" if added < 1 else "NOT met", r_tp / d_tp, "met" if r_tp / d_tp >= 0.9 else "NOT met"))
+        for label, lat, tp, bad in (("direct to the replica", d_lat, d_tp, d_bad),
+                                    ("aiportal router", r_lat, r_tp, r_bad),
+                                    ("nginx + router (deployed)", f_lat, f_tp, f_bad)):
+            print("  %-27s p50 %6.2f ms  p99 %6.2f ms  %7.0f req/s  (%d failed)"
+                  % (label, pct(lat, 50), pct(lat, 99), tp, bad))
+        print("  CPU per request: router %.0f us; behind nginx: router %.0f us + nginx %.0f us"
+              % (r_cpu * 1e6, f_cpu[0] * 1e6, f_cpu[1] * 1e6))
+        for label, lat, tp in (("router", r_lat, r_tp), ("nginx + router", f_lat, f_tp)):
+            added = statistics.median(lat) * 1000 - statistics.median(d_lat) * 1000
+            print("  %s: added p50 %.2f ms (target < 1 ms: %s); throughput %.2fx direct (target >= 0.9x: %s)"
+                  % (label, added, "met" if added < 1 else "NOT met", tp / d_tp, "met" if tp / d_tp >= 0.9 else
+                     "NOT met"))
     finally:
         stop_runtime(rep)
         _clear(portal)
@@ -224,10 +285,13 @@ def part_router_model(portal: Portal, tmp: Path, seconds: float) -> None:
             db.commit()
         time.sleep(1.0)       # the routing table is re-read every router_refresh_s
         d_tp, d_bad = throughput(lambda: Client(rep.host, rep.port, "/service"), 32, seconds, body=b"x" * 1024)
-        r_tp, r_bad = throughput(lambda: Client("127.0.0.1", portal.router_port, "/service/fixed", portal.token), 32, seconds,
-                                 body=b"x" * 1024)
-        print("  FixedCost model (20 ms per call, batches up to 32), 32 clients: direct %.0f req/s, through the "
-              "router %.0f req/s: %.2fx (%d + %d failed)" % (d_tp, r_tp, r_tp / d_tp, d_bad, r_bad))
+        r_tp, r_bad = throughput(lambda: Client("127.0.0.1", portal.router_port, "/service/fixed", portal.token), 32,
+                                 seconds, body=b"x" * 1024)
+        f_tp, f_bad = throughput(lambda: Client("127.0.0.1", portal.front_port, "/service/fixed", portal.token), 32,
+                                 seconds, body=b"x" * 1024)
+        print("  FixedCost model (20 ms per call, batches up to 32), 32 clients: direct %.0f req/s; router %.0f req/s "
+              "= %.2fx; nginx + router %.0f req/s = %.2fx (%d/%d/%d failed)"
+              % (d_tp, r_tp, r_tp / d_tp, f_tp, f_tp / d_tp, d_bad, r_bad, f_bad))
     finally:
         stop_runtime(rep)
         _clear(portal)
