@@ -19,16 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.examples.cifar_serving import apptainer_exec
 from tests.examples.conftest import CHECKS, EXAMPLE
 
 pytestmark = [pytest.mark.apptainer]
-
-
-def apptainer_exec(image: Path, binds: dict[str, Path], *command: str) -> list[str]:
-    argv = ["apptainer", "exec", "--no-mount", "cwd"]
-    for dest, src in binds.items():
-        argv += ["--bind", "%s:%s" % (src, dest)]
-    return argv + [str(image), *command]
 
 
 class Lines:
