@@ -5,7 +5,9 @@ holds (``squeue``, all users), and ask accounting once (``sacct``) only for the 
 the queue; never one call per job. Then, from the pure :func:`plan`:
 
 - record state changes (pending with reason, running on node, requeued, finished with exit
-  code) on the job and as events on its timeline;
+  code) on the job and as events on its timeline. Restarts are Slurm's own count (squeue's
+  RestartCnt): each rise is one requeue event, whether or not a cycle saw the job pending in
+  between (a requeued job whose hold is cleared at once may be running again by the next cycle);
 - adopt jobs stored as ``SUBMITTING`` whose Slurm job carries their uuid in its comment (the
   portal died between ``sbatch`` and storing the id: no duplicate), and submit again those
   Slurm never got once ``submit_grace_s`` has passed (no loss);
@@ -21,7 +23,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from sqlmodel import Session, select
@@ -44,6 +46,8 @@ class Observed:
     nodes: str = ""
     exit_code: int | None = None
     signal: int | None = None
+    #: Slurm's restart count (an array's: its tasks' together); None where Slurm did not say
+    restarts: int | None = None
 
 
 @dataclass
@@ -59,6 +63,17 @@ _RUN_ORDER = [JobState.RUNNING, JobState.COMPLETING, JobState.CONFIGURING, JobSt
               JobState.SUSPENDED, JobState.REQUEUED, JobState.REQUEUE_HOLD, JobState.PENDING]
 
 
+def restarts_of(tasks: Iterable[JobStatus]) -> int | None:
+    """Slurm's restart count of a job from its records: an array's is the sum of its tasks'
+    (each task's requeue is one restart of the job); None if a record does not say."""
+    total = 0
+    for t in tasks:
+        if t.restarts is None:
+            return None
+        total += t.restarts
+    return total
+
+
 def fold(tasks: Iterable[JobStatus]) -> Observed | None:
     """One status for a job from its records (one, or an array's tasks): running while any task
     runs, pending while any waits, else finished: COMPLETED only when every task completed."""
@@ -67,21 +82,28 @@ def fold(tasks: Iterable[JobStatus]) -> Observed | None:
         return None
     if len(tasks) == 1:
         t = tasks[0]
-        return Observed(t.state, t.reason, t.nodes, t.exit_code, t.signal)
+        return Observed(t.state, t.reason, t.nodes, t.exit_code, t.signal, t.restarts)
     nodes = ",".join(sorted({t.nodes for t in tasks if t.nodes}))
+    restarts = restarts_of(tasks)
     for state in _RUN_ORDER:
         hit = [t for t in tasks if t.state is state]
         if hit:
-            return Observed(state, hit[0].reason, nodes)
+            return Observed(state, hit[0].reason, nodes, restarts=restarts)
     live = [t for t in tasks if not t.state.terminal]
     if live:
-        return Observed(live[0].state, live[0].reason, nodes)
+        return Observed(live[0].state, live[0].reason, nodes, restarts=restarts)
     bad = [t for t in tasks if t.state is not JobState.COMPLETED]
     if not bad:
-        return Observed(JobState.COMPLETED, "", nodes, 0, 0)
+        return Observed(JobState.COMPLETED, "", nodes, 0, 0, restarts)
     first = sorted(bad, key=lambda t: t.job_id)[0]
     return Observed(first.state, "%d of %d tasks did not complete (first: %s %s)"
-                    % (len(bad), len(tasks), first.job_id, first.state.value), nodes, first.exit_code, first.signal)
+                    % (len(bad), len(tasks), first.job_id, first.state.value), nodes, first.exit_code, first.signal,
+                    restarts)
+
+
+def restarted(job: Job, obs: Observed) -> bool:
+    """Slurm counts more restarts than the job has recorded (each rise is one requeue event)."""
+    return obs.restarts is not None and obs.restarts > job.restarts
 
 
 class Records:
@@ -136,12 +158,15 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
         obs = fold(live.of(job.slurm_job_id))
         if obs is None or obs.state.terminal:
             # gone from the queue, or finished (squeue keeps those a while, without exit codes)
-            obs = fold(done.of(job.slurm_job_id)) or obs
+            ended = fold(done.of(job.slurm_job_id))
+            if ended is not None and obs is not None and ended.restarts is None:
+                ended = replace(ended, restarts=obs.restarts)    # sacct has no restart count; squeue had
+            obs = ended or obs
         if obs is None:
             out.lost.append(job.id)
             continue
         if (obs.state, obs.reason, obs.nodes) != (job.state, job.reason, job.nodes) or (
-                obs.state.terminal and obs.exit_code != job.exit_code):
+                obs.state.terminal and obs.exit_code != job.exit_code) or restarted(job, obs):
             out.updates[job.id] = obs
     seen_arrays: set[str] = set()
     for jid, st in sorted(queue.items()):
@@ -152,44 +177,85 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
             continue
         seen_arrays.add(base)
         out.external.append(JobStatus(base, st.state, st.reason, st.nodes, st.exit_code, st.signal,
-                                      st.user, st.comment, st.name))
+                                      st.user, st.comment, st.name, restarts_of(live.of(base))))
     return out
 
 
+def _state_message(obs: Observed) -> str:
+    if obs.state is JobState.RUNNING:
+        return "running on %s" % (obs.nodes or "?")
+    if obs.state is JobState.PENDING:
+        return "pending%s" % ((": " + obs.reason) if obs.reason else "")
+    return obs.state.value.lower() + ((": " + obs.reason) if obs.reason else "")
+
+
 def _transition_event(job: Job, obs: Observed) -> tuple[EventKind, str]:
-    prev = job.state
+    """The event of a state change (a requeue only where Slurm gives no restart count)."""
     if obs.state.terminal:
         code = "" if obs.exit_code is None else " with exit code %d" % obs.exit_code
         if obs.signal:
             code += " (signal %d)" % obs.signal
         return EventKind.FINISHED, "%s%s%s" % (obs.state.value, code, (": " + obs.reason) if obs.reason else "")
-    if prev in (JobState.RUNNING, JobState.COMPLETING) and obs.state in (
-            JobState.PENDING, JobState.REQUEUED, JobState.REQUEUE_HOLD):
+    if obs.restarts is None and _back_in_queue(job, obs):
+        # no count from Slurm (a backend without one): a requeue shows only as this transition
         return EventKind.REQUEUED, "requeued%s" % ((" (%s)" % obs.reason) if obs.reason else "")
-    if obs.state is JobState.RUNNING:
-        return EventKind.STATE, "running on %s" % (obs.nodes or "?")
-    if obs.state is JobState.PENDING:
-        return EventKind.STATE, "pending%s" % ((": " + obs.reason) if obs.reason else "")
-    return EventKind.STATE, obs.state.value.lower() + ((": " + obs.reason) if obs.reason else "")
+    return EventKind.STATE, _state_message(obs)
+
+
+def _back_in_queue(job: Job, obs: Observed) -> bool:
+    return job.state in (JobState.RUNNING, JobState.COMPLETING) and obs.state in (
+        JobState.PENDING, JobState.REQUEUED, JobState.REQUEUE_HOLD)
+
+
+def _requeue_message(job: Job, obs: Observed) -> str:
+    first, last = job.restarts + 1, obs.restarts
+    return "requeued (%s)" % ("restart %d" % last if first == last else "restarts %d-%d" % (first, last))
 
 
 def _requeue_recorded(db: Session, job: Job) -> bool:
-    """The health monitor already recorded this requeue (its event is the job's latest state
-    or requeue event): one timeline entry per requeue, and the restart count is its."""
+    """This requeue is on the timeline already (a requeue event is the job's latest state or
+    requeue event): the health monitor's, or this reconciler's from when it saw Slurm's count
+    rise while the job was still completing."""
     last = db.exec(select(Event).where(Event.job_id == job.id, Event.kind.in_([EventKind.STATE, EventKind.REQUEUED]))
                    .order_by(Event.id.desc())).first()
     return last is not None and last.kind is EventKind.REQUEUED
+
+
+def _monitor_recorded(db: Session, job: Job, restarts: int) -> bool:
+    """The health monitor recorded the requeue that made Slurm's count ``restarts`` (its event
+    key names the job and the run before it; an array's tasks have keys of their own)."""
+    key = "requeue:%s:%d" % (job.slurm_job_id, restarts - 1)
+    return db.exec(select(Event.id).where(Event.key == key)).first() is not None
+
+
+def _events(db: Session, job: Job, obs: Observed) -> tuple[list[tuple[EventKind, str]], int]:
+    """The timeline events of one update (oldest first) and the job's restart count after it.
+
+    One requeue event per rise of Slurm's count, whether or not a cycle saw the job pending in
+    between (where Slurm gives no count: one per RUNNING -> PENDING seen); none for a requeue
+    the timeline has already (the monitor's keyed event, or this one seen while completing)."""
+    kind, message = _transition_event(job, obs)
+    shown = obs.state is not job.state or kind is not EventKind.STATE or obs.state is JobState.PENDING
+    plain = [(kind, message)] if shown else []
+    if restarted(job, obs):
+        if _monitor_recorded(db, job, obs.restarts):
+            return ([] if _back_in_queue(job, obs) else plain), obs.restarts
+        requeued = _requeue_message(job, obs)
+        if obs.state.terminal:
+            return [(EventKind.REQUEUED, requeued), (kind, message)], obs.restarts
+        # one event with the state in it: the monitor's later note for this requeue takes over
+        # the latest requeue event without a key, unless a "running" state event came after it
+        return [(EventKind.REQUEUED, "%s; %s" % (requeued, _state_message(obs)))], obs.restarts
+    if (kind is EventKind.REQUEUED or _back_in_queue(job, obs)) and _requeue_recorded(db, job):
+        return [], job.restarts
+    return plain, job.restarts + (1 if kind is EventKind.REQUEUED else 0)
 
 
 def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime) -> None:
     """Write one plan's state changes and events (the caller commits)."""
     for job_id, obs in p.updates.items():
         job = jobs[job_id]
-        kind, message = _transition_event(job, obs)
-        seen = kind is EventKind.REQUEUED and _requeue_recorded(db, job)
-        if kind is EventKind.REQUEUED and not seen:
-            job.restarts += 1
-        state_changed = obs.state is not job.state
+        events, job.restarts = _events(db, job, obs)
         job.state, job.reason, job.nodes = obs.state, obs.reason[:1024], obs.nodes[:1024]
         if obs.state is JobState.RUNNING and job.started_at is None:
             job.started_at = now
@@ -205,10 +271,11 @@ def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime) -> None:
                 job.stage_out_pending = json.dumps(pending) if pending else None
         job.updated_at = now
         db.add(job)
-        if (state_changed or kind is not EventKind.STATE or obs.state is JobState.PENDING) and not seen:
+        for kind, message in events:
             db.add(Event(at=now, kind=kind, job_id=job.id, user_id=job.user_id, state=obs.state,
                          node=obs.nodes or None, message=message[:2000]))
-        log.info("job %s (Slurm %s): %s", job.id, job.slurm_job_id, message)
+        log.info("job %s (Slurm %s): %s", job.id, job.slurm_job_id,
+                 "; ".join(m for _, m in events) or _state_message(obs))
     for job_id, slurm_id in p.adopt.items():
         job = jobs[job_id]
         job.slurm_job_id, job.state, job.submitted_at, job.updated_at = slurm_id, JobState.PENDING, now, now
@@ -229,6 +296,7 @@ def add_external(db: Session, found: list[JobStatus], users: Mapping[str, int], 
     for st in found:
         job = Job(user_id=users[st.user], name=(st.name or "sbatch-%s" % st.job_id)[:128], state=st.state,
                   slurm_job_id=st.job_id, external=True, reason=st.reason[:1024], nodes=st.nodes[:1024],
+                  restarts=st.restarts or 0,
                   submitted_at=now, started_at=now if st.state is JobState.RUNNING else None, updated_at=now,
                   ended_at=now if st.state.terminal else None)
         db.add(job)

@@ -19,8 +19,8 @@ from typing import Iterable
 
 from slurm.cluster import SEP, Node, Partition, parse_gres_used, parse_sinfo_nodes, sinfo_node_format
 from slurm.errors import SlurmCommandError, SubmitError
-from slurm.jobs import (SACCT_FIELDS, SQUEUE_FIELDS, JobStatus, QueuedJob, parse_sacct, parse_squeue,
-                        parse_squeue_recovery, recovery_format)
+from slurm.jobs import (SACCT_FIELDS, JobStatus, QueuedJob, parse_sacct, parse_squeue, parse_squeue_recovery,
+                        squeue_format)
 from slurm.states import JobState
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,8 @@ class SlurmCli(SlurmBackend):
         return found
 
     def queue(self) -> dict[str, JobStatus]:
-        """Every job Slurm still holds, all users, array tasks one per line: one squeue call."""
+        """Every job Slurm still holds, all users, array tasks one per line, with Slurm's restart
+        counts: one squeue call."""
         return self._squeue_all()
 
     def accounting(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
@@ -159,9 +160,10 @@ class SlurmCli(SlurmBackend):
         return self._sacct(wanted) if wanted else {}
 
     def _squeue_all(self) -> dict[str, JobStatus]:
-        """Every job Slurm still holds (array tasks one per line), in one call."""
+        """Every job Slurm still holds (array tasks one per line; finished ones too, for
+        MinJobAge), in one call."""
         return parse_squeue(self._call(["squeue", "--noheader", "--array", "--states=all",
-                                        "--format", SEP.join(SQUEUE_FIELDS)]))
+                                        "--Format", squeue_format()]))
 
     def _sacct(self, job_ids: list[str]) -> dict[str, JobStatus]:
         """Accounting records of finished jobs (the last run of a requeued job wins), in one call."""
@@ -184,19 +186,29 @@ class SlurmCli(SlurmBackend):
 
     def requeue(self, job_id: str, settle_timeout: float = 30.0) -> None:
         """Requeue and let it start again at once: Slurm holds a requeued job back with a
-        begin time of about two minutes; that hold is cleared once the job is PENDING."""
+        begin time of about two minutes; that hold is cleared once the job is PENDING and the
+        nodes of its last run have finished cleaning up after it (released earlier, the job can
+        start on the same node before slurmd forgot the old run, and Slurm kills it: "Job
+        credential revoked")."""
         job_id = _check_job_id(job_id)
+        last = self.statuses([job_id]).get(job_id)
         self._call(["scontrol", "requeue", job_id])
         deadline = time.monotonic() + settle_timeout
         while time.monotonic() < deadline:
             st = self.statuses([job_id]).get(job_id)
-            if st and st.state is JobState.PENDING:
+            if st and st.state is JobState.PENDING and not (last and last.nodes and self._completing(last.nodes)):
                 self._call(["scontrol", "update", "jobid=%s" % job_id, "StartTime=now"])
                 log.info("requeued job %s without delay", job_id)
                 return
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise SlurmCommandError(["scontrol", "requeue", job_id], 0, "", "",
                                 hint="job did not become PENDING within %.0fs" % settle_timeout)
+
+    def _completing(self, nodes: str) -> bool:
+        """Whether any of ``nodes`` (a Slurm node list) is still cleaning up after a job."""
+        if not _NODE_RE.match(nodes):
+            return False
+        return "completing" in self._call(["sinfo", "--noheader", "--Node", "--nodes", nodes, "--format", "%T"])
 
     def drain(self, node: str, reason: str) -> None:
         if not _NODE_RE.match(node) or not reason.strip() or "\n" in reason:
@@ -219,7 +231,7 @@ class SlurmCli(SlurmBackend):
     def recovery_jobs(self, job_ids: Iterable[str] | None = None) -> dict[str, QueuedJob]:
         """Every job Slurm holds (or only ``job_ids``) with its restart count, requeue flag and
         begin time, in one call."""
-        argv = ["squeue", "--noheader", "--array", "--Format", recovery_format()]
+        argv = ["squeue", "--noheader", "--array", "--Format", squeue_format()]
         if job_ids is not None:
             ids = [_check_job_id(j) for j in job_ids]
             if not ids:

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Iterator, NamedTuple
 
 from slurm.errors import SlurmParseError
 from slurm.states import JobState, parse_job_state
 
 SEP = "\x1f"
-# squeue -h -r -o FORMAT (all jobs, array tasks one per line)
-SQUEUE_FIELDS = ("%i", "%T", "%r", "%N", "%u", "%k", "%j")
-# sacct -n -X -P --delimiter SEP -o FIELDS
+# squeue -h --array -O with these fields, each ``NAME:0`` + SEP (see :func:`squeue_format`): the
+# one squeue call per cycle of the reconciler (``queue``) and of the health monitor
+# (``recovery_jobs``). Long field names, because the -o letters have no restart count, requeue
+# flag or begin time. JobArrayID is ``%i`` (``ID`` or ``ID_N``); -O's JobID is an array task's
+# own job id, or the array's for every task not started yet.
+SQUEUE_FIELDS = ("JobArrayID", "StateCompact", "Reason", "NodeList", "RestartCnt", "Requeue", "UserName",
+                 "Comment", "EligibleTime", "Name")
+# sacct -n -X -P --delimiter SEP -o FIELDS (sacct has no restart count: see parse_sacct)
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "User", "Comment", "Reason", "JobName")
 
 
@@ -25,6 +31,9 @@ class JobStatus:
     user: str = ""
     comment: str = ""
     name: str = ""
+    #: how often Slurm has requeued it (squeue's RestartCnt; 0: first run); None where the
+    #: source does not say (sacct, backends without it)
+    restarts: int | None = None
 
     def to_dict(self) -> dict:
         return {"job_id": self.job_id, "state": self.state.value, "reason": self.reason,
@@ -35,20 +44,6 @@ class JobStatus:
 def _clean(text: str) -> str:
     text = text.strip()
     return "" if text in ("(null)", "None", "(None)", "None assigned") else text
-
-
-def parse_squeue(text: str) -> dict[str, JobStatus]:
-    out = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        cols = line.split(SEP)
-        if len(cols) != len(SQUEUE_FIELDS):
-            raise SlurmParseError(line, "expected %d squeue fields, got %d" % (len(SQUEUE_FIELDS), len(cols)))
-        jid, state, reason, nodes, user, comment, name = (c.strip() for c in cols)
-        out[jid] = JobStatus(jid, parse_job_state(state), _clean(reason), _clean(nodes), user=user,
-                             comment=_clean(comment), name=name)
-    return out
 
 
 def parse_exit_code(text: str) -> tuple[int | None, int | None]:
@@ -64,7 +59,10 @@ def parse_exit_code(text: str) -> tuple[int | None, int | None]:
 
 
 def parse_sacct(text: str) -> dict[str, JobStatus]:
-    """One record per job (``-X``); a requeued job appears once per run: the last one wins."""
+    """One record per job (``-X``); a requeued job appears once per run: the last one wins.
+
+    sacct has no restart count (no RestartCnt field; counting runs with ``--duplicates`` would
+    also count older jobs whose id Slurm reused): ``restarts`` stays None here."""
     out = {}
     for line in text.splitlines():
         if not line.strip():
@@ -79,14 +77,10 @@ def parse_sacct(text: str) -> dict[str, JobStatus]:
     return out
 
 
-# squeue -h --array -O with these fields, each ``NAME:0`` + SEP (the monitor's one call per cycle:
-# restart counts, the requeue flag and the begin time are not in the -o format letters)
-RECOVERY_FIELDS = ("JobID", "StateCompact", "Reason", "NodeList", "RestartCnt", "Requeue", "UserName",
-                   "Comment", "EligibleTime")
-
-
-def recovery_format() -> str:
-    return ",".join("%s:0%s" % (f, SEP) for f in RECOVERY_FIELDS)
+def squeue_format() -> str:
+    """``--Format`` of :data:`SQUEUE_FIELDS`: ``:0`` pads nothing and truncates nothing, and SEP
+    after each field keeps values with spaces (reasons, names) whole."""
+    return ",".join("%s:0%s" % (f, SEP) for f in SQUEUE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -105,6 +99,7 @@ class QueuedJob:
     comment: str = ""
     #: when it may start (a requeued job is held about two minutes ahead); None if unknown
     eligible: dt.datetime | None = None
+    name: str = ""
 
 
 def _slurm_time(text: str) -> dt.datetime | None:
@@ -116,22 +111,51 @@ def _slurm_time(text: str) -> dt.datetime | None:
         return None
 
 
-def parse_squeue_recovery(text: str) -> dict[str, QueuedJob]:
-    """Parse ``squeue -h --array -O`` + :func:`recovery_format` (each line ends with SEP)."""
-    out = {}
+class _SqueueRow(NamedTuple):
+    job_id: str
+    state: JobState
+    reason: str
+    nodes: str
+    restarts: int
+    requeue: bool
+    user: str
+    comment: str
+    eligible: str       #: as Slurm printed it (only the monitor needs it as a time)
+    name: str
+
+
+def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
+    """The one parser of ``squeue -h --array -O`` + :func:`squeue_format` (each line ends with
+    SEP), a row per job or array task."""
+    n_fields = len(SQUEUE_FIELDS)
     for line in text.splitlines():
         if not line.strip():
             continue
         cols = line.split(SEP)
         if cols and cols[-1].strip() == "":
             cols = cols[:-1]
-        if len(cols) != len(RECOVERY_FIELDS):
-            raise SlurmParseError(line, "expected %d squeue fields, got %d" % (len(RECOVERY_FIELDS), len(cols)))
-        jid, state, reason, nodes, restarts, requeue, user, comment, eligible = (c.strip() for c in cols)
+        if len(cols) != n_fields:
+            raise SlurmParseError(line, "expected %d squeue fields (%s), got %d: run squeue with --Format "
+                                  "slurm.jobs.squeue_format()" % (n_fields, ",".join(SQUEUE_FIELDS), len(cols)))
+        jid, state, reason, nodes, restarts, requeue, user, comment, eligible, name = (c.strip() for c in cols)
         try:
             n = int(restarts or 0)
         except ValueError as e:
             raise SlurmParseError(line, "restart count %r is not a number" % restarts) from e
-        out[jid] = QueuedJob(jid, parse_job_state(state), _clean(reason), _clean(nodes), n,
-                             requeue.strip() not in ("0", "no", "No"), user, _clean(comment), _slurm_time(eligible))
-    return out
+        yield _SqueueRow(jid, parse_job_state(state), _clean(reason), _clean(nodes), n,
+                         requeue not in ("0", "no", "No"), user, _clean(comment), eligible, name)
+
+
+def parse_squeue(text: str) -> dict[str, JobStatus]:
+    """squeue's answer as job statuses (with Slurm's restart count), by job id (``ID_N`` for an
+    array task)."""
+    return {r.job_id: JobStatus(r.job_id, r.state, r.reason, r.nodes, user=r.user, comment=r.comment, name=r.name,
+                                restarts=r.restarts)
+            for r in _squeue_rows(text)}
+
+
+def parse_squeue_recovery(text: str) -> dict[str, QueuedJob]:
+    """squeue's answer as the health monitor needs it (requeue flag, begin time), by job id."""
+    return {r.job_id: QueuedJob(r.job_id, r.state, r.reason, r.nodes, r.restarts, r.requeue, r.user, r.comment,
+                                _slurm_time(r.eligible), r.name)
+            for r in _squeue_rows(text)}

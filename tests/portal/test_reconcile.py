@@ -10,7 +10,7 @@ from portal.models import Event, EventKind, Job, User
 from portal.reconcile import Observed, Reconciler, fold, plan
 from portal.services import jobs as jobsvc
 from slurm.backend import SlurmCli
-from slurm.jobs import JobStatus
+from slurm.jobs import SEP, JobStatus
 from slurm.states import JobState
 from tests.conftest import JOB_USER
 
@@ -18,13 +18,14 @@ NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)
 UUID = "0f0e0d0c-0b0a-4909-8807-060504030201"
 
 
-def S(jid, state, reason="", nodes="", code=None, user="alice", comment="", name=""):
-    return JobStatus(jid, JobState(state), reason, nodes, code, 0 if code is not None else None, user, comment, name)
+def S(jid, state, reason="", nodes="", code=None, user="alice", comment="", name="", restarts=None):
+    return JobStatus(jid, JobState(state), reason, nodes, code, 0 if code is not None else None, user, comment, name,
+                     restarts)
 
 
-def J(state="PENDING", slurm="10", reason="", nodes="", jid=UUID, updated=NOW, exit_code=None):
+def J(state="PENDING", slurm="10", reason="", nodes="", jid=UUID, updated=NOW, exit_code=None, restarts=0):
     return Job(id=jid, user_id=1, name="t", state=JobState(state), slurm_job_id=slurm, reason=reason, nodes=nodes,
-               updated_at=updated, exit_code=exit_code)
+               updated_at=updated, exit_code=exit_code, restarts=restarts)
 
 
 @pytest.mark.parametrize("tasks, want", [
@@ -36,6 +37,17 @@ def J(state="PENDING", slurm="10", reason="", nodes="", jid=UUID, updated=NOW, e
 ])
 def test_fold(tasks, want):
     assert fold(tasks) == want
+
+
+@pytest.mark.parametrize("tasks, restarts", [
+    ([S("1", "RUNNING", restarts=2)], 2),
+    ([S("1", "RUNNING")], None),                                             # the source did not say
+    ([S("1_0", "RUNNING", restarts=1), S("1_1", "PENDING", restarts=2)], 3),  # an array: its tasks' together
+    ([S("1_0", "COMPLETED", code=0, restarts=1), S("1_1", "COMPLETED", code=0, restarts=0)], 1),
+    ([S("1_0", "RUNNING", restarts=1), S("1_1", "COMPLETED", code=0)], None),
+])
+def test_fold_restart_count(tasks, restarts):
+    assert fold(tasks).restarts == restarts
 
 
 def test_fold_failed_array_names_the_first_bad_task():
@@ -57,6 +69,25 @@ def test_fold_failed_array_names_the_first_bad_task():
 def test_plan_updates(job, queue, acct, want):
     p = plan([job], queue, acct, {"10"}, {"alice"}, NOW, 120)
     assert p.updates.get(job.id) == want
+
+
+@pytest.mark.parametrize("job, queue, acct, restarts", [
+    # only Slurm's count rose (requeued, running again on the same node before a cycle saw it)
+    (J("RUNNING", nodes="g1n1"), {"10": S("10", "RUNNING", nodes="g1n1", restarts=1)}, {}, 1),
+    # finished and still in squeue: accounting's exit code, squeue's count
+    (J("RUNNING", nodes="g1n1"), {"10": S("10", "COMPLETED", nodes="g1n1", restarts=2)},
+     {"10": S("10", "COMPLETED", "", "g1n1", 0)}, 2),
+])
+def test_plan_takes_the_restart_count_from_slurm(job, queue, acct, restarts):
+    p = plan([job], queue, acct, {"10"}, {"alice"}, NOW, 120)
+    assert p.updates[job.id].restarts == restarts
+
+
+@pytest.mark.parametrize("stored, counted", [(1, 1), (2, 1), (1, None)])
+def test_plan_no_update_when_slurm_counts_no_more_restarts(stored, counted):
+    p = plan([J("RUNNING", nodes="g1n1", restarts=stored)], {"10": S("10", "RUNNING", nodes="g1n1", restarts=counted)},
+             {}, {"10"}, {"alice"}, NOW, 120)
+    assert not p.updates
 
 
 def test_plan_forgotten_job_is_lost():
@@ -84,6 +115,118 @@ def test_plan_external_jobs_are_those_of_portal_users_without_a_portal_comment()
              "54": S("54", "PENDING", user="alice", comment="aiportal:" + UUID), "10": S("10", "PENDING")}
     p = plan([], queue, {}, {"10"}, {"alice", "bob"}, NOW, 120)
     assert [(s.job_id, s.user, s.name) for s in p.external] == [("50", "alice", "mine"), ("52", "bob", "")]
+
+
+# -- cycles on recorded Slurm output --------------------------------------------------------------
+
+def Q(jid, state, restarts, nodes="", reason="None", user="alice", comment="(null)", name="train"):
+    """One line of ``squeue --noheader --array --states=all --Format <squeue_format()>``."""
+    return "".join(c + SEP for c in (jid, state, reason, nodes, str(restarts), "1", user, comment, "N/A", name))
+
+
+class Recorded(SlurmCli):
+    """SlurmCli answering from recorded output, one answer per command (``squeue`` or ``sacct``):
+    the real argv, parsers, plan and database writes, without the cluster."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = {cmd: list(texts) for cmd, texts in answers.items()}
+        self.argvs: list[list[str]] = []
+
+    def _call(self, argv, stdin=None, error=None):
+        self.argvs.append(argv)
+        return self.answers[argv[0]].pop(0)
+
+
+def _cycles(engine, settings, job_state, answers, events=()):
+    """Store a running job (Slurm 4242 on g1n1), plus ``events`` (kind, key); run one cycle per
+    recorded squeue answer; return the job, its requeue events and the Slurm calls per cycle."""
+    with Session(engine, expire_on_commit=False) as db:
+        job = Job(user_id=db.exec(select(User).where(User.name == "alice")).one().id, name="t", state=job_state,
+                  slurm_job_id="4242", nodes="g1n1")
+        db.add(job)
+        db.flush()
+        for kind, key in events:
+            db.add(Event(kind=kind, key=key, job_id=job.id, user_id=job.user_id, message="by the monitor"))
+        db.commit()
+    backend = Recorded(answers)
+    rec = Reconciler(engine, backend, settings)
+    calls = []
+    for _ in answers["squeue"][:]:
+        before = len(backend.argvs)
+        rec.cycle()
+        calls.append(len(backend.argvs) - before)
+    with Session(engine) as db:
+        job = db.get(Job, job.id)
+        requeues = [e.message for e in db.exec(select(Event).where(Event.job_id == job.id,
+                                                                    Event.kind == EventKind.REQUEUED))]
+    return job, requeues, calls
+
+
+@pytest.mark.parametrize("answers", [
+    # requeued and running again before the next cycle: never seen pending
+    [Q("4242", "R", 0, "g1n1"), Q("4242", "R", 1, "g1n2"), Q("4242", "R", 1, "g1n2")],
+    [Q("4242", "R", 0, "g1n1"), Q("4242", "R", 1, "g1n1"), Q("4242", "R", 1, "g1n1")],
+    # seen completing, pending and running again: the count rose once
+    [Q("4242", "R", 0, "g1n1"), Q("4242", "CG", 1, "g1n1"), Q("4242", "PD", 1, reason="BeginTime"),
+     Q("4242", "R", 1, "g1n2")],
+    # seen pending: the transition and the rise are one requeue
+    [Q("4242", "R", 0, "g1n1"), Q("4242", "PD", 1, reason="BeginTime"), Q("4242", "PD", 1, reason="Priority"),
+     Q("4242", "R", 1, "g1n2")],
+])
+def test_one_requeue_event_per_rise_of_slurms_restart_count(engine, users, settings, answers):
+    job, requeues, calls = _cycles(engine, settings, JobState.RUNNING, {"squeue": answers})
+    assert job.restarts == 1 and len(requeues) == 1 and requeues[0].startswith("requeued (restart 1)"), requeues
+    assert calls == [1] * len(answers)          # one squeue per cycle, nothing else
+
+
+def test_every_rise_is_one_requeue_event(engine, users, settings):
+    answers = [Q("4242", "R", 0, "g1n1"), Q("4242", "R", 1, "g1n2"), Q("4242", "PD", 2, reason="BeginTime"),
+               Q("4242", "R", 2, "g1n1"), Q("4242", "R", 4, "g1n3")]
+    job, requeues, _ = _cycles(engine, settings, JobState.RUNNING, {"squeue": answers})
+    assert job.restarts == 4
+    assert requeues == ["requeued (restart 1); running on g1n2", "requeued (restart 2); pending: BeginTime",
+                        "requeued (restarts 3-4); running on g1n3"]
+
+
+def test_requeued_and_finished_between_cycles(engine, users, settings):
+    finished = SEP.join(["4242", "COMPLETED", "0:0", "g1n2", "alice", "", "None", "train"])
+    job, requeues, calls = _cycles(engine, settings, JobState.RUNNING, {
+        "squeue": [Q("4242", "R", 0, "g1n1"), Q("4242", "CD", 1, "g1n2")], "sacct": [finished]})
+    assert job.state is JobState.COMPLETED and job.exit_code == 0 and job.restarts == 1 and len(requeues) == 1
+    assert calls == [1, 2]                      # squeue, then sacct for the job that finished
+
+
+def test_array_tasks_restarts_add_up(engine, users, settings):
+    answers = [Q("4242_0", "R", 0, "g1n1") + "\n" + Q("4242_1", "R", 0, "g1n2"),
+               Q("4242_0", "R", 1, "g1n3") + "\n" + Q("4242_1", "R", 0, "g1n2"),
+               Q("4242_0", "R", 1, "g1n3") + "\n" + Q("4242_1", "PD", 1, reason="BeginTime"),
+               Q("4242_0", "R", 1, "g1n3") + "\n" + Q("4242_1", "R", 1, "g1n1")]
+    job, requeues, calls = _cycles(engine, settings, JobState.RUNNING, {"squeue": answers})
+    assert job.restarts == 2 and len(requeues) == 2 and calls == [1] * 4
+
+
+def test_a_requeue_the_monitor_recorded_is_not_recorded_again(engine, users, settings):
+    """The monitor keyed its event ``requeue:ID:RUN``; the job row the cycle read may predate it."""
+    answers = [Q("4242", "PD", 1, reason="BeginTime"), Q("4242", "R", 1, "g1n2")]
+    job, requeues, _ = _cycles(engine, settings, JobState.RUNNING, {"squeue": answers},
+                               events=[(EventKind.REQUEUED, "requeue:4242:0")])
+    assert job.restarts == 1 and requeues == ["by the monitor"]
+
+
+def test_without_a_count_from_slurm_a_requeue_is_inferred_from_the_transition(engine, users, settings, fake_backend):
+    with Session(engine, expire_on_commit=False) as db:
+        job = Job(user_id=users["alice"].id, name="t", state=JobState.RUNNING, slurm_job_id="4242", nodes="g1n1")
+        db.add(job)
+        db.commit()
+    rec = Reconciler(engine, fake_backend, settings)
+    for status in (S("4242", "PENDING", "BeginTime"), S("4242", "RUNNING", nodes="g1n2")):
+        fake_backend.jobs["4242"] = status
+        rec.cycle()
+    with Session(engine) as db:
+        kinds = [e.kind for e in db.exec(select(Event).where(Event.job_id == job.id).order_by(Event.id))]
+        assert db.get(Job, job.id).restarts == 1
+    assert kinds == [EventKind.REQUEUED, EventKind.STATE]
 
 
 # -- against the real cluster --------------------------------------------------------------------
@@ -200,3 +343,39 @@ def test_plain_sbatch_jobs_of_portal_users_show_up_as_external(settings, engine,
     real_backend.cancel(jid)
     job = _cycle_until(rec, engine, job.id, lambda j: j.state.terminal)
     assert job.state is JobState.CANCELLED
+
+
+@pytest.mark.slurm
+def test_a_requeue_never_seen_pending_is_counted_from_slurm(settings, engine, users, real_backend, cleanup_jobs):
+    """The flake this fixes: ``SlurmCli.requeue`` clears the hold at once, so the job can run
+    again before the next cycle. No cycle runs between "running" and "running again" here."""
+    import subprocess
+    out = subprocess.run(["runuser", "-u", JOB_USER, "--", "sbatch", "--parsable", "--job-name", "requeue-me",
+                          "--partition", "gpu-1card", "--output", "/dev/null", "--chdir", "/tmp", "--time", "5",
+                          "--requeue", "--wrap", "sleep 120"], capture_output=True, text=True, check=True, timeout=30)
+    jid = out.stdout.strip().split(";")[0]
+    cleanup_jobs.append(jid)
+    with Session(engine, expire_on_commit=False) as db:
+        job = Job(user_id=users["alice"].id, name="requeue-me", state=JobState.PENDING, slurm_job_id=jid)
+        db.add(job)
+        db.commit()
+    rec = Reconciler(engine, real_backend, settings)
+    _cycle_until(rec, engine, job.id, lambda j: j.state is JobState.RUNNING)
+    real_backend.requeue(jid)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        st = real_backend.queue().get(jid)
+        if st is not None and st.state is JobState.RUNNING and st.restarts == 1:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("job %s did not run again after its requeue: %s" % (jid, st))
+    assert rec.cycle().slurm_calls == 1
+    with Session(engine) as db:
+        again = db.get(Job, job.id)
+        requeues = db.exec(select(Event).where(Event.job_id == job.id, Event.kind == EventKind.REQUEUED)).all()
+        assert again.state is JobState.RUNNING and again.restarts == 1
+        assert [e.message.split(";")[0] for e in requeues] == ["requeued (restart 1)"]
+    rec.cycle()
+    with Session(engine) as db:
+        assert len(db.exec(select(Event).where(Event.job_id == job.id, Event.kind == EventKind.REQUEUED)).all()) == 1

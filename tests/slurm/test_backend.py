@@ -52,3 +52,25 @@ def test_timeout_raises_a_typed_error():
 def test_statuses_of_unknown_jobs_are_left_out():
     assert SlurmCli().statuses(["999999"]) == {}
     assert SlurmCli().statuses([]) == {}
+
+
+def test_queue_and_recovery_jobs_key_array_tasks_as_id_n_with_restart_counts():
+    """One ``squeue -O`` form for the reconciler and the monitor: array tasks as ``ID_N`` (held,
+    so not started: -O's JobID would print the array's id for each), names with spaces whole."""
+    import subprocess
+
+    from tests.conftest import JOB_USER
+    out = subprocess.run(["runuser", "-u", JOB_USER, "--", "sbatch", "--parsable", "--hold", "--array", "0-2",
+                          "--partition", "gpu-1card", "--output", "/dev/null", "--chdir", "/tmp", "--time", "5",
+                          "--job-name", "held array, 3 tasks", "--wrap", "true"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    jid = out.stdout.strip().split(";")[0]
+    backend = SlurmCli()
+    try:
+        mine = {k: v for k, v in backend.queue().items() if k.split("_")[0] == jid}
+        assert sorted(mine) == ["%s_%d" % (jid, i) for i in range(3)]
+        assert {(v.restarts, v.name, v.reason) for v in mine.values()} == {(0, "held array, 3 tasks", "JobHeldUser")}
+        tasks = backend.recovery_jobs(job_ids=[jid])
+        assert sorted(tasks) == sorted(mine) and {t.restarts for t in tasks.values()} == {0}
+    finally:
+        backend.cancel(jid)

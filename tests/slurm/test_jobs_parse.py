@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from slurm.errors import SlurmParseError
-from slurm.jobs import SEP, parse_exit_code, parse_sacct, parse_squeue
+from slurm.jobs import SEP, SQUEUE_FIELDS, parse_exit_code, parse_sacct, parse_squeue, squeue_format
 from slurm.states import TERMINAL, JobState, parse_job_state
 
 
@@ -36,13 +36,65 @@ def L(*cols):
     return SEP.join(cols)
 
 
+def Q(*cols):
+    """One line of ``squeue -h --array -O`` + squeue_format(): SEP after every field."""
+    return "".join(c + SEP for c in cols)
+
+
+# ``squeue --noheader --array --states=all --Format <squeue_format()>`` (fields: JobArrayID
+# StateCompact Reason NodeList RestartCnt Requeue UserName Comment EligibleTime Name); the last
+# two lines verbatim from the dev cluster (Slurm 22.05): 1323 was requeued once, then completed
+RECORDED = "\n".join([
+    Q("12", "R", "None", "g1n2", "1", "1", "alice", "aiportal:u1", "2026-11-27T11:52:32", "train"),
+    Q("13_2", "PD", "Dependency", "", "0", "0", "bob", "(null)", "Unknown", "my sweep, lr=1e-3"),
+    Q("14", "PD", "launch failed requeued held", "", "3", "1", "carol", "(null)", "N/A", "x"),
+    "1323\x1fCD\x1fNone\x1fg1n1\x1f1\x1f1\x1falice\x1faiportal:5b2348eb-6b21-4548-8fee-94a537975d2a"
+    "\x1f2026-11-27T14:12:11\x1fcifar10-1card\x1f",
+    "1336\x1fCA\x1fJobHeldUser\x1f\x1f0\x1f1\x1falice\x1f(null)\x1fN/A\x1fby-hand\x1f",
+]) + "\n"
+
+
+def test_squeue_format_is_long_names_unpadded_each_followed_by_sep():
+    assert squeue_format().split(",") == ["%s:0%s" % (f, SEP) for f in SQUEUE_FIELDS]
+    assert "RestartCnt" in SQUEUE_FIELDS and "Name" in SQUEUE_FIELDS
+
+
 def test_parse_squeue():
-    text = "\n".join([L("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train"),
-                      L("13_2", "PENDING", "Dependency", "", "bob", "(null)", "sweep")])
-    got = parse_squeue(text)
-    assert got["12"].state is JobState.RUNNING and got["12"].nodes == "g1n1" and got["12"].comment == "aiportal:u1"
-    assert got["12"].reason == "" and got["12"].name == "train"
-    assert got["13_2"].reason == "Dependency" and got["13_2"].comment == ""
+    got = parse_squeue(RECORDED)
+    assert list(got) == ["12", "13_2", "14", "1323", "1336"]
+    a = got["12"]
+    assert (a.state, a.reason, a.nodes, a.user, a.comment, a.name, a.restarts) == (
+        JobState.RUNNING, "", "g1n2", "alice", "aiportal:u1", "train", 1)
+    assert got["13_2"].reason == "Dependency" and got["13_2"].comment == "" and got["13_2"].restarts == 0
+
+
+@pytest.mark.parametrize("jid, field, value", [
+    ("13_2", "name", "my sweep, lr=1e-3"),                  # spaces and a comma: whole
+    ("14", "reason", "launch failed requeued held"),
+    ("14", "state", JobState.PENDING),
+    ("14", "restarts", 3),
+    ("1323", "state", JobState.COMPLETED),
+    ("1323", "restarts", 1),
+    ("1323", "nodes", "g1n1"),
+    ("1323", "name", "cifar10-1card"),
+    ("1323", "exit_code", None),                            # squeue has no exit codes
+    ("1336", "state", JobState.CANCELLED),
+    ("1336", "reason", "JobHeldUser"),
+    ("1336", "nodes", ""),
+    ("1336", "comment", ""),
+])
+def test_parse_squeue_fields(jid, field, value):
+    assert getattr(parse_squeue(RECORDED)[jid], field) == value
+
+
+@pytest.mark.parametrize("line, match", [
+    (Q("12", "R", "None", "g1n1", "x", "1", "alice", "", "N/A", "t"), "restart count 'x' is not a number"),
+    (L("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train"), "expected 10 squeue fields"),
+    (Q("12", "R"), "expected 10 squeue fields"),
+])
+def test_parse_squeue_refuses_other_output(line, match):
+    with pytest.raises(SlurmParseError, match=match):
+        parse_squeue(line)
 
 
 def test_parse_sacct_last_run_wins():
@@ -60,20 +112,26 @@ def test_exit_code(text, expected):
 
 
 def test_bad_lines():
-    with pytest.raises(SlurmParseError, match="expected 7 squeue fields"):
+    with pytest.raises(SlurmParseError, match="expected 10 squeue fields"):
         parse_squeue("12 RUNNING")
     with pytest.raises(SlurmParseError, match="CODE:SIGNAL"):
         parse_exit_code("x:y")
 
 
+def test_sacct_has_no_restart_count():
+    got = parse_sacct(L("20", "COMPLETED", "0:0", "g4n2", "alice", "", "None", "a"))
+    assert got["20"].restarts is None
+
+
 def test_recovery_queue_parse():
     import datetime as dt
 
-    from slurm.jobs import SEP, parse_squeue_recovery
-    line = SEP.join(["952", "PD", "BeginTime", "", "1", "1", "alice", "(null)", "2026-11-27T11:52:32", ""])
-    line2 = SEP.join(["953", "R", "None", "g1n1", "0", "0", "bob", "aiportal:x", "N/A", ""])
+    from slurm.jobs import parse_squeue_recovery
+    line = Q("952", "PD", "BeginTime", "", "1", "1", "alice", "(null)", "2026-11-27T11:52:32", "train")
+    line2 = Q("953", "R", "None", "g1n1", "0", "0", "bob", "aiportal:x", "N/A", "serve it")
     got = parse_squeue_recovery(line + "\n" + line2 + "\n")
     a, b = got["952"], got["953"]
+    assert (a.name, b.name) == ("train", "serve it")
     assert (a.state, a.reason, a.nodes, a.restarts, a.requeue, a.comment) == (JobState.PENDING, "BeginTime", "", 1, True, "")
     assert a.eligible == dt.datetime(2026, 11, 27, 11, 52, 32).astimezone()
     assert (b.state, b.reason, b.nodes, b.requeue, b.eligible, b.comment) == (JobState.RUNNING, "", "g1n1", False, None,
