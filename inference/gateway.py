@@ -9,7 +9,8 @@ It is the front door of every service (in a deployment the portal's web server p
 2. the body is read (``Content-Length`` or chunked; ``Expect: 100-continue`` is answered once
    the checks passed; over the service's limit: 413 before reading it);
 3. :class:`~inference.router.Balancer` picks a replica; the request goes to it over a
-   kept-alive connection and the answer is streamed back (status, Content-Type,
+   kept-alive connection, with the service's key (``X-Aiportal-Key``: replicas answer only
+   requests that carry it), and the answer is streamed back (status, Content-Type,
    ``X-Model-Version``, plus ``X-Replica``);
 4. a replica that refused or dropped the connection before answering, or answered 503 (loading
    or draining: nothing reached the model), is ejected for a while and the next one is tried;
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from inference.router import Balancer, Target
+from inference.runtime import KEY_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class Route:
     service: str
     targets: tuple[Target, ...]
     max_body: int = 0           #: bytes; 0: no limit of the service's own
+    #: the service's key, sent to its replicas in X-Aiportal-Key; "": a service without one
+    key: str = field(default="", repr=False)
 
 
 class Directory(Protocol):
@@ -269,6 +273,8 @@ class Gateway:
                                % (route.service, route.service), {"Retry-After": "1"})
         hdrs = ["%s %s HTTP/1.1" % (request.method, "/service"), "Host: replica", "Content-Length: %d" % len(body)]
         hdrs += ["%s: %s" % (h, request.headers[h]) for h in FORWARD_HEADERS if request.headers.get(h)]
+        if route.key:
+            hdrs.append("%s: %s" % (KEY_HEADER, route.key))
         out = ("\r\n".join(hdrs) + "\r\n\r\n").encode("latin-1") + body
         tried: set[str] = set()
         errors: list[str] = []

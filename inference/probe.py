@@ -1,11 +1,14 @@
-"""Readiness and load probes of a replica: ``GET /healthz`` and ``GET /stats``, with a timeout.
-An adapter (HTTP); what to do with the answers is :mod:`inference.controller`'s."""
+"""Readiness and load probes of a replica: ``GET /healthz`` and ``GET /stats`` (with the
+service's key: the runtime answers /stats only with it), with a timeout. An adapter (HTTP);
+what to do with the answers is :mod:`inference.controller`'s."""
 from __future__ import annotations
 
 import http.client
 import json
 import socket
 from dataclasses import dataclass
+
+from inference.runtime import KEY_HEADER
 
 
 @dataclass(frozen=True)
@@ -18,18 +21,22 @@ class ProbeResult:
     requests_total: int | None = None
 
 
-def _get(host: str, port: int, path: str, timeout: float) -> tuple[int, bytes]:
+def _get(host: str, port: int, path: str, timeout: float, key: str | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = {"Connection": "close"}
+    if key:
+        headers[KEY_HEADER] = key
     try:
-        conn.request("GET", path, headers={"Connection": "close"})
+        conn.request("GET", path, headers=headers)
         resp = conn.getresponse()
         return resp.status, resp.read(65536)
     finally:
         conn.close()
 
 
-def probe(host: str, port: int, timeout: float = 1.0) -> ProbeResult:
-    """One probe: ready when /healthz answers 200 within ``timeout``; load from /stats."""
+def probe(host: str, port: int, timeout: float = 1.0, key: str | None = None) -> ProbeResult:
+    """One probe: ready when /healthz answers 200 within ``timeout``; load from /stats, asked
+    with the service's ``key`` (None: a replica without one)."""
     try:
         status, body = _get(host, port, "/healthz", timeout)
     except (OSError, socket.timeout, http.client.HTTPException) as e:
@@ -41,7 +48,7 @@ def probe(host: str, port: int, timeout: float = 1.0) -> ProbeResult:
     if status != 200:
         return ProbeResult(False, status, detail or "healthz answered %d" % status)
     try:
-        st, raw = _get(host, port, "/stats", timeout)
+        st, raw = _get(host, port, "/stats", timeout, key)
         stats = json.loads(raw) if st == 200 else {}
     except (OSError, socket.timeout, http.client.HTTPException, ValueError):
         stats = {}

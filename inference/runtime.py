@@ -19,6 +19,9 @@ The config (JSON) names the model and how to serve it:
 ``endpoint_file``  where ``endpoint.json`` is written (atomically: temporary file + rename)
 ``version``        the service version, echoed in endpoint.json, /healthz and X-Model-Version
 ``job_id``         the Slurm job id (default: ``$SLURM_JOB_ID``)
+``key``            when set, ``/service`` and ``/stats`` answer only requests with the header
+                   ``X-Aiportal-Key: KEY`` (the portal's router and probes send it); kept in
+                   memory, never logged
 =================  ==========================================================================
 
 HTTP:
@@ -28,19 +31,22 @@ HTTP:
   ``application/octet-stream``, ``str`` as ``text/plain``, anything else as JSON. Concurrent
   requests are batched into one ``execute(data, batch_size)`` call, where ``data`` is a list of
   file-like bodies; the model returns one result per item, in order.
-- ``GET /healthz``: 200 once the model is loaded, 503 while it loads or the replica drains.
+- ``GET /healthz``: 200 once the model is loaded, 503 while it loads or the replica drains
+  (open to anyone: it tells readiness only).
 - ``GET /stats``: requests in flight, totals, and ``inflight_seconds`` (the time integral of
   requests in flight: its rate is the average concurrency, which the controller scales on).
 
-Errors are JSON ``{"error": code, "message": ...}``: 400 malformed request, 404, 405, 411 no
-length, 413 body too large, 500 the model failed on this request (a failed batch is retried
-item by item, so only the request that broke it fails), 503 loading or draining. The process
-survives all of them. SIGTERM drains: new requests get 503 (the router tries another replica),
-requests in flight finish, then the process exits.
+Errors are JSON ``{"error": code, "message": ...}``: 400 malformed request, 401 no or a wrong
+``X-Aiportal-Key`` (with a ``key`` configured), 404, 405, 411 no length, 413 body too large,
+500 the model failed on this request (a failed batch is retried item by item, so only the
+request that broke it fails), 503 loading or draining. The process survives all of them.
+SIGTERM drains: new requests get 503 (the router tries another replica), requests in flight
+finish, then the process exits.
 """
 from __future__ import annotations
 
 import argparse
+import hmac
 import importlib
 import importlib.util
 import io
@@ -63,8 +69,10 @@ DEFAULTS = {
     "model_file": None, "model_module": None, "class_name": "Model", "model_dir": ".",
     "max_batch_size": 8, "max_wait_ms": 5.0, "max_body_bytes": 16 * 1024 * 1024,
     "port_range": [7000, 7999], "bind_host": "127.0.0.1", "advertise_host": None,
-    "endpoint_file": None, "version": "", "job_id": None, "drain_timeout_s": 25.0,
+    "endpoint_file": None, "version": "", "job_id": None, "drain_timeout_s": 25.0, "key": None,
 }
+#: the header that carries the service's key from the portal's router and probes
+KEY_HEADER = "X-Aiportal-Key"
 
 
 class ConfigError(Exception):
@@ -93,6 +101,12 @@ def load_config(raw: dict) -> dict:
     if (not isinstance(pr, list) or len(pr) != 2 or not all(isinstance(p, int) for p in pr)
             or not 1 <= pr[0] <= pr[1] <= 65535):
         raise ConfigError("port_range must be [first, last] with 1 <= first <= last <= 65535, got %r" % (pr,))
+    key = cfg["key"]
+    # the message never shows the value: it is a secret
+    if key is not None and (not isinstance(key, str) or not 16 <= len(key) <= 256
+                            or not all("!" <= c <= "~" for c in key)):
+        raise ConfigError("key must be null or 16-256 printable ASCII characters without spaces (it travels in "
+                          "the %s header)" % KEY_HEADER)
     return cfg
 
 
@@ -286,6 +300,14 @@ class Runtime:
         self.batcher: Batcher | None = None
         self.server: ThreadingHTTPServer | None = None
         self.port = 0
+        self._key = cfg["key"].encode("ascii") if cfg.get("key") else None
+
+    def authorized(self, given: str | None) -> bool:
+        """Whether a request with ``X-Aiportal-Key: given`` may use /service and /stats
+        (always, when no key is configured). Compared in constant time."""
+        if self._key is None:
+            return True
+        return given is not None and hmac.compare_digest(given.encode("latin-1", "replace"), self._key)
 
     def bind(self) -> ThreadingHTTPServer:
         """Listen on the first free port of the range, starting at a random one (replicas on
@@ -399,6 +421,21 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, code: str, message: str, close: bool = False) -> None:
         self._send(status, _error_body(code, message), close=close)
 
+    def _refuse_unauthorized(self) -> bool:
+        """Answer 401 (and True) when the runtime has a key and the request lacks it. A body of
+        an allowed size is read and dropped first, so the connection stays usable (closing it
+        on unread data resets it, and the client might lose the answer)."""
+        if self.runtime.authorized(self.headers.get(KEY_HEADER)):
+            return False
+        length = self.headers.get("Content-Length", "0").strip()
+        te = self.headers.get("Transfer-Encoding", "identity").lower()
+        drained = te == "identity" and length.isdigit() and int(length) <= self.runtime.cfg["max_body_bytes"]
+        if drained and int(length):
+            drained = len(self.rfile.read(int(length))) == int(length)
+        self._error(401, "unauthorized", "this replica takes requests from the portal's router only; call the "
+                    "service through the portal: POST /service/NAME with an API token", close=not drained)
+        return True
+
     def do_GET(self):
         path = self.path.split("?", 1)[0]
         rt = self.runtime
@@ -406,6 +443,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.dumps({"status": rt.state, "version": rt.cfg["version"], "message": rt.message}).encode()
             self._send(200 if rt.state == "ready" else 503, body + b"\n")
         elif path == "/stats":
+            if self._refuse_unauthorized():
+                return
             snap = rt.stats.snapshot()
             if rt.batcher:
                 snap.update(batches_total=rt.batcher.batches, items_total=rt.batcher.items)
@@ -470,6 +509,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path != "/service":
             self._error(404, "not_found", "send model inputs to /service")
+            return
+        if self._refuse_unauthorized():
             return
         rt = self.runtime
         rt.stats.enter()        # before the state check: a drain waits for every request it let in

@@ -119,14 +119,17 @@ def check_name(name: Any) -> str:
 
 
 def runtime_config(spec: ServiceSpec, *, job_id: str = "", bind_host: str = "127.0.0.1",
-                   port_range: tuple[int, int] = PORT_RANGE) -> dict[str, Any]:
-    """The serving runtime's config for a replica of ``spec`` (paths as the container sees them)."""
+                   port_range: tuple[int, int] = PORT_RANGE, key: str | None = None) -> dict[str, Any]:
+    """The serving runtime's config for a replica of ``spec`` (paths as the container sees them).
+    ``key``: the service's key in clear; the replica then answers only requests that carry it
+    (the file must stay private to the service's user)."""
     return {
         "model_file": "%s/%s" % (MODEL_IN_CONTAINER, spec.model_file), "class_name": spec.class_name,
         "model_dir": MODEL_IN_CONTAINER, "max_batch_size": spec.max_batch_size,
         "max_wait_ms": float(spec.max_wait_ms), "max_body_bytes": spec.max_body_bytes,
         "port_range": list(port_range), "bind_host": bind_host,
         "endpoint_file": "%s/endpoint.json" % RUN_IN_CONTAINER, "version": spec.version, "job_id": job_id or None,
+        "key": key or None,
     }
 
 

@@ -262,6 +262,10 @@ class Service(SQLModel, table=True):
     #: the last rollout's outcome, or why replicas fail to start
     message: str = Field(default="", max_length=2000)
     service_dir: str = Field(default="", max_length=1024)
+    #: the key replicas take requests with (header X-Aiportal-Key), sealed with the site's data
+    #: key; only the router and the replicas' runtime.json see it in clear. NULL: a service from
+    #: before keys, whose replicas answer without one
+    key_sealed: str | None = Field(default=None, sa_type=sa.Text)
     created_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
 

@@ -9,7 +9,9 @@ database, without a query on the request path:
   per token and interval;
 - **where the service's replicas are**: the routing table (services and their READY replicas,
   written by the controller in the reconcile cycle) is re-read in the background every
-  ``router_refresh_s`` seconds; requests use the table at hand.
+  ``router_refresh_s`` seconds; requests use the table at hand. It carries each service's key
+  (sealed in the database, opened here once per service and kept in memory): the gateway
+  sends it to the replicas, which answer nobody else.
 
 Another user's service is "not found", like an unknown one.
 """
@@ -27,6 +29,8 @@ from inference.router import Target
 from portal.services import accounts
 from portal.services.inference import routing_table
 from portal.settings import Settings
+from storage.credentials import SecretBox
+from storage.errors import CredentialsError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,9 @@ class PortalDirectory:
 
     def __init__(self, engine, settings: Settings):
         self.engine, self.settings = engine, settings
+        self.box = SecretBox(settings.data_key)     # no data key: refused at start-up, with the fix
+        #: sealed key -> key in clear ("" when it cannot be opened), for the services of the last table
+        self.keys: dict[str, str] = {}
         self.ttl = settings.router_refresh_s
         self.table: dict | None = None
         self.loaded = 0.0
@@ -46,7 +53,29 @@ class PortalDirectory:
 
     def _read_table(self) -> dict:
         with Session(self.engine) as db:
-            return routing_table(db)
+            table = routing_table(db)
+        return self._open_keys(table)
+
+    def _open_keys(self, table: dict) -> dict:
+        """The table with each service's key in clear ("" for a service without one). A key is
+        opened once; one that cannot be (another data key sealed it) is logged once, and the
+        service's replicas then refuse its requests (401)."""
+        keys: dict[str, str] = {}
+        out = {}
+        for name, (sid, owner, max_body, ready, sealed) in table.items():
+            key = ""
+            if sealed:
+                key = self.keys.get(sealed)
+                if key is None:
+                    try:
+                        key = self.box.open(sealed, "the key of service %r" % name)
+                    except CredentialsError as e:
+                        log.error("%s; requests to service %s will be refused by its replicas", e, name)
+                        key = ""
+                keys[sealed] = key
+            out[name] = (sid, owner, max_body, ready, key)
+        self.keys = keys
+        return out
 
     def _read_caller(self, token: str) -> tuple[int | None, bool]:
         with Session(self.engine) as db:
@@ -101,8 +130,8 @@ class PortalDirectory:
         if entry is None or (entry[1] != user_id and not is_admin):
             raise GatewayError(404, "unknown_service", "there is no service named %r that you may call; your "
                                "services: `aiportal service list`" % name)
-        _sid, _owner, max_body, ready = entry
-        return Route(name, tuple(Target(*r) for r in ready), max_body)
+        _sid, _owner, max_body, ready, key = entry
+        return Route(name, tuple(Target(*r) for r in ready), max_body, key)
 
 
 def serve(settings: Settings, engine, listen: str, ready=None) -> None:

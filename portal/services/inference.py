@@ -13,6 +13,11 @@ Folders: ``SHARED/services/SERVICE_ID/`` (owned by the user's Unix account, mode
 portal, root, reads it) holds ``runtime.py`` (a copy of :mod:`inference.runtime`, bound
 read-only into each replica) and ``replicas/REPLICA_ID/{data,run,logs}``: the staged model,
 the runtime's config and ``endpoint.json``, the job log.
+
+Keys: each service gets a random key at deploy time, stored sealed with the site's data key
+(``Service.key_sealed``). It reaches a replica only in its ``runtime.json`` (mode 0600, the
+user's), and the router and the probes send it (``X-Aiportal-Key``): replicas answer nobody
+else. It is never logged, never in a batch script, never in an API answer.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import pwd
+import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,12 +50,14 @@ from slurm.render import COMMENT_PREFIX, render_sbatch
 from slurm.spec import resolve_node_type
 from slurm.states import JobState
 from storage.credentials import JOB_CREDENTIALS_NAME, SecretBox, write_job_credentials
-from storage.errors import StorageError
+from storage.errors import CredentialsError, StorageError
 
 log = logging.getLogger(__name__)
 
 POLICY_FIELDS = ("min_replicas", "max_replicas", "target_inflight", "scale_down_delay_s")
 COMMENT_SERVICE = COMMENT_PREFIX + "service:"
+#: random bytes of a service's key (url-safe base64: 43 characters)
+KEY_BYTES = 32
 
 
 # -- input -----------------------------------------------------------------------------------
@@ -127,7 +135,8 @@ def deploy(db: Session, settings: Settings, box: SecretBox, user: User, body: Ma
     svc = Service(user_id=user.id, name=name, spec_json=json.dumps(spec.to_json()),
                   min_replicas=policy.min_replicas, max_replicas=policy.max_replicas,
                   desired=policy.min_replicas, target_inflight=float(policy.target_inflight),
-                  scale_down_delay_s=float(policy.scale_down_delay_s))
+                  scale_down_delay_s=float(policy.scale_down_delay_s),
+                  key_sealed=box.seal(secrets.token_urlsafe(KEY_BYTES)))
     svc.service_dir = str(Path(settings.shared_root) / "services" / svc.id)
     prepare_service_dir(settings, user.unix_user, Path(svc.service_dir))
     db.add(svc)
@@ -277,6 +286,13 @@ def public_replica(r: ServiceReplica) -> dict[str, Any]:
             "created_at": iso(r.created_at), "ready_at": iso(r.ready_at), "ended_at": iso(r.ended_at)}
 
 
+def open_key(box: SecretBox, svc: Service) -> str | None:
+    """The service's key in clear; None for a service from before keys."""
+    if not svc.key_sealed:
+        return None
+    return box.open(svc.key_sealed, "the key of service %r" % svc.name)
+
+
 # -- folders ---------------------------------------------------------------------------------
 
 def _own(path: Path, pw) -> None:
@@ -305,6 +321,18 @@ def _install_runtime(service_dir: Path, pw) -> Path:
         _own(tmp, pw)
         os.replace(tmp, dest)
     return dest
+
+
+def write_runtime_config(path: Path, pw, config: Mapping[str, Any]) -> None:
+    """The replica's runtime.json: mode 0600 from its creation (it holds the service's key),
+    owned by the user, written whole (temporary file + rename)."""
+    tmp = path.with_name(".%s.tmp" % path.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)        # an older file of that name kept its mode
+        json.dump(config, f, indent=1)
+    _own(tmp, pw)
+    os.replace(tmp, path)
 
 
 def prepare_replica_dir(settings: Settings, unix_user: str, service_dir: Path, replica_id: str) -> Path:
@@ -345,10 +373,24 @@ class ServiceController:
     def __init__(self, engine, backend, settings: Settings, box: SecretBox | None = None):
         self.engine, self.backend, self.settings, self.box = engine, backend, settings, box
         self.timing = _timing(settings)
+        #: sealed key -> clear key: each service's key is opened once per process
+        self._keys: dict[str, str] = {}
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe")
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
+
+    def key_of(self, svc: Service) -> str | None:
+        """The service's key in clear (None: a service from before keys). The box is made from
+        the settings when none was given; CredentialsError names the fix when the data key is
+        missing or is not the one that sealed it."""
+        if not svc.key_sealed:
+            return None
+        key = self._keys.get(svc.key_sealed)
+        if key is None:
+            box = self.box if self.box is not None else SecretBox(self.settings.data_key)
+            key = self._keys[svc.key_sealed] = open_key(box, svc)
+        return key
 
     def cycle(self, queue: Mapping[str, JobStatus] | None = None) -> int:
         """One pass over all services; ``queue`` is this cycle's squeue answer when the
@@ -361,7 +403,7 @@ class ServiceController:
             if queue is None:
                 queue = self.backend.queue()
             statuses = self._statuses(db, replicas, queue)
-            probes = self._probes(db, replicas, statuses)
+            probes = self._probes(db, replicas, statuses, self._probe_keys(services))
             now = utcnow()
             for svc in services:
                 mine = [r for r in replicas if r.service_id == svc.id]
@@ -399,8 +441,24 @@ class ServiceController:
                     out[r.id] = st
         return out
 
-    def _probes(self, db: Session, replicas: list[ServiceReplica], statuses) -> dict[str, ProbeResult]:
-        """Read missing endpoints, then probe every running replica at once."""
+    def _probe_keys(self, services: list[Service]) -> dict[str, str | None]:
+        """Key per service id for the probes; a key that cannot be opened is logged (its
+        replicas' /stats then refuse the probe: no load figures, readiness still known)."""
+        sealed = {svc.key_sealed for svc in services}
+        self._keys = {k: v for k, v in self._keys.items() if k in sealed}      # deleted services' go
+        keys = {}
+        for svc in services:
+            try:
+                keys[svc.id] = self.key_of(svc)
+            except CredentialsError as e:
+                log.warning("service %s: %s", svc.name, e)
+                keys[svc.id] = None
+        return keys
+
+    def _probes(self, db: Session, replicas: list[ServiceReplica], statuses,
+                keys: Mapping[str, str | None]) -> dict[str, ProbeResult]:
+        """Read missing endpoints, then probe every running replica at once (with its service's
+        key)."""
         todo = []
         now = utcnow()
         for r in replicas:
@@ -420,7 +478,8 @@ class ServiceController:
             if r.started_at is not None and (now - r.started_at).total_seconds() < self.timing.initial_delay_s:
                 continue
             todo.append(r)
-        futures = {r.id: self.pool.submit(probe, r.host, r.port, self.timing.probe_timeout_s) for r in todo}
+        futures = {r.id: self.pool.submit(probe, r.host, r.port, self.timing.probe_timeout_s, keys.get(r.service_id))
+                   for r in todo}
         return {rid: f.result() for rid, f in futures.items()}
 
     def _apply(self, db: Session, svc: Service, rows: list[ServiceReplica], statuses, probes, now) -> None:
@@ -508,9 +567,8 @@ class ServiceController:
             job = replica_job(spec, node_type, service=svc.name, replica_id=row.id, job_dir=str(job_dir),
                               runtime_path=str(runtime_path), stage_bin=self.settings.stage_bin,
                               credentials_file=creds)
-            cfg_path = job_dir / "run" / RUNTIME_CONFIG
-            cfg_path.write_text(json.dumps(runtime_config(spec, bind_host=self.settings.service_bind_host), indent=1))
-            _own(cfg_path, pw)
+            write_runtime_config(job_dir / "run" / RUNTIME_CONFIG, pw,
+                                 runtime_config(spec, bind_host=self.settings.service_bind_host, key=self.key_of(svc)))
             row.slurm_job_id = self.backend.submit(render_sbatch(job), user=owner.unix_user)
             row.message = "submitted"
             log.info("service %s: replica %s (version %s) is Slurm job %s", svc.name, row.id, spec.version,
@@ -533,11 +591,14 @@ class ServiceController:
 
 # -- the router's view of the database ------------------------------------------------------
 
-def routing_table(db: Session) -> dict[str, tuple[str, int, int, list[tuple[str, str, int, str, int]]]]:
+RouteRow = tuple[str, int, int, list[tuple[str, str, int, str, int]], str | None]
+
+
+def routing_table(db: Session) -> dict[str, RouteRow]:
     """Every service by name: (id, owner user id, max body bytes, ready replicas as
-    (id, host, port, version, weight)). One query for services, one for ready replicas. In a
-    gray release the next generation's replicas weigh ``next_weight``, the others the rest;
-    otherwise every replica weighs 100."""
+    (id, host, port, version, weight), sealed key or None). One query for services, one for
+    ready replicas. In a gray release the next generation's replicas weigh ``next_weight``,
+    the others the rest; otherwise every replica weighs 100. The router opens the keys."""
     services = {s.id: s for s in db.exec(select(Service).where(Service.state != ServiceState.DELETING))}
     ready: dict[str, list] = {sid: [] for sid in services}
     for r in db.exec(select(ServiceReplica).where(ServiceReplica.phase == Phase.READY)):
@@ -547,4 +608,5 @@ def routing_table(db: Session) -> dict[str, tuple[str, int, int, list[tuple[str,
             if svc.next_weight is not None:
                 weight = svc.next_weight if r.generation == svc.next_generation else 100 - svc.next_weight
             ready[r.service_id].append((r.id, r.host, r.port, r.version, weight))
-    return {s.name: (s.id, s.user_id, int(s.spec.get("max_body_bytes") or 0), ready[s.id]) for s in services.values()}
+    return {s.name: (s.id, s.user_id, int(s.spec.get("max_body_bytes") or 0), ready[s.id], s.key_sealed)
+            for s in services.values()}

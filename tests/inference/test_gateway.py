@@ -1,10 +1,12 @@
 """The inference gateway (``POST|PUT /service/NAME``) against real runtime processes on
 loopback: balancing, keep-alive, retries on a dead or draining replica, weights between
-versions, and clear errors for every refused request."""
+versions, the service's key on the way to its replicas, and clear errors for every refused
+request."""
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import signal
 import socket
 import threading
@@ -124,6 +126,33 @@ def test_a_replica_that_does_not_answer_in_time_gets_504_and_the_request_is_not_
     assert status == 504 and out["error"] == "replica_timeout" and "0.5" not in out["message"]
     assert time.monotonic() - t0 < 1.5           # not retried on the other replica
     assert gw.gateway.balancer.outstanding("a") == gw.gateway.balancer.outstanding("b") == 0
+
+
+KEY = "Zk3-_" + "q" * 38
+
+
+def test_the_routes_key_opens_keyed_replicas_and_a_route_without_it_gets_their_401(runtimes, gateways, caplog):
+    caplog.set_level(logging.DEBUG)
+    a, b = runtimes("a", key=KEY), runtimes("b", key=KEY)
+    targets = (Target("a", a.host, a.port, "v1"), Target("b", b.host, b.port, "v1"))
+    keyed = Route("toy", targets, key=KEY)
+    assert KEY not in repr(keyed)
+    gw = gateways(StaticDirectory({"toy": (TOKEN, keyed), "nokey": (TOKEN, Route("nokey", targets))}))
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
+    replicas = Counter()
+    for i in range(6):
+        status, r, out = post(gw, body=b"k%d" % i, conn=conn)
+        assert status == 200 and out["upper"] == "K%d" % i
+        replicas[r.getheader("X-Replica")] += 1
+    assert replicas == {"a": 3, "b": 3}
+    # without the route's key the replicas refuse, and their 401 comes back as it is; a key the
+    # client sends itself is not passed on
+    for headers in ({}, {"X-Aiportal-Key": KEY}):
+        status, _, out = post(gw, name="nokey", headers=headers)
+        assert status == 401 and out["error"] == "unauthorized" and "router" in out["message"]
+    assert post(gw, conn=conn)[0] == 200        # the keyed route is not hurt by that
+    conn.close()
+    assert KEY not in caplog.text
 
 
 def test_no_ready_replica_and_no_answer_are_clear_errors(gateways):

@@ -1,5 +1,5 @@
 """The serving runtime as a real process on loopback with the toy model: readiness, batching,
-per-request model errors, limits and malformed requests, draining on SIGTERM."""
+per-request model errors, limits and malformed requests, draining on SIGTERM, the key."""
 from __future__ import annotations
 
 import http.client
@@ -13,6 +13,8 @@ import pytest
 
 from inference.runtime import ConfigError, encode_result, load_config
 from tests.inference.conftest import TOY
+
+KEY = "Zk3-_" + "q" * 38          # as secrets.token_urlsafe(32) makes them: 43 characters
 
 
 def call(rep, method="POST", path="/service", body=b"hello", headers=None, timeout=20):
@@ -171,6 +173,54 @@ def test_a_model_that_fails_to_load_exits_and_leaves_no_endpoint(tmp_path):
     assert not (tmp_path / "endpoint.json").exists()
 
 
+@pytest.mark.parametrize("headers", [
+    {}, {"X-Aiportal-Key": "wrong-" + KEY}, {"X-Aiportal-Key": KEY[:-1]}, {"X-Aiportal-Key": KEY + "x"},
+    {"X-Aiportal-Key": ""}, {"X-Aiportal-Key": "é" * 43}, {"X-Other": KEY},
+], ids=["none", "wrong", "prefix", "longer", "empty", "latin-1", "other-header"])
+def test_with_a_key_service_and_stats_refuse_requests_without_it(runtimes, headers):
+    rep = runtimes(key=KEY)
+    conn = http.client.HTTPConnection(rep.host, rep.port, timeout=10)
+    for method, path in (("POST", "/service"), ("PUT", "/service"), ("GET", "/stats")):
+        conn.request(method, path, body=b"x" * 100 if method != "GET" else None, headers=headers)
+        r = conn.getresponse()
+        out = json.loads(r.read())
+        assert r.status == 401 and out["error"] == "unauthorized" and "router" in out["message"], out
+        assert KEY not in json.dumps(out)
+    # the refused body was read: the same connection carries the next request
+    conn.request("POST", "/service", body=b"cat", headers={"X-Aiportal-Key": KEY})
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["upper"] == "CAT"
+    conn.close()
+
+
+def test_with_a_key_healthz_stays_open_and_the_key_opens_service_and_stats(runtimes):
+    rep = runtimes(key=KEY)
+    status, _, body = call(rep, "GET", "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ready"
+    for method in ("POST", "PUT"):
+        status, _, body = call(rep, method, body=b"abc", headers={"X-Aiportal-Key": KEY})
+        assert status == 200 and json.loads(body)["upper"] == "ABC"
+    assert call(rep, body=b"nope")[0] == 401
+    status, _, body = call(rep, "GET", "/stats", headers={"x-aiportal-key": KEY})      # header names: any case
+    assert status == 200 and json.loads(body)["requests_total"] == 2       # refused requests are not counted
+    # a refused body over the limit is not read: 401, and the connection ends
+    answer = _raw(rep, b"POST /service HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
+    assert answer.split(b" ", 2)[1] == b"401" and b"Connection: close" in answer
+    assert call(rep, body=b"still", headers={"X-Aiportal-Key": KEY})[0] == 200
+    # the key is in memory only: not in the log, not in the endpoint file
+    assert KEY not in rep.endpoint_file.read_text()
+    rep.proc.send_signal(signal.SIGTERM)
+    assert rep.proc.wait(15) == 0
+    assert KEY not in rep.log.read_text() and "listening on" in rep.log.read_text()
+
+
+def test_without_a_key_the_runtime_answers_everyone(runtimes):
+    rep = runtimes()
+    assert call(rep, body=b"abc")[0] == 200
+    assert call(rep, body=b"abc", headers={"X-Aiportal-Key": KEY})[0] == 200     # a key it does not have: ignored
+    assert call(rep, "GET", "/stats")[0] == 200
+
+
 @pytest.mark.parametrize("raw, words", [
     ({}, "exactly one of model_file"),
     ({"model_file": "m.py", "model_module": "m"}, "exactly one of model_file"),
@@ -181,10 +231,15 @@ def test_a_model_that_fails_to_load_exits_and_leaves_no_endpoint(tmp_path):
     ({"model_file": "m.py", "port_range": [8000, 7000]}, "port_range"),
     ({"model_file": "m.py", "port_range": [0, 10]}, "port_range"),
     ({"model_file": "m.py", "typo": 1}, "unknown config keys"),
+    ({"model_file": "m.py", "key": "short-secret"}, "key must be"),
+    ({"model_file": "m.py", "key": "with a space in it, a secret"}, "key must be"),
+    ({"model_file": "m.py", "key": "line\nbreak-in-the-secret"}, "key must be"),
+    ({"model_file": "m.py", "key": 12345678901234567890}, "key must be"),
 ])
 def test_config_errors_name_the_key(raw, words):
-    with pytest.raises(ConfigError, match=words):
+    with pytest.raises(ConfigError, match=words) as e:
         load_config(raw)
+    assert "secret" not in str(e.value)            # a bad key's value is never shown
 
 
 @pytest.mark.parametrize("result, body, ctype", [

@@ -29,7 +29,11 @@ def test_replica_job_runs_the_runtime_unlimited_on_infer_with_the_runtime_read_o
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
     cfg = runtime_config(spec, bind_host="0.0.0.0")
     assert cfg["model_file"] == "/data/data/model.py" and cfg["endpoint_file"] == "/aiportal/run/endpoint.json"
-    assert cfg["port_range"] == [7000, 7999] and cfg["version"] == "2"
+    assert cfg["port_range"] == [7000, 7999] and cfg["version"] == "2" and cfg["key"] is None
+    # the runtime takes what the portal writes, with the service's key or without one
+    from inference.runtime import load_config
+    assert load_config(cfg)["key"] is None
+    assert load_config(runtime_config(spec, key="k" * 43))["key"] == "k" * 43
 
 
 @pytest.mark.parametrize("kw, field", [

@@ -1,5 +1,6 @@
 """Services through the Flask test client (no cluster): validation naming the field, users see
-only their own services, scale/update/delete, the router's directory, the Services page."""
+only their own services, scale/update/delete, the service's key, the router's directory, the
+Services page."""
 from __future__ import annotations
 
 import pytest
@@ -105,6 +106,69 @@ def test_stopping_a_gray_release_keeps_the_current_version(client, tokens, fake_
     out = r.get_json()
     assert r.status_code == 202 and out["state"] == "RUNNING" and out["next_spec"] is None and out["version"] == "1"
     assert "stopped" in out["message"]
+
+
+def test_a_services_key_is_sealed_in_the_database_and_reaches_only_runtime_json_and_the_router(
+        client, tokens, fake_backend, image, model_dir, engine, settings, caplog):
+    import asyncio
+    import json
+    import logging
+    import os
+    import pwd
+    from pathlib import Path
+
+    import sqlalchemy as sa
+
+    from inference.gateway import Route
+    from portal.models import ServiceReplica
+    from portal.router import PortalDirectory
+    from portal.services.inference import routing_table
+    from storage.credentials import SecretBox
+    caplog.set_level(logging.DEBUG)
+    alice = bearer(tokens["alice"])
+    r = client.post("/api/v1/services", headers=alice, json=body(image, model_dir))
+    assert r.status_code == 201
+    answers = [r.get_data(as_text=True)]
+    with Session(engine) as db:
+        sealed = db.exec(select(Service)).one().key_sealed
+        row = db.execute(sa.text("SELECT * FROM services")).one()
+    key = SecretBox(settings.data_key).open(sealed)
+    assert len(key) >= 43 and key not in sealed
+    assert not any(key in str(v) for v in row), "the key is in the services table in clear"
+    ServiceController(engine, fake_backend, settings).cycle()
+    # the replica's runtime.json has it, private to alice; the batch script does not
+    script, user = fake_backend.submitted[0]
+    assert user == "alice" and key not in script
+    with Session(engine) as db:
+        replica = db.exec(select(ServiceReplica)).one()
+    cfg_path = Path(replica.job_dir) / "run" / "runtime.json"
+    assert json.loads(cfg_path.read_text())["key"] == key
+    st = os.stat(cfg_path)
+    assert st.st_mode & 0o777 == 0o600 and st.st_uid == pwd.getpwnam("alice").pw_uid
+    # the API answers never show it
+    answers += [client.get(p, headers=alice).get_data(as_text=True) for p in ("/api/v1/services",
+                                                                             "/api/v1/services/toy")]
+    scaled = client.post("/api/v1/services/toy/scale", headers=alice, json={"replicas": 2})
+    answers.append(scaled.get_data(as_text=True))
+    assert all(key not in a for a in answers)
+    # the router: the routing table has it sealed, the directory opens it into the route
+    with Session(engine) as db:
+        assert routing_table(db)["toy"][4] == sealed
+    route = asyncio.run(PortalDirectory(engine, settings).route(tokens["alice"], "toy"))
+    assert isinstance(route, Route) and route.key == key and key not in repr(route)
+    assert key not in caplog.text
+    # a service from before keys (NULL) keeps working without one: its next replica (it was
+    # scaled to 2 above) runs without a key, and the router sends none
+    with Session(engine) as db:
+        svc = db.exec(select(Service)).one()
+        svc.key_sealed = None
+        db.add(svc)
+        db.commit()
+    ServiceController(engine, fake_backend, settings).cycle()
+    with Session(engine) as db:
+        new = db.exec(select(ServiceReplica).where(ServiceReplica.id != replica.id)).one()
+    assert json.loads((Path(new.job_dir) / "run" / "runtime.json").read_text())["key"] is None
+    assert asyncio.run(PortalDirectory(engine, settings).route(tokens["alice"], "toy")).key == ""
 
 
 @pytest.mark.parametrize("change, field", [

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
@@ -24,6 +25,7 @@ from sqlmodel import Session, select
 
 from inference.controller import Phase
 from portal.models import Service, ServiceReplica
+from storage.credentials import SecretBox
 from tests.conftest import SHARED_ROOT
 from tests.inference.conftest import TOY
 from tests.portal.conftest import _stop, free_port, start_router
@@ -146,6 +148,18 @@ def wait_for(portal, token, name, check, timeout=90, what="condition"):
     raise AssertionError("service %s: no %s after %ss: %s" % (name, what, timeout, json.dumps(svc, indent=1)))
 
 
+def routed(portal, token, name, timeout=10):
+    """Wait until the router serves the service: the API says READY at once, the router's table
+    follows within router_refresh_s (before that it answers 503 no_ready_replica)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, out, _ = infer(portal.service_url, name, token, b"routed?")
+        if status == 200:
+            return
+        assert status == 503 and time.monotonic() < deadline, (status, out)
+        time.sleep(0.05)
+
+
 def ready(n, version=None):
     return lambda s: s["ready_replicas"] >= n and (version is None or all(
         r["version"] == version for r in s["replicas"] if r["phase"] == "READY"))
@@ -160,6 +174,7 @@ def test_a_service_answers_curl_shares_load_survives_a_killed_replica_and_a_port
     t0 = time.monotonic()
     svc = wait_for(live_portal, alice, name, ready(2), what="2 ready replicas")
     print("2 replicas ready in %.1fs" % (time.monotonic() - t0))
+    routed(live_portal, alice, name)
     assert all(r["slurm_job_id"] and 7000 <= r["port"] <= 7999 for r in svc["replicas"])
     jobs = [r["slurm_job_id"] for r in svc["replicas"]]
     info = subprocess.run(["scontrol", "show", "job", jobs[0]], capture_output=True, text=True).stdout
@@ -172,6 +187,29 @@ def test_a_service_answers_curl_shares_load_survives_a_killed_replica_and_a_port
                           "%s/service/%s" % (live_portal.service_url, name)], capture_output=True, text=True, timeout=30)
     answer = json.loads(res.stdout)
     assert answer["upper"] == "A CAT" and answer["version"] == "1", res
+
+    # the replicas themselves answer only the router (the service's key): a direct request gets
+    # 401; readiness stays open
+    for r in svc["replicas"]:
+        direct = "http://%s:%d" % (r["host"], r["port"])
+        for path, data in (("/service", b"x"), ("/stats", None)):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(direct + path, data=data), timeout=10)
+            with e.value:
+                assert e.value.code == 401 and json.loads(e.value.read())["error"] == "unauthorized", (r, path)
+        with urllib.request.urlopen(direct + "/healthz", timeout=10) as resp:
+            assert resp.status == 200
+    # the key is in each replica's runtime.json (0600, alice's) and nowhere in its job log
+    with Session(live_portal.engine) as db:
+        key = SecretBox(tomllib.loads(live_portal.config.read_text())["data_key"]).open(
+            db.exec(select(Service).where(Service.name == name)).one().key_sealed)
+        job_dirs = [Path(db.get(ServiceReplica, r["id"]).job_dir) for r in svc["replicas"]]
+    for job_dir in job_dirs:
+        cfg = job_dir / "run" / "runtime.json"
+        assert json.loads(cfg.read_text())["key"] == key and cfg.stat().st_mode & 0o777 == 0o600
+        assert cfg.stat().st_uid == pwd.getpwnam("alice").pw_uid
+        logs = [p.read_text(errors="replace") for p in (job_dir / "logs").iterdir() if p.is_file()]
+        assert logs and not any(key in text for text in logs)
 
     # two replicas share the load
     seen = Counter()
@@ -247,6 +285,7 @@ def test_rolling_update_under_load_fails_no_request_and_a_broken_version_keeps_t
     name = "roll-%s" % uuid.uuid4().hex[:6]
     deploy(live_portal, services, alice, name, image=str(base_image), model=models["1"], version="1", replicas=1)
     wait_for(live_portal, alice, name, ready(1), what="a ready replica")
+    routed(live_portal, alice, name)
     with Load(live_portal.service_url, name, alice, clients=2) as load:
         time.sleep(0.5)
         status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice, {"model": models["2"], "version": "2"})
@@ -281,6 +320,7 @@ def test_scales_up_under_load_and_down_when_idle(live_portal, base_image, models
     deploy(live_portal, services, alice, name, image=str(base_image), model=models["1"], min_replicas=1,
            max_replicas=2, target_inflight=1.0, scale_down_delay_s=3, max_batch_size=1)
     wait_for(live_portal, alice, name, ready(1), what="a ready replica")
+    routed(live_portal, alice, name)
     with Load(live_portal.service_url, name, alice, clients=4, body=b"sleep:0.2") as load:
         t0 = time.monotonic()
         svc = wait_for(live_portal, alice, name, ready(2), timeout=90, what="a second replica under load")
@@ -301,6 +341,7 @@ def test_a_gray_release_splits_requests_by_weight_then_rolls_out_without_failure
     name = "gray-%s" % uuid.uuid4().hex[:6]
     deploy(live_portal, services, alice, name, image=str(base_image), model=models["1"], replicas=1)
     wait_for(live_portal, alice, name, ready(1), what="a ready replica")
+    routed(live_portal, alice, name)
     with Load(live_portal.service_url, name, alice, clients=2) as load:
         status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice,
                           {"model": models["2"], "version": "2", "weight": 25})

@@ -1,4 +1,5 @@
-"""gray release: the share of requests the next version of a service takes
+"""gray release and replica keys: the share of requests the next version of a service takes;
+the sealed key its replicas take requests with
 
 Revision ID: 0004
 Revises: 0003
@@ -17,8 +18,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('services') as batch_op:
         batch_op.add_column(sa.Column('next_weight', sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column('key_sealed', sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('services') as batch_op:
+        batch_op.drop_column('key_sealed')
         batch_op.drop_column('next_weight')
