@@ -1,10 +1,10 @@
 """API submission latency against the backend's bare submit, in the same run (needs `make run`).
 
-    .venv/bin/python bench/bench_api_submit.py [--jobs 20] [--port 9102] [--sif BASE.sif]
+    .venv/bin/python bench/bench_api_submit.py [--jobs 20] [--sif BASE.sif]
 
-Starts a portal of its own like the tests' live portal does (gunicorn gthread, 2 workers x 16
-threads, a fresh SQLite database, user alice with an API token) on 127.0.0.1:PORT (the first
-free one of 9150-9199 when PORT is taken: other test runs start portals too), then,
+Starts a portal of its own like the tests' live portal does (``start_test_portal``: gunicorn
+gthread, 2 workers x 16 threads, a fresh SQLite database, user alice with an API token) on a
+free port of 127.0.0.1:9110-9149, then,
 interleaved so machine noise hits both:
 1. API: ``POST /api/v1/jobs`` through the CLI's own HTTP helper (``portal.cli._api``: a new
    connection per call, as `aiportal submit` makes), a job that exits at once (``true``);
@@ -20,89 +20,25 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cryptography.fernet import Fernet  # noqa: E402
-from sqlmodel import Session  # noqa: E402
 
-from portal import db as dbmod  # noqa: E402
 from portal.cli import _api  # noqa: E402
-from portal.services import accounts  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 from slurm.backend import SlurmCli  # noqa: E402
-from tests.conftest import stop_process as stop  # noqa: E402
+from tests.portal.conftest import start_test_portal  # noqa: E402
 
 USER = "alice"
 BASE_GLOB = "/srv/aiportal/shared/images/base/debian-python-*.sif"
 VENV_BIN = Path(sys.executable).parent
-
-
-def start_portal(base: Path, port: int) -> tuple[subprocess.Popen, str, Settings]:
-    """gunicorn on 127.0.0.1:port with a fresh database and alice; returns (process, token, settings)."""
-    config = base / "portal.toml"
-    config.write_text("\n".join([
-        'secret_key = "%s"' % os.urandom(32).hex(),
-        'admin_token_sha256 = "%s"' % hashlib.sha256(os.urandom(16)).hexdigest(),
-        'data_key = "%s"' % Fernet.generate_key().decode(),
-        'database_url = "sqlite:///%s/portal.db"' % base, ""]))
-    os.chmod(config, 0o600)
-    settings = Settings.load(config)
-    engine = dbmod.make_engine(settings.database_url)
-    dbmod.upgrade(engine)
-    with Session(engine, expire_on_commit=False) as db:
-        token, _ = accounts.create_token(db, accounts.add_user(db, USER, USER), "bench")
-        db.commit()
-    engine.dispose()
-    log = base / "gunicorn.log"
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class", "gthread",
-         "--threads", "16", "--workers", "2", "--error-logfile", str(log), "portal.app:create_app()"],
-        env=dict(os.environ, AIPORTAL_CONFIG=str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit("portal exited %s:\n%s" % (proc.returncode, log.read_text()[-3000:]))
-        try:
-            with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % port, timeout=2):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                stop(proc)
-                raise SystemExit("portal did not answer on port %d in 30 s (is the port taken?):\n%s"
-                                 % (port, log.read_text()[-3000:]))
-            time.sleep(0.2)
-    return proc, token, settings
-
-
-def free_port(preferred: int) -> int:
-    """``preferred`` if nothing listens there, else the first free port of 9150-9199 (tests'
-    range, DESIGN.md), said on stderr: other test runs start portals of their own."""
-    for port in [preferred, *range(9150, 9200)]:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as gunicorn binds: TIME_WAIT is no obstacle
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port != preferred:
-            print("port %d is taken; using %d" % (preferred, port), file=sys.stderr)
-        return port
-    raise SystemExit("no free port (%d, 9150-9199)" % preferred)
-
-
 
 
 def pct(values: list[float], p: float) -> float:
@@ -113,18 +49,16 @@ def pct(values: list[float], p: float) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=20)
-    ap.add_argument("--port", type=int, default=9102)
     ap.add_argument("--sif", help="image (default: the base image the tests build)")
     args = ap.parse_args()
     sif = args.sif or (sorted(glob.glob(BASE_GLOB)) or [None])[-1]
     if not sif:
         raise SystemExit("no base image under %s: run the tests once (they build it) or pass --sif" % BASE_GLOB)
     base = Path(tempfile.mkdtemp(prefix="bench-api-"))
-    os.chmod(base, 0o755)
-    port = free_port(args.port)
-    proc, token, settings = start_portal(base, port)
-    (base / "token").write_text(token)
-    cli = argparse.Namespace(url="http://127.0.0.1:%d" % port, token_file=str(base / "token"), timeout=60.0)
+    portal = start_test_portal(base)
+    settings = Settings.load(portal.config)
+    (base / "token").write_text(portal.tokens[USER])
+    cli = argparse.Namespace(url=portal.url, token_file=str(base / "token"), timeout=60.0)
     backend = SlurmCli(settings.slurm_conf, 60.0, settings.cluster_name)
     body = {"image": sif, "node_type": "1card", "command": ["true"], "name": "bench-api", "time_limit": "1"}
     slurm_ids: list[str] = []
@@ -157,7 +91,7 @@ def main() -> int:
         print("fixed cost of one authenticated API call (GET /api/v1/me, new connection): p50 %.1f ms"
               % (statistics.median(t_me) * 1e3))
     finally:
-        stop(proc)
+        portal.stop()
         if slurm_ids:
             subprocess.run(["scancel", *slurm_ids], capture_output=True, timeout=120)
             deadline = time.monotonic() + 60

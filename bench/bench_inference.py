@@ -20,13 +20,11 @@ dev cluster and root. The portal is its own (port 9110-9149, temporary database)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
 import pwd
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,30 +38,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cryptography.fernet import Fernet  # noqa: E402
-from sqlmodel import Session  # noqa: E402
+from sqlmodel import Session, select  # noqa: E402
 
 from inference.controller import Phase  # noqa: E402
-from portal import db as dbmod  # noqa: E402
-from portal.models import Service, ServiceReplica, utcnow  # noqa: E402
-from portal.services import accounts  # noqa: E402
+from portal.models import Service, ServiceReplica, User, utcnow  # noqa: E402
+from portal.settings import Settings  # noqa: E402
+from storage.credentials import SecretBox  # noqa: E402
 from tests.inference.conftest import TOY, start_runtime, stop_runtime  # noqa: E402
-from tests.conftest import stop_process  # noqa: E402
-from tests.portal.conftest import free_port  # noqa: E402
+from tests.portal.conftest import free_port, start_test_portal  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 BASE_IMAGE_DIR = Path("/srv/aiportal/shared/images/base")
+#: the services' key: the router sends it, the replicas check it (as deployed)
+KEY = "bench-replica-key-0123456789abcdef"
 
 
 class Client:
     """One keep-alive connection; ``post`` returns (status, seconds)."""
 
-    def __init__(self, host, port, path, token=None):
+    def __init__(self, host, port, path, token=None, key=None):
         self.conn = http.client.HTTPConnection(host, port, timeout=60)
         self.path = path
         self.headers = {"Content-Type": "application/octet-stream"}
         if token:
             self.headers["Authorization"] = "Bearer " + token
+        if key:         # straight to a replica: the key the router would send
+            self.headers["X-Aiportal-Key"] = key
 
     def post(self, body: bytes) -> tuple[int, float]:
         t0 = time.perf_counter()
@@ -121,39 +121,27 @@ def pct(xs, p):
 
 
 class Portal:
-    """gunicorn (+ optionally the reconciler) on a temporary database."""
+    """The tests' portal (``start_test_portal``: gunicorn + the router on TCP ports) plus the
+    front door as deployed: nginx with the portal role's configuration, passing /service/ to a
+    second router and the rest to a second gunicorn, both on unix sockets. The reconciler only
+    for part 3."""
 
     def __init__(self, base: Path):
         self.base = base
-        os.chmod(base, 0o755)
-        self.config = base / "portal.toml"
-        self.config.write_text("\n".join([
-            'secret_key = "%s"' % ("k" * 64), 'admin_token_sha256 = "%s"' % hashlib.sha256(b"bench-admin").hexdigest(),
-            'data_key = "%s"' % Fernet.generate_key().decode(), 'database_url = "sqlite:///%s/portal.db"' % base,
-            'reconcile_interval_s = 1.0', ""]))
-        os.chmod(self.config, 0o600)
-        self.engine = dbmod.make_engine("sqlite:///%s/portal.db" % base)
-        dbmod.upgrade(self.engine)
-        with Session(self.engine, expire_on_commit=False) as db:
-            self.user = accounts.add_user(db, "alice", "alice")
-            self.token, _ = accounts.create_token(db, self.user, "bench")
-            db.commit()
-        self.env = dict(os.environ, AIPORTAL_CONFIG=str(self.config))
-        self.port = free_port()
-        self.procs = [subprocess.Popen(
-            [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % self.port, "--worker-class", "gthread",
-             "--threads", "16", "--workers", "2", "--error-logfile", str(base / "gunicorn.log"),
-             "portal.app:create_app()"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
-        # the inference router on its own (TCP), and as deployed: behind nginx (the portal
-        # role's template) on unix sockets, with gunicorn beside it
-        self.router_port = free_port([p for p in range(9110, 9150) if p != self.port])
-        self.front_port = free_port([p for p in range(9110, 9150) if p not in (self.port, self.router_port)])
-        for listen, log in (("127.0.0.1:%d" % self.router_port, "router.log"),
-                            ("unix:%s/router.sock" % base, "router-front.log")):
-            with open(base / log, "w") as out:
-                self.procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "router", "--listen", listen],
-                                                   env=self.env, stdout=out, stderr=subprocess.STDOUT))
-        self.procs.append(subprocess.Popen(
+        self.p = start_test_portal(base, router=True)
+        self.config, self.engine, self.env = self.p.config, self.p.engine, self.p.env
+        self.port, self.router_port = self.p.port, int(self.p.service_url.rsplit(":", 1)[1])
+        self.token = self.p.tokens["alice"]
+        self.box = SecretBox(Settings.load(self.config).data_key)
+        with Session(self.engine) as db:
+            self.user_id = db.exec(select(User).where(User.name == "alice")).one().id
+        self.router = self.p.procs[-1]
+        with open(base / "router-front.log", "w") as out:
+            self.front_router = subprocess.Popen([str(VENV_BIN / "aiportal"), "router", "--listen",
+                                                  "unix:%s/router.sock" % base], env=self.env, stdout=out,
+                                                 stderr=subprocess.STDOUT)
+        self.p.procs.append(self.front_router)
+        self.p.procs.append(subprocess.Popen(
             [str(VENV_BIN / "gunicorn"), "--bind", "unix:%s/portal.sock" % base, "--worker-class", "gthread",
              "--threads", "4", "--workers", "1", "--error-logfile", str(base / "gunicorn-front.log"),
              "portal.app:create_app()"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
@@ -161,25 +149,22 @@ class Portal:
         while not (base / "router.sock").exists():
             assert time.monotonic() < deadline, (base / "router-front.log").read_text()
             time.sleep(0.1)
-        self.procs.append(start_nginx(base, self.front_port))
-        deadline = time.monotonic() + 30
+        self.front_port = free_port([p for p in range(9110, 9150) if p not in (self.port, self.router_port)])
+        self.nginx = start_nginx(base, self.front_port)
+        self.p.procs.append(self.nginx)
         while True:
             try:
-                urllib.request.urlopen("http://127.0.0.1:%d/healthz" % self.port, timeout=2).close()
                 urllib.request.urlopen("http://127.0.0.1:%d/healthz" % self.front_port, timeout=2).close()
-                socket.create_connection(("127.0.0.1", self.router_port), timeout=2).close()
                 break
             except OSError:
                 assert time.monotonic() < deadline, "".join(
-                    (base / f).read_text() for f in ("gunicorn.log", "router.log", "nginx-error.log")
-                    if (base / f).exists())
+                    (base / f).read_text() for f in ("gunicorn-front.log", "nginx-error.log") if (base / f).exists())
                 time.sleep(0.2)
 
     def start_reconciler(self):
-        log = open(self.base / "reconcile.log", "w")
-        self.procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "reconcile"], env=self.env, stdout=log,
-                                           stderr=subprocess.STDOUT))
-        log.close()
+        with open(self.base / "reconcile.log", "w") as log:
+            self.p.procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "reconcile"], env=self.env, stdout=log,
+                                                 stderr=subprocess.STDOUT))
 
     def api(self, method, path, body=None):
         req = urllib.request.Request("http://127.0.0.1:%d/api/v1%s" % (self.port, path), method=method,
@@ -190,8 +175,7 @@ class Portal:
             return json.loads(resp.read())
 
     def stop(self):
-        for p in reversed(self.procs):
-            stop_process(p)
+        self.p.stop()
 
 
 def start_nginx(base: Path, port: int) -> subprocess.Popen:
@@ -240,21 +224,22 @@ def cpu_seconds(*pids: int) -> float:
 
 
 def part_router(portal: Portal, tmp: Path, n: int, seconds: float) -> None:
-    rep = start_runtime(tmp / "echo", max_batch_size=1, max_wait_ms=0)
+    rep = start_runtime(tmp / "echo", max_batch_size=1, max_wait_ms=0, key=KEY)
     try:
         with Session(portal.engine) as db:
-            svc = Service(user_id=portal.user.id, name="echo", spec_json=json.dumps({"max_body_bytes": 1 << 20}))
+            svc = Service(user_id=portal.user_id, name="echo", spec_json=json.dumps({"max_body_bytes": 1 << 20}),
+                          key_sealed=portal.box.seal(KEY))
             db.add(svc)
             db.flush()
             db.add(ServiceReplica(service_id=svc.id, phase=Phase.READY, host=rep.host, port=rep.port, version="v1",
                                   ready_at=utcnow()))
             db.commit()
-        direct = lambda: Client(rep.host, rep.port, "/service")  # noqa: E731
+        direct = lambda: Client(rep.host, rep.port, "/service", key=KEY)  # noqa: E731
         routed = lambda: Client("127.0.0.1", portal.router_port, "/service/echo", portal.token)  # noqa: E731
         front = lambda: Client("127.0.0.1", portal.front_port, "/service/echo", portal.token)  # noqa: E731
         d_lat, r_lat, f_lat = sequential(direct, n), sequential(routed, n), sequential(front, n)
         d_tp, d_bad = throughput(direct, 8, seconds)
-        router, front_router, nginx = portal.procs[1].pid, portal.procs[2].pid, portal.procs[4].pid
+        router, front_router, nginx = portal.router.pid, portal.front_router.pid, portal.nginx.pid
         c0 = cpu_seconds(router)
         r_tp, r_bad = throughput(routed, 8, seconds)
         r_cpu = (cpu_seconds(router) - c0) / (r_tp * seconds)
@@ -303,18 +288,20 @@ def part_router(portal: Portal, tmp: Path, n: int, seconds: float) -> None:
 
 def part_router_model(portal: Portal, tmp: Path, seconds: float) -> None:
     """Throughput direct and through the router for a model that does some work per call."""
-    rep = start_runtime(tmp / "fixed-router", class_name="FixedCost", max_batch_size=32, max_wait_ms=5,
+    rep = start_runtime(tmp / "fixed-router", class_name="FixedCost", max_batch_size=32, max_wait_ms=5, key=KEY,
                         env={"COST_MS": "20", "PER_ITEM_MS": "0.2"})
     try:
         with Session(portal.engine) as db:
-            svc = Service(user_id=portal.user.id, name="fixed", spec_json=json.dumps({"max_body_bytes": 1 << 20}))
+            svc = Service(user_id=portal.user_id, name="fixed", spec_json=json.dumps({"max_body_bytes": 1 << 20}),
+                          key_sealed=portal.box.seal(KEY))
             db.add(svc)
             db.flush()
             db.add(ServiceReplica(service_id=svc.id, phase=Phase.READY, host=rep.host, port=rep.port, version="v1",
                                   ready_at=utcnow()))
             db.commit()
         time.sleep(1.0)       # the routing table is re-read every router_refresh_s
-        d_tp, d_bad = throughput(lambda: Client(rep.host, rep.port, "/service"), 32, seconds, body=b"x" * 1024)
+        d_tp, d_bad = throughput(lambda: Client(rep.host, rep.port, "/service", key=KEY), 32, seconds,
+                                 body=b"x" * 1024)
         r_tp, r_bad = throughput(lambda: Client("127.0.0.1", portal.router_port, "/service/fixed", portal.token), 32,
                                  seconds, body=b"x" * 1024)
         f_tp, f_bad = throughput(lambda: Client("127.0.0.1", portal.front_port, "/service/fixed", portal.token), 32,

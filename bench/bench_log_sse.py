@@ -4,7 +4,7 @@ page's EventSource reads), against `follow_log` straight over SSH in the same ru
 
     .venv/bin/python bench/bench_log_sse.py [--lines 300]
 
-Starts its own portal (gunicorn, gthread, on a free port of 9150-9199) on a temporary
+Starts its own portal (``start_test_portal``: gunicorn, gthread, on a free port of 9110-9149) on a temporary
 database with a RUNNING job of alice's whose log is a file in alice's folder; a writer running
 as alice appends lines carrying their write time. Target: p95 under 1 s. Stops the portal by
 pid. Needs the dev cluster's sshd (`make run`) and root.
@@ -12,7 +12,6 @@ pid. Needs the dev cluster's sshd (`make run`) and root.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -29,24 +28,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cryptography.fernet import Fernet  # noqa: E402
-from sqlmodel import Session  # noqa: E402
+from sqlmodel import Session, select  # noqa: E402
 
 from bench_log_latency import WRITER, Latencies  # noqa: E402
-from portal import db as dbmod  # noqa: E402
 from portal.logtail import follow_log, target_for  # noqa: E402
-from portal.models import Job  # noqa: E402
-from portal.services import accounts  # noqa: E402
+from portal.models import Job, User  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 from slurm.states import JobState  # noqa: E402
-from tests.conftest import free_port as _free_port  # noqa: E402
-from tests.conftest import stop_process  # noqa: E402
+from tests.portal.conftest import start_test_portal  # noqa: E402
 
 SHARED_USERS = Path("/srv/aiportal/shared/users")
-
-
-def free_port() -> int:
-    return _free_port(range(9150, 9200))
 
 
 def summary(name: str, lat: Latencies) -> tuple[float, float]:
@@ -87,39 +78,20 @@ def main() -> int:
     for d in (job_dir, job_dir / "logs"):
         shutil.chown(d, "alice", "alice")
         os.chmod(d, 0o700)
-    admin = "bench-admin-token-%s" % uuid.uuid4().hex
-    config = tmp / "portal.toml"
-    config.write_text('secret_key = "%s"\nadmin_token_sha256 = "%s"\ndata_key = "%s"\ndatabase_url = "sqlite:///%s/p.db"\n'
-                      % ("b" * 64, hashlib.sha256(admin.encode()).hexdigest(), Fernet.generate_key().decode(), tmp))
-    settings = Settings.load(config)
-    engine = dbmod.make_engine(settings.database_url)
-    dbmod.upgrade(engine)
-    with Session(engine) as db:
-        alice = accounts.add_user(db, "alice", "alice")
-        token, _ = accounts.create_token(db, alice)
+    portal = start_test_portal(tmp, workers=1, threads=8)
+    settings = Settings.load(portal.config)
+    token = portal.tokens["alice"]
+    with Session(portal.engine) as db:
+        alice = db.exec(select(User).where(User.name == "alice")).one()
         job = Job(user_id=alice.id, name="bench", state=JobState.RUNNING, slurm_job_id="999999", job_dir=str(job_dir))
         db.add(job)
         db.commit()
         job_id = job.id
     log = job_dir / "logs" / "slurm-999999.out"
-    port = free_port()
-    venv = Path(sys.executable).parent
-    portal = subprocess.Popen([str(venv / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class", "gthread",
-                               "--threads", "8", "--workers", "1", "--error-logfile", str(tmp / "g.log"),
-                               "portal.app:create_app()"], env=dict(os.environ, AIPORTAL_CONFIG=str(config)))
     stop = threading.Event()
     sse, direct = Latencies(), Latencies()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen("http://127.0.0.1:%d/healthz" % port, timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or portal.poll() is not None:
-                    raise SystemExit("portal did not start: %s" % (tmp / "g.log").read_text()[-2000:])
-                time.sleep(0.2)
-        url = "http://127.0.0.1:%d/api/v1/jobs/%s/log?follow=1" % (port, job_id)
+        url = "%s/api/v1/jobs/%s/log?follow=1" % (portal.url, job_id)
         readers = [threading.Thread(target=sse_reader, args=(url, token, sse, stop), daemon=True)]
 
         def follow_direct():
@@ -139,8 +111,7 @@ def main() -> int:
               % (s[0] / d[0], s[1] / d[1], "met" if s[1] < 1.0 and len(sse.values) == args.lines else "NOT met"))
     finally:
         stop.set()
-        stop_process(portal, timeout=30)
-        engine.dispose()
+        portal.stop()
         shutil.rmtree(job_dir, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

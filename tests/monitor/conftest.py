@@ -118,15 +118,14 @@ def wait_node(name: str, pred, timeout: float, step: float = 0.5) -> tuple[str, 
 
 # -- the live side: `aiportal monitor` processes on a test database, nodes of the dev cluster ----
 
-import hashlib  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from cryptography.fernet import Fernet  # noqa: E402
 
 from portal.settings import Settings  # noqa: E402
+from tests.portal.conftest import write_test_config  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 AIPORTAL = str(VENV_BIN / "aiportal")
@@ -187,16 +186,9 @@ def live_monitor(tmp_path, receiver):
     """Two `aiportal monitor` processes (to show a row is never notified twice) and one
     reconciler on a fresh database, with the webhook receiver configured; stopped by pid."""
     os.chmod(tmp_path, 0o755)
-    config = tmp_path / "portal.toml"
-    config.write_text("\n".join([
-        'secret_key = "%s"' % ("k" * 64),
-        'admin_token_sha256 = "%s"' % hashlib.sha256(b"unused").hexdigest(),
-        'data_key = "%s"' % Fernet.generate_key().decode(),
-        'database_url = "sqlite:///%s/portal.db"' % tmp_path,
-        'reconcile_interval_s = 1.0', 'monitor_interval_s = 1.0',
-        'notify_webhook_url = "%s"' % receiver.url, 'notify_webhook_secret = "test-secret"',
-        'notify_backoff_s = 1.0', ""]))
-    os.chmod(config, 0o600)
+    config = write_test_config(tmp_path, 'reconcile_interval_s = 1.0', 'monitor_interval_s = 1.0',
+                               'notify_webhook_url = "%s"' % receiver.url, 'notify_webhook_secret = "test-secret"',
+                               'notify_backoff_s = 1.0')
     settings = Settings.load(config)
     engine = dbmod.make_engine(settings.database_url)
     dbmod.upgrade(engine)

@@ -4,7 +4,6 @@ owner's webhook gets exactly one notification (two monitors run). A job that opt
 requeue on a node that fails its health check is stopped cleanly with its outputs staged out.
 
 Jobs ask for a whole 4-GPU node (4 GPUs, 48 CPUs), so a node these tests break runs nobody else's job."""
-import json
 import time
 from pathlib import Path
 

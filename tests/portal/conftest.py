@@ -190,9 +190,21 @@ class LivePortal:
     procs: list
     #: where ``POST|PUT /service/NAME`` is served (the inference router)
     service_url: str = ""
+    #: the environment its processes run with (AIPORTAL_CONFIG)
+    env: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.service_url = self.service_url or self.url
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            _stop(proc)
+        self.procs.clear()
+        self.engine.dispose()
 
     def get(self, path: str, token: str | None = None, timeout: float = 20) -> bytes:
         req = urllib.request.Request(self.url + path)
@@ -235,52 +247,74 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30)
 
 
 
-@pytest.fixture(scope="session")
-def live_portal(tmp_path_factory):
-    """gunicorn (gthread) on a free port of 127.0.0.1:9110-9149 and ``aiportal reconcile`` with a fresh SQLite
-    database, the dev cluster's Slurm, shared filesystem and log sshd; accounts alice, bob and
-    an admin with API tokens. Both processes are stopped by pid at the end."""
-    base = tmp_path_factory.mktemp("live-portal")
-    os.chmod(base, 0o755)
+def write_test_config(base: Path, *lines: str) -> Path:
+    """``base``/portal.toml (mode 0600): fresh secrets, the admin token ADMIN_TOKEN, a SQLite
+    database in ``base``, and ``lines``."""
     config = base / "portal.toml"
     config.write_text("\n".join([
-        'secret_key = "%s"' % ("k" * 64),
+        'secret_key = "%s"' % os.urandom(32).hex(),
         'admin_token_sha256 = "%s"' % hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest(),
         'data_key = "%s"' % Fernet.generate_key().decode(),
-        'database_url = "sqlite:///%s/portal.db"' % base,
-        'reconcile_interval_s = 1.0', ""]))
+        'database_url = "sqlite:///%s/portal.db"' % base, *lines, ""]))
     os.chmod(config, 0o600)
+    return config
+
+
+def start_test_portal(base: Path, *, users=(("alice", "alice", False),), passwords: dict | None = None,
+                      reconcile: bool = False, router: bool = False, workers: int = 2, threads: int = 16,
+                      config_lines=()) -> LivePortal:
+    """A portal of its own for tests and benchmarks: gunicorn (gthread, WORKERS x THREADS, as the
+    portal role deploys it) on a free port of 127.0.0.1:9110-9149 with a fresh SQLite database
+    in ``base``; ``users`` (name, Unix account, admin) with API tokens (and ``passwords``);
+    optionally ``aiportal reconcile`` and ``aiportal router`` (its address: ``service_url``).
+    The admin token is ADMIN_TOKEN. ``stop()`` stops every process by pid."""
+    os.chmod(base, 0o755)
+    config = write_test_config(base, 'reconcile_interval_s = 1.0', *config_lines)
     env = dict(os.environ, AIPORTAL_CONFIG=str(config))
-    settings = Settings.load(config)
-    engine = dbmod.make_engine(settings.database_url)
+    engine = dbmod.make_engine(Settings.load(config).database_url)
     dbmod.upgrade(engine)
     tokens = {}
     with Session(engine, expire_on_commit=False) as db:
-        for name, unix, admin in (("alice", "alice", False), ("bob", "bob", False), ("root-admin", "alice", True)):
-            user = accounts.add_user(db, name, unix, PASSWORDS[name], admin=admin)
-            tokens[name], _ = accounts.create_token(db, user, "live")
+        for name, unix, admin in users:
+            user = accounts.add_user(db, name, unix, (passwords or {}).get(name), admin=admin)
+            tokens[name], _ = accounts.create_token(db, user, "test")
         db.commit()
-    procs = []
-    log = base / "gunicorn.log"
-    port = free_port()
+    portal = LivePortal("", config, engine, tokens, [], env=env)
     try:
-        procs.append(subprocess.Popen(
+        log = base / "gunicorn.log"
+        port = free_port()
+        portal.procs.append(subprocess.Popen(
             [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class", "gthread",
-             "--threads", "16", "--workers", "2", "--error-logfile", str(log), "portal.app:create_app()"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
-        _wait_http("http://127.0.0.1:%d/healthz" % port, procs[0], log)
-        rlog = open(base / "reconcile.log", "w")
-        procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "reconcile"], env=env,
-                                      stdout=rlog, stderr=subprocess.STDOUT))
-        rlog.close()
-        router_port = free_port([p for p in TEST_PORTS if p != port])
-        procs.append(start_router(env, router_port, base / "router.log"))
-        yield LivePortal("http://127.0.0.1:%d" % port, config, engine, tokens, procs,
-                         "http://127.0.0.1:%d" % router_port)
+             "--threads", str(threads), "--workers", str(workers), "--error-logfile", str(log),
+             "portal.app:create_app()"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        _wait_http("http://127.0.0.1:%d/healthz" % port, portal.procs[0], log)
+        portal.url = portal.service_url = "http://127.0.0.1:%d" % port
+        if reconcile:
+            with open(base / "reconcile.log", "w") as rlog:
+                portal.procs.append(subprocess.Popen([str(VENV_BIN / "aiportal"), "reconcile"], env=env,
+                                                     stdout=rlog, stderr=subprocess.STDOUT))
+        if router:
+            router_port = free_port([p for p in TEST_PORTS if p != port])
+            portal.procs.append(start_router(env, router_port, base / "router.log"))
+            portal.service_url = "http://127.0.0.1:%d" % router_port
+    except BaseException:
+        portal.stop()
+        raise
+    return portal
+
+
+@pytest.fixture(scope="session")
+def live_portal(tmp_path_factory):
+    """A portal with ``aiportal reconcile`` and ``aiportal router`` (:func:`start_test_portal`)
+    on the dev cluster's Slurm, shared filesystem and log sshd; accounts alice, bob and an admin
+    with API tokens and passwords. Its processes are stopped by pid at the end."""
+    portal = start_test_portal(tmp_path_factory.mktemp("live-portal"), users=(
+        ("alice", "alice", False), ("bob", "bob", False), ("root-admin", "alice", True)), passwords=PASSWORDS,
+        reconcile=True, router=True)
+    try:
+        yield portal
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
-        engine.dispose()
+        portal.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -16,13 +15,13 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from cryptography.fernet import Fernet
 from sqlmodel import Session
 
 from portal import db as dbmod
 from portal.cli import ApiError, CliError, SseEvent, SseParser, follow_log, main
 from portal.services import accounts
 from tests.conftest import REPO
+from tests.portal.conftest import write_test_config
 
 AIPORTAL = str(REPO / ".venv" / "bin" / "aiportal")
 live = [pytest.mark.portal, pytest.mark.slurm]
@@ -226,13 +225,7 @@ def test_unreachable_portal_names_the_url_and_make_run(tmp_path):
 @pytest.fixture
 def portal_toml(tmp_path):
     """A portal.toml with fresh secrets and its own SQLite file, migrated by `aiportal db upgrade`."""
-    config = tmp_path / "portal.toml"
-    config.write_text("\n".join([
-        'secret_key = "%s"' % ("k" * 64),
-        'admin_token_sha256 = "%s"' % hashlib.sha256(b"unused-admin-token").hexdigest(),
-        'data_key = "%s"' % Fernet.generate_key().decode(),
-        'database_url = "sqlite:///%s/portal.db"' % tmp_path, ""]))
-    os.chmod(config, 0o600)
+    config = write_test_config(tmp_path)
     res = call("db", "upgrade", "--config", str(config))
     assert res.code == 0, res.err
     return config

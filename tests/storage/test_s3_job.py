@@ -10,7 +10,6 @@ import stat
 import subprocess
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from slurm.states import JobState
 from storage.credentials import JOB_CREDENTIALS_NAME
 from storage.errors import LocationError
 from storage.stage import stage_in, stage_out
-from tests.conftest import JOB_USER, REPO
+from tests.conftest import JOB_USER
 from tests.storage.s3_helpers import admin_source, drop_bucket, make_bucket, tree_digest
 
 pytestmark = pytest.mark.s3
