@@ -1,0 +1,139 @@
+"""Commands that need no portal database: the cluster view, batch scripts, the image cache,
+staging data in and out of jobs."""
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from portal.cli.client import CliError, _api, _command_of, _parse_env, _print_json
+
+
+
+def cmd_cluster(args) -> int:
+    view = _api(args, "GET", "/cluster")
+    if args.json:
+        _print_json(view)
+        return 0
+    print("cluster %s: %d of %d GPUs in use" % (view["cluster"], view["gpus_used"], view["gpus"]))
+    print("%-12s %-8s %-12s %s" % ("PARTITION", "GPUS", "MAXTIME", "NODES"))
+    for p in view["partitions"]:
+        print("%-12s %-8s %-12s %s" % (p["name"] + ("*" if p["default"] else ""),
+                                       "%d/%d" % (p["gpus_used"], p["gpus"]), p["max_time"], ",".join(p["nodes"])))
+    print()
+    print("%-8s %-12s %-10s %-8s %s" % ("NODE", "PARTITIONS", "STATE", "GPUS", "REASON"))
+    for n in view["nodes"]:
+        state = n["state"] + ("" if n["responding"] else "*")
+        print("%-8s %-12s %-10s %-8s %s" % (n["name"], ",".join(n["partitions"]), state,
+                                            "%d/%d" % (n["gpus_used"], n["gpus"]), n["reason"]))
+    return 0
+
+
+def _site_settings():
+    from portal.settings import Settings
+    return Settings.load(require_secrets=False)
+
+
+def cmd_script(args) -> int:
+    from portal.services.training import TrainingRequest, job_dir_for, render_request
+    from slurm.errors import SpecError
+    command = _command_of(args, "script")
+    image = args.image
+    if not image.startswith("/") or not image.endswith(".sif"):
+        image = _cached_image(args.image)
+    req = TrainingRequest(user=getpass.getuser(), image_sif=image, node_type=args.node_type,
+                          command=tuple(command), name=args.name, inputs=tuple(args.input),
+                          output=args.output, time_limit=args.time, env=_parse_env(args.env),
+                          credentials=os.path.abspath(args.credentials) if args.credentials else None)
+    if any(u.startswith("s3://") for u in list(args.input) + [args.output or ""]) and not args.credentials:
+        raise CliError("s3:// locations need your data-source keys: write them to a file only you can read "
+                       "(format: docs/storage.md) and pass --credentials FILE")
+    settings = _site_settings()
+    try:
+        text = render_request(settings, req)
+    except SpecError as e:
+        raise CliError(str(e)) from e
+    sys.stdout.write(text)
+    print("# before sbatch, create the job's log folder: mkdir -p %s"
+          % shlex.quote(str(job_dir_for(settings, req.user, req.job_id) / "logs")), file=sys.stderr)
+    return 0
+
+
+def _cached_image(ref: str) -> str:
+    from containers.cache import SifCache
+    from containers.errors import ContainerError
+    from containers.refs import parse_image_ref
+    settings = _site_settings()
+    try:
+        parsed = parse_image_ref(ref)
+        hit = SifCache(settings.image_cache).lookup(parsed)
+    except ContainerError as e:
+        raise CliError(str(e)) from e
+    if hit is None:
+        raise CliError("image %s is not converted yet; run `aiportal image convert %s` first" % (ref, ref))
+    return str(hit)
+
+
+def cmd_image_convert(args) -> int:
+    from containers.cache import SifCache
+    from containers.errors import ContainerError
+    from containers.refs import parse_image_ref
+    logging.basicConfig(level=logging.INFO, format="[aiportal image] %(message)s")
+    settings = _site_settings()
+    cache_root = Path(args.cache or settings.image_cache)
+    if not os.access(cache_root, os.W_OK):
+        raise CliError("the image cache %s is written only by %s (and root); submit jobs through the "
+                       "portal, which converts images for you" % (cache_root, settings.image_builder_user))
+    try:
+        sif = SifCache(cache_root).ensure(parse_image_ref(args.ref),
+                                          progress=lambda msg: print("[aiportal image] %s" % msg, file=sys.stderr))
+    except ContainerError as e:
+        raise CliError(str(e)) from e
+    print(sif)
+    return 0
+
+
+def cmd_image_list(args) -> int:
+    import datetime
+
+    from containers.cache import SifCache
+    settings = _site_settings()
+    entries = SifCache(Path(args.cache or settings.image_cache)).entries()
+    if args.json:
+        json.dump([{"digest": e.digest, "path": str(e.path), "size_bytes": e.size_bytes,
+                    "last_used": e.last_used, "refs": list(e.refs)} for e in entries], sys.stdout, indent=2)
+        print()
+        return 0
+    print("%-20s %10s %-20s %s" % ("DIGEST", "SIZE", "LAST USED", "REFERENCES"))
+    for e in entries:
+        used = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M") if e.last_used else "-"
+        print("%-20s %9.1fM %-20s %s" % (e.digest[:19], e.size_bytes / 1e6, used, ", ".join(e.refs)))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from storage.errors import StorageError
+    from storage.stage import stage_in, stage_out
+    logging.basicConfig(level=logging.INFO, format="[aiportal stage] %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    kw = dict(credentials=args.credentials, workers=args.workers, bandwidth_mbps=args.bandwidth_mbps,
+              progress_every=args.progress_every)
+    if args.retries is not None:
+        from storage.retry import RetryPolicy
+        from storage.transfer import TransferOptions
+        kw["options"] = TransferOptions(retry=RetryPolicy(attempts=max(1, args.retries)))
+    try:
+        if args.direction == "in":
+            stats = stage_in(args.source, args.dest, missing_ok=args.missing_ok, **kw)
+        else:
+            stats = stage_out(args.source, args.dest, pending_record=args.pending_record, **kw)
+    except StorageError as e:
+        raise CliError("stage %s: %s" % (args.direction, e)) from e
+    except ValueError as e:
+        raise CliError("stage %s: %s" % (args.direction, e)) from e
+    print("[aiportal stage] %s %s -> %s: %s" % (args.direction, args.source, args.dest, stats.summary()), file=sys.stderr)
+    return 0
