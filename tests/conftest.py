@@ -172,3 +172,17 @@ def base_image():
     return sif
 
 
+@pytest.fixture(scope="session")
+def live_portal(tmp_path_factory):
+    """A portal with ``aiportal reconcile`` and ``aiportal router``
+    (``tests.portal.conftest.start_test_portal``) on the dev cluster's Slurm, shared filesystem
+    and log sshd, one per run for every package's tests; accounts alice, bob and an admin with
+    API tokens and passwords. Its processes are stopped by pid at the end."""
+    from tests.portal.conftest import PASSWORDS, start_test_portal
+    portal = start_test_portal(tmp_path_factory.mktemp("live-portal"), users=(
+        ("alice", "alice", False), ("bob", "bob", False), ("root-admin", "alice", True)), passwords=PASSWORDS,
+        reconcile=True, router=True)
+    try:
+        yield portal
+    finally:
+        portal.stop()

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import JOB_USER, REPO, SHARED_ROOT
-from tests.portal.conftest import live_portal  # noqa: F401 - the portal tests' fixture
 from tests.portal.test_services_e2e import services  # noqa: F401 - deployed services, deleted at teardown
 
 EXAMPLE = REPO / "examples" / "cifar10"

@@ -303,20 +303,6 @@ def start_test_portal(base: Path, *, users=(("alice", "alice", False),), passwor
     return portal
 
 
-@pytest.fixture(scope="session")
-def live_portal(tmp_path_factory):
-    """A portal with ``aiportal reconcile`` and ``aiportal router`` (:func:`start_test_portal`)
-    on the dev cluster's Slurm, shared filesystem and log sshd; accounts alice, bob and an admin
-    with API tokens and passwords. Its processes are stopped by pid at the end."""
-    portal = start_test_portal(tmp_path_factory.mktemp("live-portal"), users=(
-        ("alice", "alice", False), ("bob", "bob", False), ("root-admin", "alice", True)), passwords=PASSWORDS,
-        reconcile=True, router=True)
-    try:
-        yield portal
-    finally:
-        portal.stop()
-
-
 @pytest.fixture
 def cluster_settings(settings):
     """``settings`` with the dev cluster's real shared root (jobs that really run need it);
