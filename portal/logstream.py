@@ -17,13 +17,17 @@ from sqlmodel import Session
 from portal import logtail
 from portal.errors import NotFoundError
 from portal.models import Job, User
+from slurm.jobs import expand_output_path
 
 MAX_READ = 1 << 20
 PROGRESS_READ = 8 << 20
 
 
-def log_path(job: Job, task: str | None = None) -> str:
-    """Where Slurm writes the job's log (``--output`` in the rendered script)."""
+def log_path(job: Job, task: str | None = None, unix_user: str = "") -> str:
+    """Where Slurm writes the job's log: ``--output`` in the rendered script, or for a job
+    submitted with plain sbatch the path squeue showed, its symbols (%j, %x, ...) filled in."""
+    if job.external:
+        return _external_log_path(job, task, unix_user)
     if not job.job_dir or not job.slurm_job_id:
         raise NotFoundError("job %s has no log yet (it has not reached Slurm)" % job.id)
     if job.request.get("sweep"):
@@ -35,20 +39,42 @@ def log_path(job: Job, task: str | None = None) -> str:
     return "%s/logs/slurm-%s.out" % (job.job_dir, job.slurm_job_id)
 
 
+def _external_log_path(job: Job, task: str | None, unix_user: str) -> str:
+    pattern = job.request.get("stdout")
+    if not pattern or not job.slurm_job_id:
+        raise NotFoundError("job %s was submitted with plain sbatch and the portal did not see where it writes its "
+                            "log; look at `scontrol show job %s` (StdOut)" % (job.id, job.slurm_job_id))
+    if job.request.get("array"):
+        task = "0" if task is None else task
+        if not str(task).isdigit():
+            raise NotFoundError("task %r: give the array task number" % task)
+    jid = job.slurm_job_id + ("_%s" % task if job.request.get("array") else "")
+    path = expand_output_path(pattern, jid, job.name, unix_user, job.nodes)
+    if path is None:
+        raise NotFoundError("job %s writes its log to %r; the portal cannot fill in that pattern" % (job.id, pattern))
+    return path
+
+
+def _owner(db: Session, job: Job) -> User:
+    return db.get(User, job.user_id)
+
+
 def _target(settings, db: Session, job: Job) -> logtail.SshTarget:
     owner = db.get(User, job.user_id)
     return logtail.target_for(settings, owner.unix_user)
 
 
 def read(settings, db: Session, job: Job, offset: int = 0, task: str | None = None) -> logtail.LogChunk:
-    return logtail.read_log(_target(settings, db, job), log_path(job, task), offset, MAX_READ)
+    return logtail.read_log(_target(settings, db, job), log_path(job, task, _owner(db, job).unix_user), offset,
+                            MAX_READ)
 
 
 def progress(settings, db: Session, job: Job) -> list[logtail.Progress]:
     """Training progress from the log's ``step N, loss = X (...)`` lines (its first 8 MiB),
     one point per step: the last one logged (a requeued job that resumed redoes a few steps)."""
     try:
-        chunk = logtail.read_log(_target(settings, db, job), log_path(job), 0, PROGRESS_READ)
+        chunk = logtail.read_log(_target(settings, db, job), log_path(job, None, _owner(db, job).unix_user), 0,
+                                 PROGRESS_READ)
     except NotFoundError:
         return []
     points = {p.step: p for p in logtail.parse_progress(chunk.data.decode("utf-8", errors="replace"))}
@@ -77,7 +103,7 @@ def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
     settings = app.extensions["aiportal.settings"]
     with Session(app.extensions["aiportal.engine"]) as s:
         target = _target(settings, s, job)
-    path = log_path(job, task)
+        path = log_path(job, task, _owner(s, job).unix_user)
     stop = threading.Event()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     yield "retry: 2000\n\n"
@@ -102,6 +128,7 @@ def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
 
 
 def sse_response(app: Flask, job: Job, user: User, offset: int, task: str | None) -> Response:
-    log_path(job, task)      # refuse jobs without a log before the stream starts
+    with Session(app.extensions["aiportal.engine"]) as s:
+        log_path(job, task, _owner(s, job).unix_user)      # refuse jobs without a log before the stream starts
     return Response(stream_with_context(stream(app, job, user, offset, task)), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -57,6 +57,7 @@ class Plan:
     resubmit: list[str] = field(default_factory=list)               #: portal job ids
     lost: list[str] = field(default_factory=list)                   #: Slurm forgot them
     external: list[JobStatus] = field(default_factory=list)         #: new plain-sbatch jobs
+    external_arrays: set[str] = field(default_factory=set)          #: ... of them array jobs
 
 
 _RUN_ORDER = [JobState.RUNNING, JobState.COMPLETING, JobState.CONFIGURING, JobState.STAGE_OUT,
@@ -177,7 +178,9 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
             continue
         seen_arrays.add(base)
         out.external.append(JobStatus(base, st.state, st.reason, st.nodes, st.exit_code, st.signal,
-                                      st.user, st.comment, st.name, restarts_of(live.of(base))))
+                                      st.user, st.comment, st.name, restarts_of(live.of(base)), st.stdout))
+        if jid != base:
+            out.external_arrays.add(base)
     return out
 
 
@@ -291,11 +294,15 @@ def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime) -> None:
                      message="Slurm has no record of job %s any more" % job.slurm_job_id))
 
 
-def add_external(db: Session, found: list[JobStatus], users: Mapping[str, int], now: dt.datetime) -> None:
+def add_external(db: Session, found: list[JobStatus], users: Mapping[str, int], now: dt.datetime,
+                 arrays: set[str] = frozenset()) -> None:
     new = []
     for st in found:
+        # where it logs (squeue's StdOut; its symbols are filled in when the log is read)
+        request = {"stdout": st.stdout, **({"array": True} if st.job_id in arrays else {})} if st.stdout else {}
         job = Job(user_id=users[st.user], name=(st.name or "sbatch-%s" % st.job_id)[:128], state=st.state,
-                  slurm_job_id=st.job_id, external=True, reason=st.reason[:1024], nodes=st.nodes[:1024],
+                  slurm_job_id=st.job_id, external=True, request_json=json.dumps(request), reason=st.reason[:1024],
+                  nodes=st.nodes[:1024],
                   restarts=st.restarts or 0,
                   submitted_at=now, started_at=now if st.state is JobState.RUNNING else None, updated_at=now,
                   ended_at=now if st.state.terminal else None)
@@ -354,7 +361,7 @@ class Reconciler:
             p = plan(jobs, queue, accounting, known, set(users), now, self.settings.submit_grace_s)
             by_id = {j.id: j for j in jobs}
             apply(db, by_id, p, now)
-            add_external(db, p.external, users, now)
+            add_external(db, p.external, users, now, p.external_arrays)
             db.commit()
             stats.updated, stats.adopted, stats.external = len(p.updates), len(p.adopt), len(p.external)
             for job_id in p.resubmit:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -15,7 +16,7 @@ SEP = "\x1f"
 # flag or begin time. JobArrayID is ``%i`` (``ID`` or ``ID_N``); -O's JobID is an array task's
 # own job id, or the array's for every task not started yet.
 SQUEUE_FIELDS = ("JobArrayID", "StateCompact", "Reason", "NodeList", "RestartCnt", "Requeue", "UserName",
-                 "Comment", "EligibleTime", "Name")
+                 "Comment", "EligibleTime", "Name", "StdOut")
 # sacct -n -X -P --delimiter SEP -o FIELDS (sacct has no restart count: see parse_sacct)
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "User", "Comment", "Reason", "JobName")
 
@@ -34,6 +35,8 @@ class JobStatus:
     #: how often Slurm has requeued it (squeue's RestartCnt; 0: first run); None where the
     #: source does not say (sacct, backends without it)
     restarts: int | None = None
+    #: the --output path as squeue shows it (patterns like %x not expanded: expand_output_path)
+    stdout: str = ""
 
     def to_dict(self) -> dict:
         return {"job_id": self.job_id, "state": self.state.value, "reason": self.reason,
@@ -122,6 +125,7 @@ class _SqueueRow(NamedTuple):
     comment: str
     eligible: str       #: as Slurm printed it (only the monitor needs it as a time)
     name: str
+    stdout: str
 
 
 def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
@@ -137,20 +141,20 @@ def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
         if len(cols) != n_fields:
             raise SlurmParseError(line, "expected %d squeue fields (%s), got %d: run squeue with --Format "
                                   "slurm.jobs.squeue_format()" % (n_fields, ",".join(SQUEUE_FIELDS), len(cols)))
-        jid, state, reason, nodes, restarts, requeue, user, comment, eligible, name = (c.strip() for c in cols)
+        jid, state, reason, nodes, restarts, requeue, user, comment, eligible, name, stdout = (c.strip() for c in cols)
         try:
             n = int(restarts or 0)
         except ValueError as e:
             raise SlurmParseError(line, "restart count %r is not a number" % restarts) from e
         yield _SqueueRow(jid, parse_job_state(state), _clean(reason), _clean(nodes), n,
-                         requeue not in ("0", "no", "No"), user, _clean(comment), eligible, name)
+                         requeue not in ("0", "no", "No"), user, _clean(comment), eligible, name, _clean(stdout))
 
 
 def parse_squeue(text: str) -> dict[str, JobStatus]:
     """squeue's answer as job statuses (with Slurm's restart count), by job id (``ID_N`` for an
     array task)."""
     return {r.job_id: JobStatus(r.job_id, r.state, r.reason, r.nodes, user=r.user, comment=r.comment, name=r.name,
-                                restarts=r.restarts)
+                                restarts=r.restarts, stdout=r.stdout)
             for r in _squeue_rows(text)}
 
 
@@ -159,3 +163,29 @@ def parse_squeue_recovery(text: str) -> dict[str, QueuedJob]:
     return {r.job_id: QueuedJob(r.job_id, r.state, r.reason, r.nodes, r.restarts, r.requeue, r.user, r.comment,
                                 _slurm_time(r.eligible), r.name)
             for r in _squeue_rows(text)}
+
+
+_OUTPUT_PATTERN = re.compile(r"%(\d*)([%AajJNnstux])|%")
+
+
+def expand_output_path(pattern: str, job_id: str, name: str = "", user: str = "", nodes: str = "") -> str | None:
+    """An sbatch ``--output`` path with its replacement symbols filled in, as Slurm does for
+    the batch step (``%j`` job id, ``%A``/``%a`` array job and task, ``%x`` name, ``%u`` user,
+    ``%N`` first node, ``%n``/``%t`` 0, ``%s`` batch, ``%%``; a number pads with zeros:
+    ``%4a``). ``job_id`` is ``ID`` or ``ID_N``. None for a symbol that cannot be filled in
+    here (an array task's own ``%j``, which squeue does not show, or one Slurm does not know)."""
+    base, _, task = job_id.partition("_")
+    values = {"%": "%", "A": base, "a": task or "4294967294", "j": None if task else base,
+              "J": None if task else base, "N": nodes.split(",")[0], "n": "0", "s": "batch", "t": "0", "u": user,
+              "x": name}
+    missing = []
+
+    def fill(m: re.Match) -> str:
+        value = values.get(m.group(2)) if m.group(2) else None
+        if value is None:
+            missing.append(m.group(0))
+            return ""
+        width = int(m.group(1) or 0)
+        return value.zfill(width) if width and value.isdigit() else value
+    out = _OUTPUT_PATTERN.sub(fill, pattern)
+    return None if missing or not out else out

@@ -119,9 +119,11 @@ def test_plan_external_jobs_are_those_of_portal_users_without_a_portal_comment()
 
 # -- cycles on recorded Slurm output --------------------------------------------------------------
 
-def Q(jid, state, restarts, nodes="", reason="None", user="alice", comment="(null)", name="train"):
+def Q(jid, state, restarts, nodes="", reason="None", user="alice", comment="(null)", name="train",
+      stdout="/tmp/slurm-%j.out"):
     """One line of ``squeue --noheader --array --states=all --Format <squeue_format()>``."""
-    return "".join(c + SEP for c in (jid, state, reason, nodes, str(restarts), "1", user, comment, "N/A", name))
+    return "".join(c + SEP for c in (jid, state, reason, nodes, str(restarts), "1", user, comment, "N/A", name,
+                                     stdout))
 
 
 class Recorded(SlurmCli):
@@ -343,6 +345,47 @@ def test_plain_sbatch_jobs_of_portal_users_show_up_as_external(settings, engine,
     real_backend.cancel(jid)
     job = _cycle_until(rec, engine, job.id, lambda j: j.state.terminal)
     assert job.state is JobState.CANCELLED
+
+
+@pytest.mark.slurm
+@pytest.mark.ssh
+def test_a_plain_sbatch_jobs_log_is_read_where_its_output_pattern_points(settings, engine, users, real_backend,
+                                                                          cleanup_jobs):
+    """``--output logs-%x-%j.txt``: squeue shows the pattern; the log view fills it in and
+    reads the file over SSH as the job's user, like a portal job's log."""
+    import shutil
+    import subprocess
+    import uuid
+    from pathlib import Path
+
+    from portal import logstream
+    from tests.conftest import SHARED_ROOT
+    work = SHARED_ROOT / "users" / JOB_USER / ("sbatch-log-%s" % uuid.uuid4().hex[:8])
+    work.mkdir()
+    shutil.chown(work, JOB_USER, JOB_USER)
+    try:
+        out = subprocess.run(["runuser", "-u", JOB_USER, "--", "sbatch", "--parsable", "--job-name", "by-hand-log",
+                              "--partition", "gpu-1card", "--chdir", str(work), "--output", "logs-%x-%j.txt",
+                              "--time", "5", "--wrap", "echo hello from plain sbatch"],
+                             capture_output=True, text=True, check=True, timeout=30)
+        jid = out.stdout.strip().split(";")[0]
+        cleanup_jobs.append(jid)
+        rec = Reconciler(engine, real_backend, settings)
+        rec.cycle()
+        with Session(engine) as db:
+            job = db.exec(select(Job).where(Job.slurm_job_id == jid)).one()
+            assert job.external and job.request["stdout"] == str(work / "logs-%x-%j.txt")
+        job = _cycle_until(rec, engine, job.id, lambda j: j.state.terminal)
+        assert job.state is JobState.COMPLETED
+        with Session(engine) as db:
+            assert logstream.log_path(job, None, JOB_USER) == str(work / ("logs-by-hand-log-%s.txt" % jid))
+            deadline = time.monotonic() + 20
+            while not Path(logstream.log_path(job, None, JOB_USER)).exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            chunk = logstream.read(settings, db, job)
+        assert b"hello from plain sbatch" in chunk.data
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.mark.slurm

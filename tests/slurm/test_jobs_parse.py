@@ -4,7 +4,8 @@ import logging
 import pytest
 
 from slurm.errors import SlurmParseError
-from slurm.jobs import SEP, SQUEUE_FIELDS, parse_exit_code, parse_sacct, parse_squeue, squeue_format
+from slurm.jobs import (SEP, SQUEUE_FIELDS, expand_output_path, parse_exit_code, parse_sacct, parse_squeue,
+                        squeue_format)
 from slurm.states import TERMINAL, JobState, parse_job_state
 
 
@@ -42,15 +43,19 @@ def Q(*cols):
 
 
 # ``squeue --noheader --array --states=all --Format <squeue_format()>`` (fields: JobArrayID
-# StateCompact Reason NodeList RestartCnt Requeue UserName Comment EligibleTime Name); the last
-# two lines verbatim from the dev cluster (Slurm 22.05): 1323 was requeued once, then completed
+# StateCompact Reason NodeList RestartCnt Requeue UserName Comment EligibleTime Name StdOut); the
+# last two lines from the dev cluster (Slurm 22.05, StdOut added from another run): 1323 was
+# requeued once, then completed; squeue shows an --output pattern as given
 RECORDED = "\n".join([
-    Q("12", "R", "None", "g1n2", "1", "1", "alice", "aiportal:u1", "2026-11-27T11:52:32", "train"),
-    Q("13_2", "PD", "Dependency", "", "0", "0", "bob", "(null)", "Unknown", "my sweep, lr=1e-3"),
-    Q("14", "PD", "launch failed requeued held", "", "3", "1", "carol", "(null)", "N/A", "x"),
+    Q("12", "R", "None", "g1n2", "1", "1", "alice", "aiportal:u1", "2026-11-27T11:52:32", "train",
+      "/srv/aiportal/shared/users/alice/jobs/u1/logs/slurm-12.out"),
+    Q("13_2", "PD", "Dependency", "", "0", "0", "bob", "(null)", "Unknown", "my sweep, lr=1e-3", "/home/bob/%A_%a.log"),
+    Q("14", "PD", "launch failed requeued held", "", "3", "1", "carol", "(null)", "N/A", "x", "/dev/null"),
     "1323\x1fCD\x1fNone\x1fg1n1\x1f1\x1f1\x1falice\x1faiportal:5b2348eb-6b21-4548-8fee-94a537975d2a"
-    "\x1f2026-11-27T14:12:11\x1fcifar10-1card\x1f",
-    "1336\x1fCA\x1fJobHeldUser\x1f\x1f0\x1f1\x1falice\x1f(null)\x1fN/A\x1fby-hand\x1f",
+    "\x1f2026-11-27T14:12:11\x1fcifar10-1card\x1f/srv/aiportal/shared/users/alice/jobs/5b2348eb/logs/slurm-1323.out"
+    "\x1f",
+    "1336\x1fCA\x1fJobHeldUser\x1f\x1f0\x1f1\x1falice\x1f(null)\x1fN/A\x1fby-hand\x1f"
+    "/srv/aiportal/shared/users/alice/logs-%x-%j.txt\x1f",
 ]) + "\n"
 
 
@@ -82,15 +87,17 @@ def test_parse_squeue():
     ("1336", "reason", "JobHeldUser"),
     ("1336", "nodes", ""),
     ("1336", "comment", ""),
+    ("1336", "stdout", "/srv/aiportal/shared/users/alice/logs-%x-%j.txt"),
+    ("13_2", "stdout", "/home/bob/%A_%a.log"),
 ])
 def test_parse_squeue_fields(jid, field, value):
     assert getattr(parse_squeue(RECORDED)[jid], field) == value
 
 
 @pytest.mark.parametrize("line, match", [
-    (Q("12", "R", "None", "g1n1", "x", "1", "alice", "", "N/A", "t"), "restart count 'x' is not a number"),
-    (L("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train"), "expected 10 squeue fields"),
-    (Q("12", "R"), "expected 10 squeue fields"),
+    (Q("12", "R", "None", "g1n1", "x", "1", "alice", "", "N/A", "t", "/x"), "restart count 'x' is not a number"),
+    (L("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train"), "expected 11 squeue fields"),
+    (Q("12", "R"), "expected 11 squeue fields"),
 ])
 def test_parse_squeue_refuses_other_output(line, match):
     with pytest.raises(SlurmParseError, match=match):
@@ -112,7 +119,7 @@ def test_exit_code(text, expected):
 
 
 def test_bad_lines():
-    with pytest.raises(SlurmParseError, match="expected 10 squeue fields"):
+    with pytest.raises(SlurmParseError, match="expected 11 squeue fields"):
         parse_squeue("12 RUNNING")
     with pytest.raises(SlurmParseError, match="CODE:SIGNAL"):
         parse_exit_code("x:y")
@@ -127,8 +134,8 @@ def test_recovery_queue_parse():
     import datetime as dt
 
     from slurm.jobs import parse_squeue_recovery
-    line = Q("952", "PD", "BeginTime", "", "1", "1", "alice", "(null)", "2026-11-27T11:52:32", "train")
-    line2 = Q("953", "R", "None", "g1n1", "0", "0", "bob", "aiportal:x", "N/A", "serve it")
+    line = Q("952", "PD", "BeginTime", "", "1", "1", "alice", "(null)", "2026-11-27T11:52:32", "train", "/x/952.out")
+    line2 = Q("953", "R", "None", "g1n1", "0", "0", "bob", "aiportal:x", "N/A", "serve it", "/x/953.out")
     got = parse_squeue_recovery(line + "\n" + line2 + "\n")
     a, b = got["952"], got["953"]
     assert (a.name, b.name) == ("train", "serve it")
@@ -136,3 +143,18 @@ def test_recovery_queue_parse():
     assert a.eligible == dt.datetime(2026, 11, 27, 11, 52, 32).astimezone()
     assert (b.state, b.reason, b.nodes, b.requeue, b.eligible, b.comment) == (JobState.RUNNING, "", "g1n1", False, None,
                                                                              "aiportal:x")
+
+
+@pytest.mark.parametrize("pattern, job_id, want", [
+    ("/a/slurm-12.out", "12", "/a/slurm-12.out"),                       # the default: squeue shows it filled in
+    ("/a/logs-%x-%j.txt", "12", "/a/logs-train-12.txt"),
+    ("/a/%A_%a.log", "12_3", "/a/12_3.log"),
+    ("/a/%A_%4a.log", "12_3", "/a/12_0003.log"),                        # zero padding
+    ("/a/%u/%N-%J.%s.%t.%n", "7", "/a/alice/g1n1-7.batch.0.0"),
+    ("/a/100%%-%j", "7", "/a/100%-7"),
+    ("/a/%j.log", "12_3", None),                                        # a task's own id: squeue does not show it
+    ("/a/%q.log", "7", None),                                           # not a Slurm symbol
+    ("/a/50%", "7", None),
+])
+def test_expand_output_path(pattern, job_id, want):
+    assert expand_output_path(pattern, job_id, name="train", user="alice", nodes="g1n1,g1n2") == want
