@@ -115,9 +115,9 @@ def test_train_from_the_browser_with_live_log_and_plot(live_portal, base_image, 
     timeline = d.find_element(By.ID, "timeline").text
     assert "submitted as Slurm job" in timeline and "exit code 0" in timeline
 
-    # the plot: drawn on the server from the log's progress lines
-    lines = d.find_elements(By.CSS_SELECTOR, "#plot svg polyline, #plot svg path")
-    assert len(lines) >= 2, d.find_element(By.ID, "plot").get_attribute("innerHTML")[:2000]
+    # the plot: drawn on the server from the log's progress lines, fetched by the page's script
+    wait_for("the plot's lines", lambda: len(d.find_elements(By.CSS_SELECTOR, "#plot svg polyline, #plot svg path"))
+             >= 2, 30, describe=lambda: d.find_element(By.ID, "plot").get_attribute("innerHTML")[:2000])
     assert "step 40" in d.find_element(By.ID, "plot").get_attribute("innerHTML")
     wait_for("the log after reload", lambda: "step 40, loss" in log_text(), 60)
 

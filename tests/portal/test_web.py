@@ -252,8 +252,9 @@ def test_submit_goes_to_the_job_page_and_the_page_survives_a_dead_log_host(clien
     assert "PENDING" in page and "#SBATCH --partition=gpu-1card" in page and "gpu-1card" in page
     assert "00:30:00" in page and "SEED=1" in page
     assert "<script>x</script>" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
-    assert "The plot cannot be read right now" in page and "cannot read log" in page    # sshd "down"
-    assert "/api/v1/jobs/%s/log?follow=1" % m.group(1) in page
+    # the page reads nothing over SSH (sshd is "down" here): its script fetches the plot
+    assert "Reading the progress from the log" in page and "cannot read log" not in page
+    assert "/api/v1/jobs/%s/log?follow=1" % m.group(1) in page and "/plot.svg" in page
     r = client.get(r.headers["Location"] + "/plot.svg")
     assert r.status_code == 503 and "cannot read log" in r.get_data(as_text=True)
 
@@ -274,8 +275,10 @@ def test_plot_fragment_draws_the_progress_lines(client, engine, users, monkeypat
     assert r.status_code == 200 and r.mimetype == "image/svg+xml"
     assert r.get_data(as_text=True).count("<polyline") == 2
     assert seen == [("alice", "/srv/aiportal/shared/users/alice/jobs/x/logs/slurm-42.out")]
+    seen.clear()
     page = client.get("/jobs/%s" % job_id).get_data(as_text=True)
-    assert '<div class="plot-box" id="plot"><svg' in page and "<polyline" in page
+    assert '<div class="plot-box" id="plot"><svg' in page and "<polyline" not in page
+    assert seen == []           # the page itself reads no log: its script fetches plot.svg
 
 
 def test_cancel_and_resubmit_buttons(client, engine, users, fake_backend):
