@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from portal import db as dbmod
 from tests.conftest import free_port as _free_port
@@ -303,35 +303,37 @@ def start_test_portal(base: Path, *, users=(("alice", "alice", False),), passwor
     return portal
 
 
+def _remove_job_folders(job_ids) -> None:
+    """The folders of these portal jobs (``SHARED/users/U/jobs/ID``), and nothing else: other
+    test runs may have theirs beside them."""
+    from tests.conftest import SHARED_ROOT
+    for job_id in job_ids:
+        for user in ("alice", "bob"):
+            folder = SHARED_ROOT / "users" / user / "jobs" / job_id
+            if job_id and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
-def cluster_settings(settings):
+def cluster_settings(settings, engine):
     """``settings`` with the dev cluster's real shared root (jobs that really run need it);
-    the job folders made during the test are removed after it."""
+    the folders of the jobs in the test's database are removed after it."""
     from dataclasses import replace
 
+    from portal.models import Job
     from tests.conftest import SHARED_ROOT
-    jobs = [SHARED_ROOT / "users" / u / "jobs" for u in ("alice", "bob")]
-    before = {p for d in jobs if d.is_dir() for p in d.iterdir()}
     yield replace(settings, shared_root=str(SHARED_ROOT))
-    for d in jobs:
-        for p in (d.iterdir() if d.is_dir() else ()):
-            if p not in before:
-                shutil.rmtree(p, ignore_errors=True)
+    with Session(engine) as db:
+        _remove_job_folders([j.id for j in db.exec(select(Job))])
 
 
 @pytest.fixture
 def cluster_jobs_cleanup():
-    """Slurm job ids a test appends are cancelled at teardown (by id); job folders made
-    during the test under alice's and bob's folders are removed."""
-    from tests.conftest import SHARED_ROOT
-    folders = [SHARED_ROOT / "users" / u / "jobs" for u in ("alice", "bob")]
-    before = {p for d in folders if d.is_dir() for p in d.iterdir()}
-    ids: list[str] = []
-    yield ids
-    live = [i for i in ids if i]
+    """Portal jobs (the API's job objects) a test appends: their Slurm jobs are cancelled by id
+    at teardown and their folders removed."""
+    jobs: list[dict] = []
+    yield jobs
+    live = [j["slurm_job_id"] for j in jobs if j.get("slurm_job_id")]
     if live:
         subprocess.run(["scancel", *live], capture_output=True, timeout=60, check=False)
-    for d in folders:
-        for p in (d.iterdir() if d.is_dir() else ()):
-            if p not in before:
-                shutil.rmtree(p, ignore_errors=True)
+    _remove_job_folders([j["id"] for j in jobs])

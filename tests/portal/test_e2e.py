@@ -66,7 +66,7 @@ def test_submit_runs_in_the_image_and_shows_log_and_outputs(live_portal, s3_cred
         "image": str(base_image), "node_type": "1card", "command": ["python3", "-c", program],
         "inputs": ["s3://%s/in" % bucket], "output": "s3://%s/out" % bucket, "name": "e2e"})
     assert status == 201, job
-    cluster_jobs_cleanup.append(job["slurm_job_id"])
+    cluster_jobs_cleanup.append(job)
     done = wait_state(live_portal, alice, job["id"])
     assert done["state"] == "COMPLETED" and done["exit_code"] == 0, done
     kinds = [e["kind"] for e in done["events"]]
