@@ -370,13 +370,22 @@ def part_rollout(portal: Portal, clients: int) -> None:
         while show()["ready_replicas"] < 2:
             assert time.monotonic() < deadline, show()
             time.sleep(0.5)
-        results, stop = [], threading.Event()
+        # the API says READY at once; the router sees it within router_refresh_s: start the
+        # load once the router itself routes (the rollout's failures are what is counted)
+        probe = Client("127.0.0.1", portal.router_port, "/service/%s" % name, portal.token)
+        while probe.post(b"ready?")[0] != 200:
+            assert time.monotonic() < deadline, probe.last
+            time.sleep(0.1)
+        results, failures, stop = [], [], threading.Event()
 
         def load():
             c = Client("127.0.0.1", portal.router_port, "/service/%s" % name, portal.token)
             while not stop.is_set():
                 try:
-                    results.append(c.post(b"roll")[0])
+                    status = c.post(b"roll")[0]
+                    results.append(status)
+                    if status != 200 and len(failures) < 5:
+                        failures.append((status, c.last[:300]))
                 except OSError:
                     results.append(0)
                     c = Client("127.0.0.1", portal.router_port, "/service/%s" % name, portal.token)
@@ -400,6 +409,8 @@ def part_rollout(portal: Portal, clients: int) -> None:
             t.join()
         failed = len([s for s in results if s != 200])
         print("3. rolling update of 2 replicas (dev cluster, base image, toy model) under %d clients:" % clients)
+        for status, body in failures:
+            print("  failed: %s %r" % (status, body))
         print("  %d requests, %d failed; rollout took %.1fs (target 0 failed: %s)"
               % (len(results), failed, took, "met" if failed == 0 else "NOT met"))
     finally:
