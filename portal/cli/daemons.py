@@ -20,6 +20,17 @@ def _portal_settings(args):
         raise CliError("%s (these commands run as root on the portal host)" % e) from e
 
 
+def _daemon_start(args):
+    """What a portal-host daemon starts with: logging, the settings, the database at the code's
+    schema revision."""
+    from portal import db as dbmod
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _portal_settings(args)
+    engine = dbmod.make_engine(settings.database_url)
+    dbmod.check_schema(engine)
+    return settings, engine
+
+
 def cmd_db_upgrade(args) -> int:
     from portal import db as dbmod
     settings = _portal_settings(args)
@@ -33,14 +44,10 @@ def cmd_db_upgrade(args) -> int:
 
 
 def cmd_reconcile(args) -> int:
-    from portal import db as dbmod
     from portal.reconcile import Reconciler
     from slurm.backend import SlurmCli
     from storage.credentials import SecretBox
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _portal_settings(args)
-    engine = dbmod.make_engine(settings.database_url)
-    dbmod.check_schema(engine)
+    settings, engine = _daemon_start(args)
     rec = Reconciler(engine, SlurmCli(settings.slurm_conf, settings.slurm_timeout_s, settings.cluster_name),
                      settings, SecretBox(settings.data_key))
     if args.once:
@@ -54,12 +61,8 @@ def cmd_reconcile(args) -> int:
 
 
 def cmd_router(args) -> int:
-    from portal import db as dbmod
     from portal import router
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _portal_settings(args)
-    engine = dbmod.make_engine(settings.database_url)
-    dbmod.check_schema(engine)
+    settings, engine = _daemon_start(args)
     router.serve(settings, engine, args.listen or settings.router_listen)
     return 0
 
@@ -129,13 +132,9 @@ def cmd_fail_node(args) -> int:
 
 
 def cmd_monitor(args) -> int:
-    from portal import db as dbmod
     from portal.recovery import HealthMonitor
     from slurm.backend import SlurmCli
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _portal_settings(args)
-    engine = dbmod.make_engine(settings.database_url)
-    dbmod.check_schema(engine)
+    settings, engine = _daemon_start(args)
     mon = HealthMonitor(engine, SlurmCli(settings.slurm_conf, settings.slurm_timeout_s, settings.cluster_name), settings)
     if args.once:
         stats = mon.cycle()

@@ -39,6 +39,17 @@ def post(gw, name="toy", body=b"hi", token=TOKEN, method="POST", headers=None, c
     return r.status, r, out
 
 
+def answered_by(gw, conn, n: int) -> Counter:
+    """Send ``n`` requests on ``conn``; how many each replica (X-Replica) answered, each answer
+    being its own request's."""
+    replicas = Counter()
+    for i in range(n):
+        status, r, out = post(gw, body=b"x%d" % i, conn=conn)
+        assert status == 200 and out["upper"] == "X%d" % i
+        replicas[r.getheader("X-Replica")] += 1
+    return replicas
+
+
 def raw_exchange(gw, data: bytes, timeout=10) -> bytes:
     with socket.create_connection(("127.0.0.1", gw.port), timeout=timeout) as s:
         s.sendall(data)
@@ -62,12 +73,7 @@ def test_sequential_requests_alternate_over_one_kept_alive_connection_each(runti
     a, b = runtimes("a"), runtimes("b")
     gw = gateways(StaticDirectory(route(Target("a" * 12, a.host, a.port, "v1"), Target("b" * 12, b.host, b.port, "v1"))))
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
-    replicas = Counter()
-    for i in range(10):
-        status, r, out = post(gw, body=b"x%d" % i, conn=conn)
-        assert status == 200 and out["upper"] == "X%d" % i
-        replicas[r.getheader("X-Replica")] += 1
-    assert replicas == {"a" * 8: 5, "b" * 8: 5}
+    assert answered_by(gw, conn, 10) == {"a" * 8: 5, "b" * 8: 5}
     status, r, out = post(gw, body=b"abc", method="PUT", conn=conn)
     assert status == 200 and out["upper"] == "ABC" and r.getheader("X-Model-Version") == "v1"
     assert gw.gateway.balancer.outstanding("a" * 12) == gw.gateway.balancer.outstanding("b" * 12) == 0
@@ -139,12 +145,7 @@ def test_the_routes_key_opens_keyed_replicas_and_a_route_without_it_gets_their_4
     assert KEY not in repr(keyed)
     gw = gateways(StaticDirectory({"toy": (TOKEN, keyed), "nokey": (TOKEN, Route("nokey", targets))}))
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
-    replicas = Counter()
-    for i in range(6):
-        status, r, out = post(gw, body=b"k%d" % i, conn=conn)
-        assert status == 200 and out["upper"] == "K%d" % i
-        replicas[r.getheader("X-Replica")] += 1
-    assert replicas == {"a": 3, "b": 3}
+    assert answered_by(gw, conn, 6) == {"a": 3, "b": 3}
     # without the route's key the replicas refuse, and their 401 comes back as it is; a key the
     # client sends itself is not passed on
     for headers in ({}, {"X-Aiportal-Key": KEY}):
