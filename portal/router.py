@@ -9,7 +9,9 @@ database, without a query on the request path:
   per token and interval;
 - **where the service's replicas are**: the routing table (services and their READY replicas,
   written by the controller in the reconcile cycle) is re-read in the background every
-  ``router_refresh_s`` seconds; requests use the table at hand. It carries each service's key
+  ``router_refresh_s`` seconds; requests use the table at hand, except that one for a service
+  with no ready replica (or an unknown one) reads it again first (at most every 50 ms), so a
+  replica that just became READY serves at once. It carries each service's key
   (sealed in the database, opened here once per service and kept in memory): the gateway
   sends it to the replicas, which answer nobody else.
 
@@ -33,6 +35,9 @@ from storage.credentials import SecretBox
 from storage.errors import CredentialsError
 
 log = logging.getLogger(__name__)
+#: a request for a service without ready replicas (or unknown) reads the table again when the
+#: one at hand is older than this
+MISS_REREAD_S = 0.05
 
 
 class PortalDirectory:
@@ -47,6 +52,7 @@ class PortalDirectory:
         self.table: dict | None = None
         self.loaded = 0.0
         self._refresh: asyncio.Task | None = None
+        self._miss: asyncio.Future | None = None
         self.tokens: dict[str, tuple[float, int | None, bool]] = {}
 
     # -- database reads (in a worker thread) ---------------------------------------------------
@@ -111,6 +117,15 @@ class PortalDirectory:
         self.table, self.loaded = table, now
         self.tokens = {k: v for k, v in self.tokens.items() if now - v[0] <= self.ttl}
 
+    async def _reread(self) -> None:
+        """Read the table now, once for every request that asks meanwhile, and at most every
+        MISS_REREAD_S (a flood of requests for an unknown service costs little)."""
+        if time.monotonic() - self.loaded < MISS_REREAD_S:
+            return
+        if self._miss is None or self._miss.done():
+            self._miss = asyncio.ensure_future(self._load())
+        await asyncio.shield(self._miss)
+
     async def caller(self, token: str) -> tuple[int | None, bool]:
         key = hashlib.sha256(token.encode()).hexdigest()
         hit = self.tokens.get(key)
@@ -127,6 +142,11 @@ class PortalDirectory:
             raise GatewayError(401, "unauthorized", "the API token is unknown, revoked or expired; create a new one "
                                "(`aiportal token create`)", {"WWW-Authenticate": 'Bearer realm="aiportal"'})
         entry = (await self.services()).get(name)
+        if entry is None or not entry[3]:
+            # a service deployed, or a replica become READY, since the last read: read again now
+            # rather than answer 404/503 for up to router_refresh_s
+            await self._reread()
+            entry = self.table.get(name)
         if entry is None or (entry[1] != user_id and not is_admin):
             raise GatewayError(404, "unknown_service", "there is no service named %r that you may call; your "
                                "services: `aiportal service list`" % name)

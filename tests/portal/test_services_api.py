@@ -216,6 +216,19 @@ def test_the_routers_directory_answers_owners_and_admins_and_refuses_the_rest(cl
     assert asyncio.run(ask(PortalDirectory(engine, settings), "not-a-token", "toy")) == (401, "unauthorized")
     assert asyncio.run(ask(PortalDirectory(engine, settings), ADMIN_TOKEN, "toy"))[0] == 200  # the bootstrap token
 
+    # a service deployed after the table was read: found at once, not after router_refresh_s
+    from dataclasses import replace
+    slow = PortalDirectory(engine, replace(settings, router_refresh_s=3600))
+
+    async def before_and_after():
+        first = await ask(slow, tokens["alice"], "toy2")
+        assert client.post("/api/v1/services", headers=bearer(tokens["alice"]),
+                           json=body(image, model_dir, name="toy2")).status_code == 201
+        await asyncio.sleep(0.06)
+        return first, await ask(slow, tokens["alice"], "toy2")
+    first, then = asyncio.run(before_and_after())
+    assert first == (404, "unknown_service") and then[0] == 200 and then[1].service == "toy2"
+
     gw = GatewayThread(PortalDirectory(engine, settings), free_port(range(9150, 9200)))
     try:
         conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
