@@ -76,7 +76,7 @@ class Settings:
     service_drain_grace_s: float = 2.0
     #: where ``aiportal router`` listens: HOST:PORT or unix:PATH (the web server in front of the
     #: portal passes /service/ there)
-    router_listen: str = "unix:/run/aiportal/router.sock"
+    router_listen: str = "unix:/run/aiportal/front/router.sock"
     #: how often the router re-reads the ready replicas (and forgets tokens it checked)
     router_refresh_s: float = 0.5
     #: how long the router waits for a replica's answer

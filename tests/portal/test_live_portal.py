@@ -88,7 +88,9 @@ def test_nginx_is_the_front_door_for_the_portal_and_the_router(admin_token):
     """One address: nginx on :8000 passes /service/ to `aiportal router`, the rest to gunicorn
     (both on unix sockets, so neither is reachable around nginx)."""
     assert _runs("/run/aiportal/nginx.pid", b"nginx") and _runs("/run/aiportal/router.pid", b"router")
-    assert Path("/run/aiportal/portal.sock").is_socket() and Path("/run/aiportal/router.sock").is_socket()
+    assert Path("/run/aiportal/front/portal.sock").is_socket() and Path("/run/aiportal/front/router.sock").is_socket()
+    front = os.stat("/run/aiportal/front")
+    assert front.st_mode & 0o777 == 0o750 and front.st_uid == 0        # root and nginx's workers only
     with urllib.request.urlopen(URL + "/healthz", timeout=10) as resp:
         assert resp.read() and "nginx/" not in resp.headers.get("Server", "")     # no version shown
     req = urllib.request.Request(URL + "/service/no-such-service", data=b"x", method="POST")
