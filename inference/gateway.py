@@ -237,7 +237,15 @@ class Gateway:
             raise GatewayError(401, "unauthorized", "send 'Authorization: Bearer TOKEN' with an API token of the "
                                "service's owner (`aiportal token create`, or the Tokens page)",
                                {"WWW-Authenticate": 'Bearer realm="aiportal"'})
-        route = await self.directory.route(token.strip(), name)
+        try:
+            route = await self.directory.route(token.strip(), name)
+        except GatewayError:
+            raise
+        except Exception as e:
+            # e.g. the portal's database is down: an answer, not a dropped connection
+            log.exception("service %s: the directory failed", name)
+            raise GatewayError(503, "unavailable", "the portal cannot look up services right now (%s); try again "
+                               "shortly" % type(e).__name__, {"Retry-After": "5"}) from e
         chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
         length = request.headers.get("content-length")
         if length is None and not chunked:
@@ -458,6 +466,9 @@ class Gateway:
             for up in idle:
                 up.close()
         self._pool.clear()
+        close = getattr(self.directory, "close", None)
+        if close is not None:
+            await close()
         await asyncio.sleep(0.05)       # let the closed transports finish closing
         log.info("inference gateway stopped after %d requests", self.served)
 

@@ -126,6 +126,12 @@ class PortalDirectory:
             self._miss = asyncio.ensure_future(self._load())
         await asyncio.shield(self._miss)
 
+    async def close(self) -> None:
+        """Stop the background refresh (the gateway calls it when it stops)."""
+        for task in (self._refresh, self._miss):
+            if task is not None and not task.done():
+                task.cancel()
+
     async def caller(self, token: str) -> tuple[int | None, bool]:
         key = hashlib.sha256(token.encode()).hexdigest()
         hit = self.tokens.get(key)

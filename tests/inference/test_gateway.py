@@ -264,3 +264,13 @@ def test_parse_head_reads_the_request_line_and_headers():
             assert e.status == code, bad
         else:
             raise AssertionError(bad)
+
+
+def test_a_failing_directory_gets_503_not_a_dropped_connection(gateways):
+    class Broken:
+        async def route(self, token, name):
+            raise OSError("database is locked")
+    gw = gateways(Broken())
+    status, r, out = post(gw)
+    assert status == 503 and out["error"] == "unavailable" and r.getheader("Retry-After") == "5"
+    assert "database" not in out["message"]         # the cause's type only: no internals to clients

@@ -225,7 +225,9 @@ def test_the_routers_directory_answers_owners_and_admins_and_refuses_the_rest(cl
         assert client.post("/api/v1/services", headers=bearer(tokens["alice"]),
                            json=body(image, model_dir, name="toy2")).status_code == 201
         await asyncio.sleep(0.06)
-        return first, await ask(slow, tokens["alice"], "toy2")
+        then = await ask(slow, tokens["alice"], "toy2")
+        await slow.close()
+        return first, then
     first, then = asyncio.run(before_and_after())
     assert first == (404, "unknown_service") and then[0] == 200 and then[1].service == "toy2"
 
