@@ -26,7 +26,8 @@ import pytest
 from storage.s3 import S3Store
 from tests.conftest import JOB_AIPORTAL_VENV, run
 from tests.examples.conftest import CHECKS, EXAMPLE
-from tests.portal.test_e2e import call, wait_state
+from tests.portal.conftest import api_call
+from tests.portal.test_e2e import wait_state
 from tests.storage.s3_helpers import admin_source, drop_bucket, make_bucket
 
 pytestmark = [pytest.mark.portal, pytest.mark.slurm, pytest.mark.s3, pytest.mark.apptainer]
@@ -63,17 +64,17 @@ def cifar_bucket(s3_credentials, prepare_data):
 def source(live_portal, s3_credentials, cifar_bucket):
     """alice's data source for the bucket (removed afterwards)."""
     name = "cifar-%s" % uuid.uuid4().hex[:8]
-    status, body = call(live_portal, "POST", "/datasources", live_portal.tokens["alice"], {
+    status, body = api_call(live_portal, "POST", "/datasources", live_portal.tokens["alice"], {
         "name": name, "endpoint": s3_credentials["endpoint"], "region": s3_credentials["region"],
         "access_key": s3_credentials["access_key"], "secret_key": s3_credentials["secret_key"],
         "buckets": [cifar_bucket]})
     assert status == 201, body
     yield name
-    call(live_portal, "DELETE", "/datasources/%s" % name, live_portal.tokens["alice"])
+    api_call(live_portal, "DELETE", "/datasources/%s" % name, live_portal.tokens["alice"])
 
 
 def submit(portal, bucket: str, image: Path, node_type: str, out: str, *train_args: str) -> dict:
-    status, job = call(portal, "POST", "/jobs", portal.tokens["alice"], {
+    status, job = api_call(portal, "POST", "/jobs", portal.tokens["alice"], {
         "image": str(image), "node_type": node_type, "name": "cifar10-%s" % node_type,
         "command": ["python3", "/data/data/train.py", *train_args],
         "inputs": ["s3://%s/cifar10/data" % bucket, "s3://%s/cifar10/code" % bucket],
@@ -83,7 +84,7 @@ def submit(portal, bucket: str, image: Path, node_type: str, out: str, *train_ar
 
 
 def job_log(portal, job_id: str) -> str:
-    status, log = call(portal, "GET", "/jobs/%s/log" % job_id, portal.tokens["alice"])
+    status, log = api_call(portal, "GET", "/jobs/%s/log" % job_id, portal.tokens["alice"])
     assert status == 200
     return log.decode(errors="replace") if isinstance(log, bytes) else ""
 
@@ -97,7 +98,7 @@ def wait_log(portal, job_id: str, pattern: str, timeout: float = 180) -> re.Matc
         m = re.search(pattern, text)
         if m:
             return m
-        status, job = call(portal, "GET", "/jobs/%s" % job_id, portal.tokens["alice"])
+        status, job = api_call(portal, "GET", "/jobs/%s" % job_id, portal.tokens["alice"])
         state = job.get("state", "")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             text = job_log(portal, job_id)
@@ -147,7 +148,7 @@ def test_1card_stages_in_trains_checkpoints_on_usr1_and_stages_out(live_portal, 
     assert "done: step 300 of 300 (300 this run)" in log
 
     # the loss the portal plots goes down
-    status, prog = call(live_portal, "GET", "/jobs/%s/progress" % job["id"], alice)
+    status, prog = api_call(live_portal, "GET", "/jobs/%s/progress" % job["id"], alice)
     points = prog["points"]
     assert [p["step"] for p in points] == list(range(10, 301, 10))
     losses = [p["loss"] for p in points]

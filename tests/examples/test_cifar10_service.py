@@ -22,7 +22,8 @@ import pytest
 
 from tests.conftest import SHARED_ROOT
 from tests.examples.cifar_serving import MODEL_CLASS, encode_images, model_folder, train
-from tests.portal.test_services_e2e import api, deploy, ready, wait_for
+from tests.portal.conftest import api_call
+from tests.portal.test_services_e2e import deploy, ready, wait_for
 
 pytestmark = [pytest.mark.portal, pytest.mark.slurm, pytest.mark.apptainer]
 
@@ -104,5 +105,5 @@ def test_cifar10_service_labels_png_and_jpeg_over_curl_from_both_replicas(
         assert status == 200 and body.decode() in prepare_data.LABELS, (status, body)
         answered.add(replica)
     assert refused_by in answered, (refused_by, answered)
-    svc = api(live_portal, "GET", "/services/%s" % name, alice)[1]
+    svc = api_call(live_portal, "GET", "/services/%s" % name, alice)[1]
     assert svc["ready_replicas"] == 2, svc

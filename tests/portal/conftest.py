@@ -6,12 +6,14 @@ a recorder below the adapter boundary for tests that must not touch the cluster.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +214,21 @@ class LivePortal:
             req.add_header("Authorization", "Bearer " + token)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.read()
+
+
+def api_call(portal, method, path, token, body=None, timeout=30):
+    """(status, answer) of one API call as ``token``: JSON parsed, other bodies as bytes; an
+    HTTP error is an answer too."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(portal.url + "/api/v1" + path, data=data, method=method,
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, (json.loads(raw) if resp.headers.get_content_type() == "application/json" else raw)
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read())
 
 
 def start_router(env: dict, port: int, log: Path) -> subprocess.Popen:

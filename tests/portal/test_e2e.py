@@ -5,29 +5,15 @@ outputs inside its image; the job reaches COMPLETED, its log and outputs are vis
 import json
 import re
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from storage.s3 import S3Store
+from tests.portal.conftest import api_call
 from tests.storage.s3_helpers import admin_source, drop_bucket, make_bucket
 
 pytestmark = [pytest.mark.portal, pytest.mark.slurm, pytest.mark.s3, pytest.mark.apptainer]
-
-
-def call(portal, method, path, token, body=None, timeout=30):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(portal.url + "/api/v1" + path, data=data, method=method,
-                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            return resp.status, (json.loads(raw) if resp.headers.get_content_type() == "application/json" else raw)
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, json.loads(e.read())
 
 
 @pytest.fixture
@@ -43,7 +29,7 @@ def bucket(s3_credentials):
 def wait_state(portal, token, job_id, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status, job = call(portal, "GET", "/jobs/%s" % job_id, token)
+        status, job = api_call(portal, "GET", "/jobs/%s" % job_id, token)
         assert status == 200
         if job["state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "UNKNOWN"):
             return job
@@ -54,7 +40,7 @@ def wait_state(portal, token, job_id, timeout=180):
 def test_submit_runs_in_the_image_and_shows_log_and_outputs(live_portal, s3_credentials, bucket, base_image,
                                                             cluster_jobs_cleanup):
     alice, bob = live_portal.tokens["alice"], live_portal.tokens["bob"]
-    status, src = call(live_portal, "POST", "/datasources", alice, {
+    status, src = api_call(live_portal, "POST", "/datasources", alice, {
         "name": "lab", "endpoint": s3_credentials["endpoint"], "region": s3_credentials["region"],
         "access_key": s3_credentials["access_key"], "secret_key": s3_credentials["secret_key"], "buckets": [bucket]})
     assert status == 201, src
@@ -62,7 +48,7 @@ def test_submit_runs_in_the_image_and_shows_log_and_outputs(live_portal, s3_cred
                "total = sum(map(int, nums)); print('step 1, loss = 0.5 (100.0 examples/sec; 0.1 sec/batch)'); "
                "print('sum is', total); pathlib.Path('/data/output/model').mkdir(); "
                "pathlib.Path('/data/output/model/result.txt').write_text(str(total))")
-    status, job = call(live_portal, "POST", "/jobs", alice, {
+    status, job = api_call(live_portal, "POST", "/jobs", alice, {
         "image": str(base_image), "node_type": "1card", "command": ["python3", "-c", program],
         "inputs": ["s3://%s/in" % bucket], "output": "s3://%s/out" % bucket, "name": "e2e"})
     assert status == 201, job
@@ -71,21 +57,21 @@ def test_submit_runs_in_the_image_and_shows_log_and_outputs(live_portal, s3_cred
     assert done["state"] == "COMPLETED" and done["exit_code"] == 0, done
     kinds = [e["kind"] for e in done["events"]]
     assert kinds[0] == "submitted" and kinds[-1] == "finished" and "state" in kinds
-    status, log = call(live_portal, "GET", "/jobs/%s/log" % job["id"], alice)
+    status, log = api_call(live_portal, "GET", "/jobs/%s/log" % job["id"], alice)
     assert status == 200 and b"sum is 10" in log
-    status, prog = call(live_portal, "GET", "/jobs/%s/progress" % job["id"], alice)
+    status, prog = api_call(live_portal, "GET", "/jobs/%s/progress" % job["id"], alice)
     assert prog["points"] == [{"step": 1, "loss": 0.5, "examples_per_sec": 100.0, "sec_per_batch": 0.1}]
-    status, outs = call(live_portal, "GET", "/jobs/%s/outputs" % job["id"], alice)
+    status, outs = api_call(live_portal, "GET", "/jobs/%s/outputs" % job["id"], alice)
     assert [f["path"] for f in outs["files"]] == ["model/result.txt"]
-    status, body = call(live_portal, "GET", outs["files"][0]["url"][len("/api/v1"):], alice)
+    status, body = api_call(live_portal, "GET", outs["files"][0]["url"][len("/api/v1"):], alice)
     assert status == 200 and body == b"10"
     with S3Store(admin_source(s3_credentials)) as s:
         assert s.client.get_object(Bucket=bucket, Key="out/model/result.txt")["Body"].read() == b"10"
     # bob sees none of it
     for path in ("", "/log", "/outputs", "/outputs/model/result.txt"):
-        assert call(live_portal, "GET", "/jobs/%s%s" % (job["id"], path), bob)[0] == 404
+        assert api_call(live_portal, "GET", "/jobs/%s%s" % (job["id"], path), bob)[0] == 404
     # the keys are nowhere: not in the script, the API's answers, the log, the database
-    status, shown = call(live_portal, "GET", "/jobs/%s" % job["id"], alice)
+    status, shown = api_call(live_portal, "GET", "/jobs/%s" % job["id"], alice)
     everything = json.dumps(shown) + log.decode(errors="replace") + json.dumps(src)
     with live_portal.engine.connect() as conn:
         for table in ("jobs", "events", "datasources"):

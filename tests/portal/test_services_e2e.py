@@ -28,21 +28,9 @@ from portal.models import Service, ServiceReplica
 from storage.credentials import SecretBox
 from tests.conftest import SHARED_ROOT
 from tests.inference.conftest import TOY
-from tests.portal.conftest import _stop, free_port, start_router
+from tests.portal.conftest import _stop, api_call, free_port, start_router
 
 pytestmark = [pytest.mark.portal, pytest.mark.slurm, pytest.mark.apptainer]
-
-
-def api(portal, method, path, token, body=None, timeout=30):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(portal.url + "/api/v1" + path, data=data, method=method,
-                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, json.loads(e.read())
 
 
 def infer(url, name, token, body: bytes, method="POST", timeout=30):
@@ -115,7 +103,7 @@ def services(live_portal):
     names: list[str] = []
     yield names
     for name in names:
-        api(live_portal, "DELETE", "/services/%s" % name, live_portal.tokens["alice"])
+        api_call(live_portal, "DELETE", "/services/%s" % name, live_portal.tokens["alice"])
     with Session(live_portal.engine) as db:
         ids = [r.slurm_job_id for s in db.exec(select(Service).where(Service.name.in_(names)))
                for r in db.exec(select(ServiceReplica).where(ServiceReplica.service_id == s.id)) if r.slurm_job_id]
@@ -131,7 +119,7 @@ def services(live_portal):
 
 def deploy(portal, services, token, name, **body):
     services.append(name)
-    status, svc = api(portal, "POST", "/services", token, {"name": name, **body})
+    status, svc = api_call(portal, "POST", "/services", token, {"name": name, **body})
     assert status == 201, svc
     return svc
 
@@ -140,7 +128,7 @@ def wait_for(portal, token, name, check, timeout=90, what="condition"):
     deadline = time.monotonic() + timeout
     svc = None
     while time.monotonic() < deadline:
-        status, svc = api(portal, "GET", "/services/%s" % name, token)
+        status, svc = api_call(portal, "GET", "/services/%s" % name, token)
         assert status == 200, svc
         if check(svc):
             return svc
@@ -242,7 +230,7 @@ def test_a_service_answers_curl_shares_load_survives_a_killed_replica_and_a_port
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 405
     e.value.close()
-    assert api(live_portal, "GET", "/services/%s" % name, alice)[1]["ready_replicas"] == 2
+    assert api_call(live_portal, "GET", "/services/%s" % name, alice)[1]["ready_replicas"] == 2
 
     # kill one replica's job: the service keeps answering, a new replica comes up
     victim = svc["replicas"][0]
@@ -288,7 +276,7 @@ def test_rolling_update_under_load_fails_no_request_and_a_broken_version_keeps_t
     routed(live_portal, alice, name)
     with Load(live_portal.service_url, name, alice, clients=2) as load:
         time.sleep(0.5)
-        status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice, {"model": models["2"], "version": "2"})
+        status, svc = api_call(live_portal, "POST", "/services/%s/update" % name, alice, {"model": models["2"], "version": "2"})
         assert status == 202 and svc["state"] == "UPDATING", svc
         t0 = time.monotonic()
         svc = wait_for(live_portal, alice, name, lambda s: s["state"] == "RUNNING" and s["generation"] == 2
@@ -303,7 +291,7 @@ def test_rolling_update_under_load_fails_no_request_and_a_broken_version_keeps_t
 
     # a version that cannot load: the rollout stops and version 2 keeps serving
     with Load(live_portal.service_url, name, alice, clients=1) as load:
-        status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice,
+        status, svc = api_call(live_portal, "POST", "/services/%s/update" % name, alice,
                           {"model": models["broken"], "version": "3"})
         assert status == 202
         svc = wait_for(live_portal, alice, name, lambda s: s["state"] == "RUNNING" and "failed" in s["message"],
@@ -343,7 +331,7 @@ def test_a_gray_release_splits_requests_by_weight_then_rolls_out_without_failure
     wait_for(live_portal, alice, name, ready(1), what="a ready replica")
     routed(live_portal, alice, name)
     with Load(live_portal.service_url, name, alice, clients=2) as load:
-        status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice,
+        status, svc = api_call(live_portal, "POST", "/services/%s/update" % name, alice,
                           {"model": models["2"], "version": "2", "weight": 25})
         assert status == 202 and svc["next_weight"] == 25, svc
         svc = wait_for(live_portal, alice, name, ready(2), timeout=90, what="the canary beside version 1")
@@ -351,7 +339,7 @@ def test_a_gray_release_splits_requests_by_weight_then_rolls_out_without_failure
         versions = Counter(infer(live_portal.service_url, name, alice, b"x%d" % i)[1]["version"] for i in range(200))
         assert len([r for r in svc["replicas"] if r["phase"] != "ENDED"]) == 2     # nothing was replaced
         # weight 100: the canary counts as the new version's first replica; the old one drains
-        status, svc = api(live_portal, "POST", "/services/%s/update" % name, alice, {"weight": 100})
+        status, svc = api_call(live_portal, "POST", "/services/%s/update" % name, alice, {"weight": 100})
         assert status == 202 and svc["next_weight"] is None
         svc = wait_for(live_portal, alice, name, lambda s: s["state"] == "RUNNING" and s["version"] == "2"
                        and s["ready_replicas"] == 1, timeout=90, what="the rollout of version 2")
