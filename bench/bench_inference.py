@@ -223,17 +223,22 @@ def cpu_seconds(*pids: int) -> float:
     return total
 
 
+def add_service(portal: Portal, name: str, rep) -> None:
+    """Service ``name`` of alice's (with the bench's key) whose one READY replica is ``rep``."""
+    with Session(portal.engine) as db:
+        svc = Service(user_id=portal.user_id, name=name, spec_json=json.dumps({"max_body_bytes": 1 << 20}),
+                      key_sealed=portal.box.seal(KEY))
+        db.add(svc)
+        db.flush()
+        db.add(ServiceReplica(service_id=svc.id, phase=Phase.READY, host=rep.host, port=rep.port, version="v1",
+                              ready_at=utcnow()))
+        db.commit()
+
+
 def part_router(portal: Portal, tmp: Path, n: int, seconds: float) -> None:
     rep = start_runtime(tmp / "echo", max_batch_size=1, max_wait_ms=0, key=KEY)
     try:
-        with Session(portal.engine) as db:
-            svc = Service(user_id=portal.user_id, name="echo", spec_json=json.dumps({"max_body_bytes": 1 << 20}),
-                          key_sealed=portal.box.seal(KEY))
-            db.add(svc)
-            db.flush()
-            db.add(ServiceReplica(service_id=svc.id, phase=Phase.READY, host=rep.host, port=rep.port, version="v1",
-                                  ready_at=utcnow()))
-            db.commit()
+        add_service(portal, "echo", rep)
         direct = lambda: Client(rep.host, rep.port, "/service", key=KEY)  # noqa: E731
         routed = lambda: Client("127.0.0.1", portal.router_port, "/service/echo", portal.token)  # noqa: E731
         front = lambda: Client("127.0.0.1", portal.front_port, "/service/echo", portal.token)  # noqa: E731
@@ -291,14 +296,7 @@ def part_router_model(portal: Portal, tmp: Path, seconds: float) -> None:
     rep = start_runtime(tmp / "fixed-router", class_name="FixedCost", max_batch_size=32, max_wait_ms=5, key=KEY,
                         env={"COST_MS": "20", "PER_ITEM_MS": "0.2"})
     try:
-        with Session(portal.engine) as db:
-            svc = Service(user_id=portal.user_id, name="fixed", spec_json=json.dumps({"max_body_bytes": 1 << 20}),
-                          key_sealed=portal.box.seal(KEY))
-            db.add(svc)
-            db.flush()
-            db.add(ServiceReplica(service_id=svc.id, phase=Phase.READY, host=rep.host, port=rep.port, version="v1",
-                                  ready_at=utcnow()))
-            db.commit()
+        add_service(portal, "fixed", rep)
         time.sleep(1.0)       # the routing table is re-read every router_refresh_s
         d_tp, d_bad = throughput(lambda: Client(rep.host, rep.port, "/service", key=KEY), 32, seconds,
                                  body=b"x" * 1024)
