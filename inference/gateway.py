@@ -96,11 +96,7 @@ class Request:
 
 def parse_head(head: bytes) -> Request:
     """The request line and headers (names lower-cased) of one HTTP/1.x request head."""
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError as e:          # pragma: no cover - latin-1 decodes every byte
-        raise GatewayError(400, "bad_request", "the request head is not text") from e
-    lines = text.split("\r\n")
+    lines = head.decode("latin-1").split("\r\n")        # latin-1 decodes every byte
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         if len(parts) == 3 and parts[2].startswith("HTTP/"):

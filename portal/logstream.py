@@ -60,8 +60,7 @@ def _owner(db: Session, job: Job) -> User:
 
 
 def _target(settings, db: Session, job: Job) -> logtail.SshTarget:
-    owner = db.get(User, job.user_id)
-    return logtail.target_for(settings, owner.unix_user)
+    return logtail.target_for(settings, _owner(db, job).unix_user)
 
 
 def read(settings, db: Session, job: Job, offset: int = 0, task: str | None = None) -> logtail.LogChunk:
