@@ -14,7 +14,7 @@ import time
 from collections import Counter
 
 from inference.gateway import Route, parse_head
-from inference.router import Balancer, Target
+from inference.balancer import Balancer, Target
 from tests.inference.conftest import StaticDirectory
 
 TOKEN = "alice-token"
@@ -78,7 +78,7 @@ def test_sequential_requests_alternate_over_one_kept_alive_connection_each(runti
     assert status == 200 and out["upper"] == "ABC" and r.getheader("X-Model-Version") == "v1"
     assert gw.gateway.balancer.outstanding("a" * 12) == gw.gateway.balancer.outstanding("b" * 12) == 0
     # one idle keep-alive connection per replica: no new TCP connection per request
-    assert sorted(len(v) for v in gw.gateway._pool.values()) == [1, 1]
+    assert sorted(len(v) for v in gw.gateway.upstreams.idle.values()) == [1, 1]
     status, _, out = post(gw, body=b"bytes")
     assert status == 200 and out == b"\x00\x01raw"
     status, _, out = post(gw, body=b"fail")

@@ -1,38 +1,23 @@
-"""The inference gateway: an asyncio HTTP/1.1 server for ``POST|PUT /service/NAME``.
-
-It is the front door of every service (in a deployment the portal's web server passes
-``/service/`` to it; see docs/inference.md). Per request:
-
-1. ``Authorization: Bearer TOKEN`` and the service name go to a :class:`Directory` (the portal
-   implements it on its database, cached), which answers the service's ready replicas and body
-   limit, or an error (401 unknown token, 404 unknown or another user's service);
-2. the body is read (``Content-Length`` or chunked; ``Expect: 100-continue`` is answered once
-   the checks passed; over the service's limit: 413 before reading it);
-3. :class:`~inference.router.Balancer` picks a replica; the request goes to it over a
-   kept-alive connection, with the service's key (``X-Aiportal-Key``: replicas answer only
-   requests that carry it), and the answer is streamed back (status, Content-Type,
-   ``X-Model-Version``, plus ``X-Replica``);
-4. a replica that refused or dropped the connection before answering, or answered 503 (loading
-   or draining: nothing reached the model), is ejected for a while and the next one is tried;
-   a replica that took the request and did not answer within ``timeout`` gets 504 and the
-   request is not sent again (a model never sees a request twice after it may have run it).
-
-One event loop, no threads on the request path (the directory's database reads run in a
-thread pool, off the hot path). Uses uvloop when it is installed.
-"""
+"""The gateway process: :class:`Gateway` serves client connections (``POST|PUT /service/NAME``),
+asks its :class:`~inference.gateway.routes.Directory` where a request may go, picks a replica
+with :class:`~inference.balancer.Balancer`, forwards the request over the pool of kept-alive
+connections (:mod:`inference.gateway.upstream`) and relays the answer; :func:`run` is the
+process entry (SIGTERM/SIGINT, uvloop when installed). The request path is described in
+:mod:`inference.gateway`."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
 import signal
 import socket
-from dataclasses import dataclass, field
-from typing import Protocol
 
-from inference.router import Balancer, Target
+from inference.balancer import Balancer, Target
+from inference.gateway.http1 import (CHUNK, MAX_HEAD, GatewayError, Request, answer_head, error_answer, parse_head,
+                                     read_chunked)
+from inference.gateway.routes import Directory, Route
+from inference.gateway.upstream import Dropped, Upstream, UpstreamPool
 from inference.runtime import KEY_HEADER
 
 log = logging.getLogger(__name__)
@@ -42,120 +27,20 @@ NAME_RE = re.compile(r"/service/([A-Za-z0-9][A-Za-z0-9_.-]{0,62})")
 FORWARD_HEADERS = ("content-type", "accept", "x-request-id")
 #: answer headers passed back to the client
 RETURN_HEADERS = ("content-type", "x-model-version")
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-           405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
-           413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
-MAX_HEAD = 64 * 1024
-CHUNK = 64 * 1024
-
-
-class GatewayError(Exception):
-    """An answer the gateway gives itself: status, a code and a message naming the fix."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where a caller's request for a service may go."""
-    service: str
-    targets: tuple[Target, ...]
-    max_body: int = 0           #: bytes; 0: no limit of the service's own
-    #: the service's key, sent to its replicas in X-Aiportal-Key; "": a service without one
-    key: str = field(default="", repr=False)
-
-
-class Directory(Protocol):
-    async def route(self, token: str, name: str) -> Route:
-        """The service ``name`` as the caller of ``token`` may use it; raises GatewayError
-        (401 for a bad token, 404 for a service that is unknown or not theirs)."""
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    version: str
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def keep_alive(self) -> bool:
-        conn = self.headers.get("connection", "").lower()
-        if self.version == "HTTP/1.0":
-            return "keep-alive" in conn
-        return "close" not in conn
-
-    @property
-    def has_body(self) -> bool:
-        return (self.headers.get("transfer-encoding", "").lower() == "chunked"
-                or self.headers.get("content-length", "0").strip() not in ("", "0"))
-
-
-def parse_head(head: bytes) -> Request:
-    """The request line and headers (names lower-cased) of one HTTP/1.x request head."""
-    lines = head.decode("latin-1").split("\r\n")        # latin-1 decodes every byte
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        if len(parts) == 3 and parts[2].startswith("HTTP/"):
-            raise GatewayError(505, "bad_request", "only HTTP/1.0 and HTTP/1.1 are served here")
-        raise GatewayError(400, "bad_request", "malformed request line %r" % lines[0][:100])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise GatewayError(400, "bad_request", "malformed header line %r" % line[:100])
-        name = name.lower()
-        if name in headers and name in ("content-length", "transfer-encoding", "authorization"):
-            raise GatewayError(400, "bad_request", "header %s given twice" % name)
-        headers[name] = value.strip()
-    return Request(parts[0], parts[1].partition("?")[0], parts[2], headers)
-
-
-def _head(status: int, headers: dict[str, str], close: bool) -> bytes:
-    lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Status"))]
-    lines += ["%s: %s" % kv for kv in headers.items()]
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def error_answer(e: GatewayError, close: bool) -> bytes:
-    body = json.dumps({"error": e.code, "message": e.message}).encode()
-    headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **e.headers}
-    return _head(e.status, headers, close) + body
-
-
-class _Upstream:
-    """One kept-alive connection to a replica."""
-    __slots__ = ("key", "reader", "writer")
-
-    def __init__(self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.key, self.reader, self.writer = key, reader, writer
-
-    def usable(self) -> bool:
-        return not self.writer.is_closing() and not self.reader.at_eof()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _Dropped(Exception):
-    """The replica closed or reset the connection before its answer began."""
 
 
 class Gateway:
+    """One gateway: ``timeout`` for a replica's answer (then 504), ``connect_timeout`` for a
+    connection to a replica, ``eject_s`` a failed replica sits out, ``max_attempts`` replicas
+    tried per request, ``idle_s`` a client connection (or its body) may stay silent,
+    ``max_idle_upstream`` idle connections kept per replica."""
+
     def __init__(self, directory: Directory, *, timeout: float = 300.0, connect_timeout: float = 2.0,
                  eject_s: float = 5.0, max_attempts: int = 3, idle_s: float = 75.0, max_idle_upstream: int = 64):
         self.directory = directory
-        self.timeout, self.connect_timeout, self.max_attempts = timeout, connect_timeout, max_attempts
-        self.idle_s, self.max_idle_upstream = idle_s, max_idle_upstream
+        self.timeout, self.max_attempts, self.idle_s = timeout, max_attempts, idle_s
         self.balancer = Balancer(eject_s)
-        self._pool: dict[tuple[str, int], list[_Upstream]] = {}
+        self.upstreams = UpstreamPool(timeout=timeout, connect_timeout=connect_timeout, max_idle=max_idle_upstream)
         self._connections: set[asyncio.Task] = set()
         self.served = 0
 
@@ -262,7 +147,7 @@ class Gateway:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             async with asyncio.timeout(self.idle_s):
-                body = await reader.readexactly(n) if n is not None else await _read_chunked(reader, route)
+                body = await reader.readexactly(n) if n is not None else await read_chunked(reader, route.service, route.max_body)
         except TimeoutError as e:
             raise GatewayError(408, "bad_request", "the request body did not arrive within %.0fs" % self.idle_s) from e
         return route, body
@@ -288,12 +173,12 @@ class Gateway:
                 break
             tried.add(target.key)
             try:
-                up, status, headers = await self._send(target, out)
+                up, status, headers = await self.upstreams.send(target, out)
             except TimeoutError as e:
                 self.balancer.done(target)
                 raise GatewayError(504, "replica_timeout", "service %s: replica %s:%d did not answer within %.0fs"
                                    % (route.service, target.host, target.port, self.timeout)) from e
-            except (OSError, _Dropped, asyncio.IncompleteReadError, ValueError) as e:
+            except (OSError, Dropped, asyncio.IncompleteReadError, ValueError) as e:
                 self.balancer.done(target)
                 self.balancer.eject(target)
                 errors.append("%s:%d: %s" % (target.host, target.port, str(e) or type(e).__name__))
@@ -303,7 +188,7 @@ class Gateway:
             if status == 503 and attempt < self.max_attempts and len(tried) < len(route.targets):
                 # loading or draining: nothing reached the model; another replica takes it
                 try:
-                    await self._skip_body(up, headers)
+                    await self.upstreams.skip_body(up, headers)
                 except (OSError, asyncio.IncompleteReadError, TimeoutError):
                     up.close()
                 self.balancer.done(target)
@@ -319,60 +204,7 @@ class Gateway:
                            "replacing failed replicas: try again shortly" % (route.service, "; ".join(errors)),
                            {"Retry-After": "1"})
 
-    async def _connect(self, target: Target) -> tuple[_Upstream, bool]:
-        idle = self._pool.get((target.host, target.port))
-        while idle:
-            up = idle.pop()
-            if up.usable():
-                return up, True
-            up.close()
-        async with asyncio.timeout(self.connect_timeout):
-            reader, writer = await asyncio.open_connection(target.host, target.port, limit=MAX_HEAD)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Upstream((target.host, target.port), reader, writer), False
-
-    async def _send(self, target: Target, out: bytes) -> tuple[_Upstream, int, dict[str, str]]:
-        """Send one request; (connection, status, headers) once the answer's head arrived. An
-        idle connection the replica closed meanwhile is retried once on a fresh one."""
-        for _ in range(2):
-            up, reused = await self._connect(target)
-            try:
-                up.writer.write(out)
-                async with asyncio.timeout(self.timeout):
-                    try:
-                        head = await up.reader.readuntil(b"\r\n\r\n")
-                    except asyncio.IncompleteReadError as e:
-                        if e.partial:
-                            raise
-                        raise _Dropped("connection closed before the answer") from e
-                    except ConnectionError as e:
-                        raise _Dropped(str(e) or type(e).__name__) from e
-            except _Dropped:
-                up.close()
-                if reused:
-                    continue
-                raise
-            except BaseException:
-                up.close()
-                raise
-            lines = head.decode("latin-1").split("\r\n")
-            version, _, rest = lines[0].partition(" ")
-            status = int(rest[:3])
-            headers = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if sep:
-                    headers[name.strip().lower()] = value.strip()
-            return up, status, headers
-        raise _Dropped("connection dropped twice")
-
-    async def _skip_body(self, up: _Upstream, headers: dict[str, str]) -> None:
-        n = int(headers.get("content-length", "0") or 0)
-        async with asyncio.timeout(self.connect_timeout):
-            await up.reader.readexactly(n)
-        self._release(up, headers)
-
-    async def _relay(self, target: Target, up: _Upstream, status: int, headers: dict[str, str],
+    async def _relay(self, target: Target, up: Upstream, status: int, headers: dict[str, str],
                      writer: asyncio.StreamWriter, keep: bool) -> None:
         """Stream the replica's answer to the client. The request stops counting as in flight
         to ``target`` once the replica's answer was read (or failed)."""
@@ -393,20 +225,20 @@ class Gateway:
                     data = await up.reader.readexactly(min(n, CHUNK))
                     rest = n - len(data)
                     if not rest:
-                        self._release(up, headers)
+                        self.upstreams.release(up, headers)
                 out["Content-Length"] = str(len(data) + rest)
                 if not rest:
                     self.balancer.done(target)      # answered: no longer in flight there
                     target = None
                 started = True
-                writer.write(_head(status, out, close=not keep) + data)
+                writer.write(answer_head(status, out, close=not keep) + data)
                 while rest:
                     data = await up.reader.readexactly(min(rest, CHUNK))
                     rest -= len(data)
                     writer.write(data)
                     await writer.drain()
             if target is not None:
-                self._release(up, headers)
+                self.upstreams.release(up, headers)
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
             up.close()
@@ -421,16 +253,6 @@ class Gateway:
         finally:
             if target is not None:
                 self.balancer.done(target)
-
-    def _release(self, up: _Upstream, headers: dict[str, str]) -> None:
-        if "close" in headers.get("connection", "").lower() or not up.usable():
-            up.close()
-            return
-        idle = self._pool.setdefault(up.key, [])
-        if len(idle) < self.max_idle_upstream:
-            idle.append(up)
-        else:
-            up.close()
 
     # -- running ------------------------------------------------------------------------------
 
@@ -458,37 +280,12 @@ class Gateway:
                 await asyncio.wait(list(self._connections), timeout=grace_s)
             for task in list(self._connections):
                 task.cancel()
-        for idle in self._pool.values():
-            for up in idle:
-                up.close()
-        self._pool.clear()
+        self.upstreams.close()
         close = getattr(self.directory, "close", None)
         if close is not None:
             await close()
         await asyncio.sleep(0.05)       # let the closed transports finish closing
         log.info("inference gateway stopped after %d requests", self.served)
-
-
-async def _read_chunked(reader: asyncio.StreamReader, route: Route) -> bytes:
-    parts, total = [], 0
-    while True:
-        line = await reader.readuntil(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError as e:
-            raise GatewayError(400, "bad_request", "malformed chunked body") from e
-        if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":      # trailers
-                pass
-            return b"".join(parts)
-        total += size
-        if route.max_body and total > route.max_body:
-            raise GatewayError(413, "too_large", "the body is over %d bytes, the most service %s takes"
-                               % (route.max_body, route.service))
-        parts.append(await reader.readexactly(size))
-        if await reader.readexactly(2) != b"\r\n":
-            raise GatewayError(400, "bad_request", "malformed chunked body")
 
 
 def _signal_event() -> asyncio.Event:
