@@ -42,6 +42,11 @@ Errors are JSON ``{"error": code, "message": ...}``: 400 malformed request, 401 
 request that broke it fails), 503 loading or draining. The process survives all of them.
 SIGTERM drains: new requests get 503 (the router tries another replica), requests in flight
 finish, then the process exits.
+
+One file on purpose: the portal copies this file (``inference.runtime.__file__``) into the
+service's folder, and each replica binds that one file read-only at ``/aiportal/runtime.py``
+(:func:`inference.service.replica_job`) and runs it with the image's Python. Splitting it needs
+the copy and the bind to carry a folder.
 """
 from __future__ import annotations
 

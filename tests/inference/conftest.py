@@ -35,9 +35,10 @@ class Replica:
 
 
 def start_runtime(tmp: Path, model_dir: Path = TOY, wait_ready: bool = True, env: dict | None = None,
-                  **cfg) -> Replica:
-    """Start ``inference/runtime.py`` with a config in ``tmp``; wait for endpoint.json (and
-    for /healthz 200 with ``wait_ready``)."""
+                  runtime: Path = RUNTIME, python_flags: tuple[str, ...] = (), **cfg) -> Replica:
+    """Start ``runtime`` (default ``inference/runtime.py``) with a config in ``tmp``; wait for
+    endpoint.json (and for /healthz 200 with ``wait_ready``). ``python_flags`` go to the
+    interpreter (e.g. ``-I`` to run it as a replica does: no repository, no site-packages)."""
     import urllib.request
     tmp.mkdir(parents=True, exist_ok=True)
     config = {"model_file": "model.py", "class_name": "Model", "model_dir": str(model_dir), "port_range": RUNTIME_PORTS,
@@ -45,7 +46,7 @@ def start_runtime(tmp: Path, model_dir: Path = TOY, wait_ready: bool = True, env
     (tmp / "runtime.json").write_text(json.dumps(config))
     log = tmp / "runtime.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(RUNTIME), "--config", str(tmp / "runtime.json")],
+        proc = subprocess.Popen([sys.executable, *python_flags, str(runtime), "--config", str(tmp / "runtime.json")],
                                 stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
     deadline = time.monotonic() + 20
     ep = None

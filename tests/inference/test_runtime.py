@@ -156,6 +156,24 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits(runtimes):
     assert not rep.endpoint_file.exists()
 
 
+def test_the_runtime_serves_as_deployed_one_file_alone_with_the_standard_library_only(tmp_path):
+    """A replica runs the portal's copy of runtime.py, bound alone at /aiportal/runtime.py, with
+    the image's python: nothing of the repository or its virtualenv may be needed. ``-I -S``
+    leaves the script's folder, site-packages and the environment off sys.path."""
+    import shutil
+
+    from tests.inference.conftest import RUNTIME, start_runtime, stop_runtime
+    alone = tmp_path / "aiportal"
+    alone.mkdir()
+    shutil.copyfile(RUNTIME, alone / "runtime.py")
+    rep = start_runtime(tmp_path / "run", runtime=alone / "runtime.py", python_flags=("-I", "-S"))
+    try:
+        status, ctype, data = call(rep, body=b"alone")
+        assert status == 200 and json.loads(data)["upper"] == "ALONE", data
+    finally:
+        stop_runtime(rep)
+
+
 def test_a_model_that_fails_to_load_exits_and_leaves_no_endpoint(tmp_path):
     import shutil
     import subprocess
