@@ -14,8 +14,7 @@ from typing import Callable
 
 from monitor.config import HealthConfig
 from monitor.facts import Facts
-
-REASON_PREFIX = "aiportal:"
+from monitor.ownership import DRAIN_PREFIX, owned_by_aiportal
 
 
 class Status(enum.Enum):
@@ -38,7 +37,7 @@ class Verdict:
 
     def reason(self) -> str:
         """The drain reason: ``aiportal: <check>: <value> (limit <limit>)``, one line."""
-        text = "%s %s: %s (limit %s)" % (REASON_PREFIX, self.check, self.value, self.limit)
+        text = "%s %s: %s (limit %s)" % (DRAIN_PREFIX, self.check, self.value, self.limit)
         return " ".join(text.split())[:200]
 
     def to_dict(self) -> dict:
@@ -240,9 +239,9 @@ def run_checks(facts: Facts, config: HealthConfig) -> list[Verdict]:
 
 def check_of_reason(reason: str) -> str | None:
     """``aiportal: gpu_devices: 0 (limit 1)`` -> ``gpu_devices``; None for other reasons."""
-    if not reason.startswith(REASON_PREFIX):
+    if not owned_by_aiportal(reason):
         return None
-    rest = reason[len(REASON_PREFIX):].strip()
+    rest = reason.lstrip()[len(DRAIN_PREFIX):].strip()
     name, sep, _ = rest.partition(":")
     return name.strip() if sep else None
 

@@ -1,15 +1,34 @@
 """Drain and resume with ownership (pure): aiportal drains a failing node with a reason that
-starts with ``aiportal:``, and resumes only nodes whose reason starts so, after their checks
-passed N times in a row. A node drained with any other reason (an admin's) is never touched.
+starts with :data:`DRAIN_PREFIX` (``aiportal:``), and resumes only nodes whose reason
+:func:`owned_by_aiportal` says is its own, after their checks passed N times in a row. A node
+drained with any other reason (an admin's) is never touched.
+
+The one rule for "ours", used by the monitor, the recovery plan and the portal (which refuses an
+admin's reason that would match it): the reason, less leading whitespace, starts with exactly
+``aiportal:``. Case counts: Slurm stores a reason as typed and aiportal only ever writes the
+lower-case prefix, so an admin's ``AIPORTAL: ...`` (typed with scontrol) stays the admin's and
+is never resumed by the monitor. Leading whitespace does not count: aiportal never writes it
+and output parsers (sinfo columns) strip it anyway, so it cannot tell an admin's reason apart.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from monitor.checks import REASON_PREFIX, Verdict
 from slurm.cluster import NodeState
+
+if TYPE_CHECKING:
+    from monitor.checks import Verdict
+
+#: what every drain reason aiportal writes starts with (``aiportal: <check>: <value> (limit <limit>)``)
+DRAIN_PREFIX = "aiportal:"
+
+
+def owned_by_aiportal(reason: str) -> bool:
+    """Whether a node's Slurm drain ``reason`` is aiportal's own (and so aiportal's to resume)."""
+    return reason.lstrip().startswith(DRAIN_PREFIX)
+
 
 _DRAINED = frozenset({NodeState.DRAINING, NodeState.DRAINED})
 
@@ -27,11 +46,6 @@ class Decision:
     passes: int           #: consecutive passing runs after this one
 
 
-def owned(reason: str) -> bool:
-    """Drained by aiportal (and so aiportal's to resume)."""
-    return reason.strip().startswith(REASON_PREFIX)
-
-
 def decide(state: NodeState | None, reason: str, verdicts: Sequence[Verdict], passes_before: int,
            resume_after: int) -> Decision:
     """What to do with a node in ``state`` (with its Slurm ``reason``) after a run."""
@@ -41,13 +55,13 @@ def decide(state: NodeState | None, reason: str, verdicts: Sequence[Verdict], pa
         first = failures[0].reason()
         if state is None:
             return Decision(Action.NONE, "node state unknown (slurmctld unreachable?): not drained", 0)
-        if drained and owned(reason):
+        if drained and owned_by_aiportal(reason):
             return Decision(Action.NONE, "already drained by aiportal: %s" % reason, 0)
         if drained:
             return Decision(Action.NONE, "drained by someone else (%s): left alone" % reason, 0)
         return Decision(Action.DRAIN, first, 0)
     passes = passes_before + 1
-    if drained and owned(reason):
+    if drained and owned_by_aiportal(reason):
         if passes >= resume_after:
             return Decision(Action.RESUME, "checks passed %d times in a row (needed %d)" % (passes, resume_after), passes)
         return Decision(Action.NONE, "passed %d of %d times needed to resume" % (passes, resume_after), passes)

@@ -14,7 +14,8 @@ From the nodes (sinfo) and the queue (one ``squeue`` with restart counts), :func
   down, by us, or by an admin), and which no-requeue jobs vanished with a node that went down:
   each becomes one job event, keyed so that it is recorded once.
 
-Nodes an admin drained (any reason not starting with ``aiportal:``) are never acted on.
+Nodes an admin drained (any reason :func:`monitor.ownership.owned_by_aiportal` does not claim) are
+never acted on.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Iterable, Mapping
 
 from monitor.checks import is_hard_failure
 from monitor.errors import ParseError
-from monitor.ownership import owned
+from monitor.ownership import owned_by_aiportal
 from monitor.parse import expand_hostlist
 from slurm.cluster import Node, NodeState
 from slurm.jobs import QueuedJob
@@ -116,7 +117,7 @@ def _cause(node: str | None, conditions: Mapping[str, tuple[NodeCondition, str]]
     cond, reason = conditions[node]
     if cond is NodeCondition.DOWN:
         return "node %s went down (%s)" % (node, reason)
-    if cond is NodeCondition.DRAIN and owned(reason):
+    if cond is NodeCondition.DRAIN and owned_by_aiportal(reason):
         return "node %s failed its health check (%s)" % (node, reason)
     if cond is NodeCondition.DRAIN:
         return "node %s was drained (%s)" % (node, reason)
@@ -130,7 +131,7 @@ def plan(nodes: Iterable[Node], jobs: Mapping[str, QueuedJob], memory: Memory, n
     for n in nodes:
         out.conditions[n.name] = condition_of(n)
     hard = {name for name, (cond, reason) in out.conditions.items()
-            if cond is NodeCondition.DRAIN and owned(reason) and is_hard_failure(reason)}
+            if cond is NodeCondition.DRAIN and owned_by_aiportal(reason) and is_hard_failure(reason)}
     for jid, job in jobs.items():
         if job.state in _RUNNING:
             failed = [n for n in nodes_of(job) if n in hard]

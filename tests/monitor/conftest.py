@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from monitor.ownership import owned_by_aiportal
 from tests.conftest import free_port as _free_port
 from tests.conftest import stop_process as _stop
 from sqlmodel import Session
@@ -166,7 +167,7 @@ def heal_node(name: str) -> None:
     """Undo every injected fault and any aiportal drain left on ``name`` (finalizers)."""
     aiportal("dev", "fail-node", name, "--heal", check=False)
     state, reason = sinfo_node(name)
-    if reason.startswith("aiportal:") or reason.startswith("aiportal-test"):
+    if owned_by_aiportal(reason) or reason.startswith("aiportal-test"):
         subprocess.run(["scontrol", "update", "nodename=%s" % name, "state=resume"], capture_output=True, timeout=15)
 
 

@@ -165,6 +165,9 @@ def test_a_watchdog_timeout_is_a_failure():
     ("aiportal: scratch_free: 0MB (limit 1024MB)", "scratch_free", False),
     ("replacing GPU 2 (admin)", None, False),
     ("aiportal-test: drain test", None, False),
+    ("  aiportal: gpu_devices: 0 (limit 1)", "gpu_devices", True),
+    ("AIPORTAL: gpu_devices: 0 (limit 1)", None, False),
+    ("aiportal: no check named here", None, False),
 ])
 def test_reasons_are_ours_or_not(reason, check, hard):
     assert check_of_reason(reason) == check

@@ -2,7 +2,7 @@
 import pytest
 
 from monitor.checks import Status, Verdict
-from monitor.ownership import Action, decide
+from monitor.ownership import DRAIN_PREFIX, Action, decide, owned_by_aiportal
 from slurm.cluster import NodeState as S
 
 OK = [Verdict("gpu_devices", Status.PASS, "4", "4"), Verdict("munge", Status.PASS, "ok", "round trip")]
@@ -43,3 +43,33 @@ def test_reason_is_one_short_line():
     v = Verdict("shared_writable", Status.FAIL, "unknown\nvalue", "5s")
     assert v.reason() == "aiportal: shared_writable: unknown value (limit 5s)"
     assert len(Verdict("x", Status.FAIL, "v" * 500, "1").reason()) == 200
+
+
+@pytest.mark.parametrize("reason,ours", [
+    ("aiportal: gpu_devices: 3 (limit 4)", True),
+    ("aiportal:", True),
+    ("  aiportal: gpu_devices: 3 (limit 4)", True),      # leading blanks: never written by anyone on purpose
+    ("\taiportal: x", True),
+    # an admin's reasons, however close: never resumed by the monitor
+    ("AIPORTAL: replacing GPU 2", False),
+    ("Aiportal: x", False),
+    ("aiportal : x", False),
+    ("aiportal-test: drain test", False),
+    ("aiportal x", False),
+    ("replacing GPU 2 (aiportal: later)", False),
+    ("", False),
+    ("   ", False),
+])
+def test_owned_by_aiportal(reason, ours):
+    assert owned_by_aiportal(reason) is ours
+
+
+def test_every_reason_the_monitor_writes_is_its_own():
+    v = Verdict("gpu_devices", Status.FAIL, "3", "4")
+    assert v.reason().startswith(DRAIN_PREFIX) and owned_by_aiportal(v.reason())
+
+
+def test_a_leading_blank_does_not_hide_our_drain_from_resume():
+    d = decide(S.DRAINED, " " + OURS, OK, 2, resume_after=3)
+    assert d.action is Action.RESUME
+    assert decide(S.DRAINED, OURS.upper(), OK, 100, resume_after=3).action is Action.NONE
