@@ -24,7 +24,8 @@ from storage.local import PARTIAL_SUFFIX, partial_path, sweep_partials
 from storage.progress import Progress, human_bytes
 from storage.retry import RetryPolicy, ShortTransfer, is_transient
 from storage.throttle import TokenBucket
-from storage.transfer import Transfer, TransferOptions
+from storage.transfer import TransferOptions
+from storage.transfer_plan import plan_download
 from storage.uris import (Scheme, check_bucket_name, check_shared_path, key_for_rel_path, parse_location,
                           rel_path_for_key)
 from storage.validate import check_location, validate_location
@@ -107,14 +108,13 @@ def test_escaping_keys_are_refused(prefix, key, message):
 
 def test_plan_refuses_escapes_and_file_directory_clashes(tmp_path):
     from storage.s3 import ObjectInfo
-    t = Transfer.__new__(Transfer)
     loc = parse_location("s3://bkt/p")
     with pytest.raises(LocationError, match="would not land inside"):
-        t._plan_download(loc, [ObjectInfo("p/ok", 1, None), ObjectInfo("p/../../evil", 1, None)], tmp_path)
+        plan_download(loc, [ObjectInfo("p/ok", 1, None), ObjectInfo("p/../../evil", 1, None)], tmp_path)
     with pytest.raises(LocationError, match="'a' is both a file and a directory"):
-        t._plan_download(loc, [ObjectInfo("p/a", 1, None), ObjectInfo("p/a/b", 1, None)], tmp_path)
-    plan, dirs = t._plan_download(loc, [ObjectInfo("p/", 0, None), ObjectInfo("p/e/", 0, None),
-                                        ObjectInfo("p/x/y", 3, None)], tmp_path)
+        plan_download(loc, [ObjectInfo("p/a", 1, None), ObjectInfo("p/a/b", 1, None)], tmp_path)
+    plan, dirs = plan_download(loc, [ObjectInfo("p/", 0, None), ObjectInfo("p/e/", 0, None),
+                                     ObjectInfo("p/x/y", 3, None)], tmp_path)
     assert [(o.key, d) for o, d in plan] == [("p/x/y", tmp_path / "x" / "y")] and dirs == [tmp_path / "e"]
 
 
