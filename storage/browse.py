@@ -2,14 +2,15 @@
 dataset, presigned download links (SigV4) for outputs, and server-side copies.
 
 Each function opens its own client for one data source (cheap; the portal calls these per
-request) and words failures with :func:`storage.s3.translate`.
+request) and words failures with :func:`storage.s3.translate`. The portal browses through
+:func:`storage.store.browse`, which picks the store by scheme and calls :func:`list_prefix` for
+``s3://``; :class:`Entry` and :class:`Listing` are :mod:`storage.store`'s records.
 """
 from __future__ import annotations
 
 import logging
 import posixpath
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Callable, TypeVar
 
 from storage.credentials import DataSource
@@ -17,6 +18,7 @@ from storage.errors import LocationError, StagingError
 from storage.integrity import part_ranges
 from storage.retry import RetryPolicy
 from storage.s3 import S3Store, translate
+from storage.store import Entry, Listing
 from storage.uris import DataLocation, Scheme, join_key, parse_location
 
 log = logging.getLogger(__name__)
@@ -24,23 +26,6 @@ T = TypeVar("T")
 MAX_COPY_BYTES = 5 * (1 << 30)          # CopyObject's limit; larger objects go part by part
 COPY_PART_BYTES = 512 * (1 << 20)
 MAX_PRESIGN_S = 7 * 24 * 3600           # SigV4's limit
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One row of a listing: a "directory" (``is_dir``, size 0) or an object."""
-
-    name: str
-    uri: str
-    is_dir: bool
-    size: int = 0
-    last_modified: datetime | None = None
-
-
-@dataclass(frozen=True)
-class Listing:
-    entries: list[Entry]
-    next_token: str | None        #: pass back to get the next page
 
 
 @dataclass(frozen=True)

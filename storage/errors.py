@@ -36,6 +36,18 @@ class LocationError(StagingError):
     code = "bad_location"
 
 
+class UnknownSchemeError(LocationError):
+    """No registered store handles the location's scheme (:func:`storage.store.store_for`).
+    ``known``: the schemes that are registered; ``forms``: how their locations are written."""
+
+    def __init__(self, uri: str, scheme: str, known: tuple[str, ...], forms: tuple[str, ...]):
+        self.scheme = scheme
+        self.known = known
+        self.forms = forms
+        super().__init__(uri, "unknown scheme %r; use %s (schemes known here: %s)"
+                              % (scheme, " or ".join(forms), ", ".join(known)))
+
+
 class AccessDeniedError(StagingError):
     """The store refused the data source's keys, or the keys may not do this."""
 

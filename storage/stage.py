@@ -1,7 +1,8 @@
 """`aiportal stage in|out`: run inside a job on the compute node, as the job's user.
 
-Shared-filesystem locations are copied by :func:`storage.local.copy_tree`; ``s3://`` ones by
-the transfer engine (:mod:`storage.transfer`) with the job's credentials file.
+The store of the location's scheme does the copying (:func:`storage.store.store_for`):
+shared-filesystem locations with :func:`storage.local.copy_tree`, ``s3://`` ones with the
+transfer engine (:mod:`storage.transfer`) and the job's credentials file.
 
 Stage-out never loses outputs: before it starts it writes ``STAGE_OUT_PENDING.NAME.json``
 beside the directory it stages (``$JOB_DIR/STAGE_OUT_PENDING.output.json`` for a job's
@@ -19,47 +20,18 @@ import os
 import secrets
 import shlex
 import socket
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from storage.credentials import DataSource, load_credentials, resolve_source
 from storage.errors import StageOutPendingError, StorageError
-from storage.local import CopyStats, copy_tree, sweep_partials
-from storage.uris import DataLocation, Scheme, parse_location
+from storage.local import CopyStats
+from storage.store import Credentials, StageRequest, store_for
 
 if TYPE_CHECKING:       # boto3 is imported only when an s3:// location is staged
-    from storage.transfer import Transfer, TransferOptions
+    from storage.transfer import TransferOptions
 
 log = logging.getLogger(__name__)
 PENDING_PREFIX = "STAGE_OUT_PENDING."
-
-#: A credentials file (its path), sources already loaded, or None (no s3:// locations).
-Credentials = str | os.PathLike | Mapping[str, DataSource] | None
-
-
-def _options(source: DataSource, options: TransferOptions | None, workers: int | None,
-             bandwidth_mbps: float | None, progress_every: float | None) -> TransferOptions:
-    """``options``, then the data source's settings, then the explicit arguments. A bandwidth
-    cap can only be lowered: the tightest of the source's (the site protects its storage) and
-    the caller's applies."""
-    from storage.transfer import TransferOptions
-    opt = options or TransferOptions()
-    workers = workers or source.workers or opt.workers
-    caps = [c for c in (opt.bandwidth_mbps, source.bandwidth_mbps, bandwidth_mbps) if c]
-    return replace(opt, workers=workers, bandwidth_mbps=min(caps) if caps else None,
-                   progress_every=opt.progress_every if progress_every is None else progress_every)
-
-
-def _run_s3(loc: DataLocation, credentials, options, workers, bandwidth_mbps, progress_every, label: str,
-            emit: Callable[[str], object] | None, body: Callable[[Transfer], CopyStats]) -> CopyStats:
-    from storage.s3 import S3Store
-    from storage.transfer import Transfer
-    source = resolve_source(load_credentials(credentials), loc)
-    opt = _options(source, options, workers, bandwidth_mbps, progress_every)
-    with S3Store(source, workers=opt.workers) as store:
-        t = Transfer(store, opt, label, emit)
-        return body(t)
 
 
 def stage_in(source: str, dest_dir: str, missing_ok: bool = False, *, credentials: Credentials = None,
@@ -69,14 +41,10 @@ def stage_in(source: str, dest_dir: str, missing_ok: bool = False, *, credential
     """Copy ``source`` (a directory, or one file) into ``dest_dir``; files already there and
     identical are skipped. ``missing_ok``: a source that does not exist yet is not an error
     (restoring the outputs of a job's first run)."""
-    loc = parse_location(source)
-    if loc.scheme is Scheme.SHARED:
-        return copy_tree(loc.path, dest_dir, missing_ok=missing_ok)
-    dest = Path(dest_dir)
-    if dest.is_dir():
-        sweep_partials(dest)
-    return _run_s3(loc, credentials, options, workers, bandwidth_mbps, progress_every, "stage in %s" % loc.uri, emit,
-                   lambda t: t.download(loc, dest, missing_ok=missing_ok))
+    store = store_for(source)
+    loc = store.parse(source)
+    req = StageRequest(credentials, options, workers, bandwidth_mbps, progress_every, emit)
+    return store.stage_in(loc, Path(dest_dir), missing_ok, req)
 
 
 def pending_record_path(source_dir: str | os.PathLike) -> Path:
@@ -114,7 +82,8 @@ def stage_out(source_dir: str, dest: str, *, credentials: Credentials = None,
     A failure raises :class:`StageOutPendingError` (a :class:`StagingError`) naming where the
     outputs are, the record describing the pending stage-out and the command that finishes it.
     """
-    loc = parse_location(dest)
+    store = store_for(dest)
+    loc = store.parse(dest)
     src = Path(os.path.abspath(source_dir))
     record_path = Path(pending_record) if pending_record else pending_record_path(src)
     retry = ["aiportal", "stage", "out", "--from", str(src), "--to", dest]
@@ -128,12 +97,8 @@ def stage_out(source_dir: str, dest: str, *, credentials: Credentials = None,
     }
     recorded = _write_record(record_path, record)
     try:
-        if loc.scheme is Scheme.SHARED:
-            stats = copy_tree(src, loc.path)
-        else:
-            stats = _run_s3(loc, credentials, options, workers, bandwidth_mbps, progress_every,
-                            "stage out %s" % loc.uri, emit,
-                            lambda t: t.upload(src, loc))
+        stats = store.stage_out(src, loc, StageRequest(credentials, options, workers, bandwidth_mbps,
+                                                       progress_every, emit))
     except StorageError as e:
         record.update(state="failed", failed=_now(), code=e.code, reason=str(e))
         recorded = _write_record(record_path, record)
