@@ -7,9 +7,9 @@ What the portal calls on a data location, whatever its scheme (:mod:`storage.sto
 modules: the functions here are named so that they never collide with one.)
 """
 from storage.store import (Checked, Entry, Listing, LocationHint, StoreContext, browse_uri, check_access,
-                           check_locations, check_uri, default_root, location_hints, needs_credentials, parent,
+                           check_locations, check_uri, default_root, location_hints, NamedSource, needs_credentials, parent,
                            parse_uri, source_roots, store_for, validate_uri)
 
 __all__ = ["Checked", "Entry", "Listing", "LocationHint", "StoreContext", "browse_uri", "check_access",
-           "check_locations", "check_uri", "default_root", "location_hints", "needs_credentials", "parent",
+           "check_locations", "check_uri", "default_root", "location_hints", "NamedSource", "needs_credentials", "parent",
            "parse_uri", "source_roots", "store_for", "validate_uri"]

@@ -52,6 +52,17 @@ class Location(Protocol):
 L = TypeVar("L", bound=Location)
 
 
+class NamedSource(Protocol):
+    """What roots and hints need of a data source: its name and the buckets it lists. A
+    :class:`DataSource` is one; so is the portal's public view of one (no keys needed)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def buckets(self) -> Sequence[str]: ...
+
+
 @dataclass(frozen=True)
 class StoreContext:
     """Who is asking. ``roots``: the shared-filesystem directories this account may use (empty:
@@ -157,11 +168,11 @@ class Store(abc.ABC, Generic[L]):
     def parent(self, loc: L) -> str | None:
         """The URI one level up, or None at the top."""
 
-    def roots(self, source: DataSource) -> tuple[str, ...]:
+    def roots(self, source: NamedSource) -> tuple[str, ...]:
         """The locations a data source names (e.g. its buckets); () when it names none."""
         return ()
 
-    def hints(self, source: DataSource) -> tuple[LocationHint, ...]:
+    def hints(self, source: NamedSource) -> tuple[LocationHint, ...]:
         """Where a user of ``source`` would start typing a location."""
         return ()
 
@@ -290,18 +301,18 @@ def parent(uri: str) -> str | None:
     return store.parent(store.parse(uri))
 
 
-def source_roots(source: DataSource) -> tuple[str, ...]:
+def source_roots(source: NamedSource) -> tuple[str, ...]:
     """The locations a data source names (e.g. ``s3://BUCKET`` for each bucket it lists)."""
     return tuple(r for s in stores() for r in s.roots(source))
 
 
-def default_root(source: DataSource) -> str | None:
+def default_root(source: NamedSource) -> str | None:
     """Where browsing a data source starts: its first root, or None when it names none."""
     roots = source_roots(source)
     return roots[0] if roots else None
 
 
-def location_hints(source: DataSource) -> tuple[LocationHint, ...]:
+def location_hints(source: NamedSource) -> tuple[LocationHint, ...]:
     """Prefixes to offer when a user of ``source`` types a location."""
     return tuple(h for s in stores() for h in s.hints(source))
 

@@ -16,7 +16,7 @@ from storage.credentials import DataSource, load_credentials, resolve_source
 from storage.errors import LocationError
 from storage.local import CopyStats, sweep_partials
 from storage.s3 import S3Store, translate
-from storage.store import Checked, Listing, LocationHint, StageRequest, Store, StoreContext
+from storage.store import Checked, Listing, LocationHint, NamedSource, StageRequest, Store, StoreContext
 from storage.transfer import Transfer, TransferOptions
 from storage.uris import DataLocation, Scheme, parse_location
 
@@ -97,10 +97,10 @@ class S3DataStore(Store[DataLocation]):
             return None
         return "s3://%s" % loc.path.rsplit("/", 1)[0]
 
-    def roots(self, source: DataSource) -> tuple[str, ...]:
+    def roots(self, source: NamedSource) -> tuple[str, ...]:
         return tuple("s3://%s" % b for b in source.buckets)
 
-    def hints(self, source: DataSource) -> tuple[LocationHint, ...]:
+    def hints(self, source: NamedSource) -> tuple[LocationHint, ...]:
         if not source.buckets:
             return (LocationHint("s3://", "any bucket (data source %s)" % source.name),)
         return tuple(LocationHint("s3://%s/" % b, "bucket %s (data source %s)" % (b, source.name))

@@ -239,6 +239,13 @@ def test_roots_and_hints_of_a_data_source():
                                            LocationHint("s3://beta/", "bucket beta (data source lab)"))
     assert storage.location_hints(anyb) == (LocationHint("s3://", "any bucket (data source any)"),)
 
+    @dataclass(frozen=True)
+    class PublicView:                   # what the portal shows of a source: no keys
+        name: str
+        buckets: list[str]
+    assert storage.location_hints(PublicView("lab", ["alpha", "beta"])) == storage.location_hints(two)
+    assert storage.default_root(PublicView("lab", ["beta"])) == "s3://beta"
+
 
 def test_check_locations_returns_the_sources_a_job_needs(tmp_path):
     root = tmp_path / "users" / "alice"
