@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from containers.builder import archives_from_sif  # noqa: E402
-from containers.cache import SifCache, file_sha256  # noqa: E402
+from containers.cache import SifCache  # noqa: E402
+from containers.digests import file_sha256  # noqa: E402
 from containers.refs import parse_image_ref  # noqa: E402
 
 BASE_GLOB = "/srv/aiportal/shared/images/base/debian-python-*.sif"

@@ -15,13 +15,8 @@ Layout (flat: one directory holds a few hundred images comfortably)::
                                          -> digest, so a hit does not re-hash an unchanged file
     ROOT/apptainer/cache, .../tmp        APPTAINER_CACHEDIR and APPTAINER_TMPDIR of conversions
 
-Digests (``sha256:HEX``): docker-archive, oci-archive and SIF files are hashed whole (1 MiB
-reads); an OCI layout uses the manifest digest its index.json gives for the tag; a definition
-is its own text plus the contents of the host files it reads (``%files`` sources, resolved
-against the definition's directory, directories walked; a ``localimage``/archive ``From:``).
-``%files`` sources written with ``{{ ARG }}`` templates are not followed, and what a
-definition downloads (debootstrap, pip) is not part of its digest: change the text (a pinned
-version) to get a new image. The same image as an archive and as a layout gets two digests.
+Digests (``sha256:HEX``) are :mod:`containers.digests`'s: an archive or SIF hashed whole, an OCI
+layout's manifest digest, a definition with the files it reads.
 
 Users: directories are created 0755 and files 0644 by whoever converts. On the dev cluster
 conversions run as root (the portal) or, at a site, as a conversion service account; other
@@ -31,7 +26,6 @@ it cannot write the index and skips the last-use marker), :meth:`SifCache.ensure
 from __future__ import annotations
 
 import fcntl
-import glob
 import hashlib
 import json
 import logging
@@ -44,17 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from containers.builder import DEFAULT_BUILD_TIMEOUT, ApptainerBuilder
-from containers.definition import parse_definition
+from containers.digests import DIGEST_RE, compute_digest, digest_hex, identity, source_files
 from containers.errors import CacheError, ImageRefError
 from containers.refs import ImageRef, RefKind, parse_image_ref
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
-OCI_REF_NAME = "org.opencontainers.image.ref.name"
-_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _HEX = re.compile(r"[0-9a-f]{64}")
-_GLOB_CHARS = frozenset("*?[")
 
 #: ``builder(ref, dest)`` writes the SIF for ``ref`` to the file ``dest`` or raises.
 Builder = Callable[[ImageRef, Path], None]
@@ -72,45 +62,6 @@ class CacheEntry:
     size_bytes: int
     last_used: float
     refs: tuple[str, ...]
-
-
-def file_sha256(path: Path) -> str:
-    """``sha256:HEX`` of a file's contents, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return "sha256:" + h.hexdigest()
-
-
-def manifest_digest(index_json: str, tag: str | None, ref: str) -> str:
-    """The manifest digest that an OCI layout's index.json gives for ``tag`` (pure).
-
-    Without a tag the layout must hold exactly one image. Raises :class:`ImageRefError`
-    listing the tags there are.
-    """
-    try:
-        manifests = json.loads(index_json).get("manifests") or []
-    except (ValueError, AttributeError) as e:
-        raise ImageRefError(ref, "index.json is not an OCI image index: %s" % e) from e
-    tags = [m.get("annotations", {}).get(OCI_REF_NAME) for m in manifests]
-    named = ", ".join(sorted(t for t in tags if t)) or "none"
-    if tag is None:
-        if len(manifests) != 1:
-            raise ImageRefError(ref, "the layout holds %d images; name one as oci:DIR:TAG "
-                                     "(tags: %s)" % (len(manifests), named))
-        chosen = manifests[0]
-    else:
-        hits = [m for m, t in zip(manifests, tags) if t == tag]
-        if not hits:
-            raise ImageRefError(ref, "tag %r is not in the layout (tags: %s)" % (tag, named))
-        chosen = hits[0]
-    digest = chosen.get("digest", "")
-    if not _DIGEST.fullmatch(digest):
-        raise ImageRefError(ref, "the manifest digest %r is not sha256:HEX" % digest)
-    return digest
 
 
 class SifCache:
@@ -139,75 +90,36 @@ class SifCache:
             raise ImageRefError(ref.original, "registries are not reachable from this site; "
                                               "save the image to a docker-archive: or "
                                               "oci-archive: file on the shared filesystem")
-        sources = self._sources(ref)
-        identity = _identity(sources)
-        key = hashlib.sha256(json.dumps([str(ref), identity]).encode()).hexdigest()
+        sources = source_files(ref)
+        before = identity(sources)
+        key = hashlib.sha256(json.dumps([str(ref), before]).encode()).hexdigest()
         record = self._read_record(key)
-        if record and record.get("ref") == str(ref) and _DIGEST.fullmatch(
+        if record and record.get("ref") == str(ref) and DIGEST_RE.fullmatch(
                 str(record.get("digest"))):
             return record["digest"]
         if progress:
             progress("hashing %s" % ref)
         t0 = time.monotonic()
-        digest = self._compute(ref, sources)
+        digest = compute_digest(ref, sources)
         log.debug("digest of %s is %s (%.2f s)", ref, digest, time.monotonic() - t0)
-        if _identity(sources) == identity:
-            self._write_record(key, {"ref": str(ref), "digest": digest, "identity": identity})
+        if identity(sources) == before:
+            self._write_record(key, {"ref": str(ref), "digest": digest, "identity": before})
         else:
             log.info("%s changed while it was hashed; not recording its digest", ref)
         return digest
-
-    def _sources(self, ref: ImageRef) -> list[Path]:
-        """The files whose contents make ``ref``'s digest, in a stable order."""
-        path = ref.path
-        if ref.kind is RefKind.OCI_LAYOUT:
-            if not path.is_dir():
-                raise ImageRefError(ref.original, "no OCI layout directory at %s" % path)
-            path = path / "index.json"
-            if not path.is_file():
-                raise ImageRefError(ref.original, "%s has no index.json: not an OCI image "
-                                                  "layout" % ref.path)
-            return [path]
-        _require_file(ref, path)
-        if ref.kind is not RefKind.DEFINITION:
-            return [path]
-        try:
-            definition = parse_definition(path.read_text(errors="replace"))
-        except ValueError as e:
-            raise ImageRefError(ref.original, "not an Apptainer definition: %s" % e) from e
-        sources = [path]
-        local = definition.local_from()
-        if local and "{{" not in local:
-            base = path.parent / local
-            _require_file(ref, base, what="From: file")
-            sources.append(base)
-        for src in definition.file_sources():
-            if "{{" not in src:
-                sources += _expand_source(ref, path.parent, src)
-        return sources
-
-    def _compute(self, ref: ImageRef, sources: list[Path]) -> str:
-        if ref.kind is RefKind.OCI_LAYOUT:
-            return manifest_digest(sources[0].read_text(), ref.tag, ref.original)
-        if len(sources) == 1:
-            return file_sha256(sources[0])
-        h = hashlib.sha256(b"aiportal-definition-v1\0")
-        for src in sources:
-            h.update(b"%s\0%s\0" % (os.fsencode(src), file_sha256(src).encode()))
-        return "sha256:" + h.hexdigest()
 
     # -- paths ---------------------------------------------------------------------------
 
     def path_for(self, digest: str) -> Path:
         """``ROOT/sha256/HEX.sif`` for ``sha256:HEX`` (whether or not it exists yet)."""
-        return self.images / ("%s.sif" % _hex(digest))
+        return self.images / ("%s.sif" % digest_hex(digest))
 
     def lock_path(self, digest: str) -> Path:
         """The file :meth:`ensure` and :meth:`prune` flock for ``digest``."""
-        return self.images / ("%s.lock" % _hex(digest))
+        return self.images / ("%s.lock" % digest_hex(digest))
 
     def _used_path(self, digest: str) -> Path:
-        return self.images / ("%s.used" % _hex(digest))
+        return self.images / ("%s.used" % digest_hex(digest))
 
     # -- lookup and conversion -----------------------------------------------------------
 
@@ -246,7 +158,7 @@ class SifCache:
                 say("cached: %s" % final)
                 return final
             self._remove_partials(digest)
-            partial = self.images / (".%s.%d.partial" % (_hex(digest), os.getpid()))
+            partial = self.images / (".%s.%d.partial" % (digest_hex(digest), os.getpid()))
             say("converting %s to %s" % (ref, final))
             log.info("converting %s (%s)", ref, digest)
             t0 = time.monotonic()
@@ -331,7 +243,7 @@ class SifCache:
                 path.unlink(missing_ok=True)
         for partial in self.images.glob(".*.partial") if self.images.is_dir() else ():
             digest = "sha256:" + partial.name[1:65]
-            if _DIGEST.fullmatch(digest):
+            if DIGEST_RE.fullmatch(digest):
                 with self._lock(digest, exclusive=True, wait=False) as held:
                     if held:
                         log.info("removing %s left by an interrupted conversion", partial)
@@ -419,7 +331,7 @@ class SifCache:
 
     def _remove_partials(self, digest: str) -> None:
         """Partial files of conversions that died (only called under the exclusive lock)."""
-        for old in self.images.glob(".%s.*.partial" % _hex(digest)):
+        for old in self.images.glob(".%s.*.partial" % digest_hex(digest)):
             log.info("removing %s left by an interrupted conversion", old)
             old.unlink(missing_ok=True)
 
@@ -456,7 +368,7 @@ class SifCache:
             except (FileNotFoundError, ValueError):
                 continue
             if isinstance(record, dict) and isinstance(record.get("ref"), str) and \
-                    _DIGEST.fullmatch(str(record.get("digest"))):
+                    DIGEST_RE.fullmatch(str(record.get("digest"))):
                 out[path] = record
         return out
 
@@ -464,16 +376,9 @@ class SifCache:
         """True when the files a record describes changed or vanished."""
         try:
             ref = parse_image_ref(record["ref"])
-            return _identity(self._sources(ref)) != record.get("identity")
+            return identity(source_files(ref)) != record.get("identity")
         except (ImageRefError, OSError):
             return True
-
-
-def _hex(digest: str) -> str:
-    m = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
-    if not m:
-        raise ValueError("digest %r is not sha256: and 64 lowercase hex digits" % (digest,))
-    return m.group(1)
 
 
 def _fsync(path: Path) -> None:
@@ -485,39 +390,3 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _identity(sources: list[Path]) -> list[list]:
-    out = []
-    for src in sources:
-        st = src.stat()
-        out.append([str(src), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
-    return out
-
-
-def _require_file(ref: ImageRef, path: Path, what: str = "file") -> None:
-    if not path.exists():
-        raise ImageRefError(ref.original, "no such %s: %s" % (what, path))
-    if not path.is_file():
-        raise ImageRefError(ref.original, "%s is not a regular file" % path)
-
-
-def _expand_source(ref: ImageRef, base: Path, src: str) -> list[Path]:
-    """A ``%files`` source as the files it names: globbed, directories walked, sorted."""
-    pattern = base / src
-    if _GLOB_CHARS & set(src):
-        found = sorted(Path(p) for p in glob.glob(str(pattern)))
-        if not found:
-            raise ImageRefError(ref.original, "%%files source %s matches nothing" % src)
-    elif pattern.exists():
-        found = [pattern]
-    else:
-        raise ImageRefError(ref.original, "%%files source %s does not exist" % pattern)
-    out = []
-    for path in found:
-        if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames.sort()
-                out += [Path(dirpath) / f for f in sorted(filenames)
-                        if (Path(dirpath) / f).is_file()]
-        elif path.is_file():
-            out.append(path)
-    return out

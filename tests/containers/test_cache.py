@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import containers.cache as cache_mod
-from containers.cache import CacheEntry, SifCache, file_sha256, manifest_digest
+import containers.digests as digests_mod
+from containers.cache import CacheEntry, SifCache
+from containers.digests import file_sha256, manifest_digest, source_files
 from containers.errors import CacheError, ImageBuildError, ImageRefError
 from containers.refs import parse_image_ref
 from tests.conftest import REPO
@@ -162,9 +163,9 @@ def test_definition_digest_folds_in_the_files_it_copies(cache, tmp_path):
                           "    data /opt/data\n    *.cfg /etc/\n    {{ X }} /x\n"
                           "%files from other\n    /nowhere /x\n")
     ref = ref_of(definition, None)
-    assert cache._sources(ref) == [definition, tmp_path / "base.sif", tmp_path / "hello.txt",
-                                   tmp_path / "data" / "b.txt", tmp_path / "data" / "sub" / "c.txt",
-                                   tmp_path / "w1.cfg"]
+    assert source_files(ref) == [definition, tmp_path / "base.sif", tmp_path / "hello.txt",
+                                  tmp_path / "data" / "b.txt", tmp_path / "data" / "sub" / "c.txt",
+                                  tmp_path / "w1.cfg"]
     first = cache.digest_of(ref)
     assert first != sha(definition.read_bytes())
     assert cache.digest_of(ref) == first
@@ -198,8 +199,8 @@ def test_definition_that_does_not_parse(cache, tmp_path):
 
 def test_index_avoids_rehashing_an_unchanged_file(cache, archive, monkeypatch):
     hashed = []
-    real = cache_mod.file_sha256
-    monkeypatch.setattr(cache_mod, "file_sha256", lambda p: hashed.append(p) or real(p))
+    real = digests_mod.file_sha256
+    monkeypatch.setattr(digests_mod, "file_sha256", lambda p: hashed.append(p) or real(p))
     ref = ref_of(archive)
     digest = cache.digest_of(ref)
     assert cache.digest_of(ref) == digest and cache.digest_of(ref) == digest

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from containers.apptainer import exec_argv, instance_run_argv
-from containers.cache import SifCache, file_sha256
+from containers.cache import SifCache
+from containers.digests import file_sha256
 from containers.errors import ImageBuildError
 from containers.refs import parse_image_ref
 from tests.conftest import JOB_AIPORTAL_VENV, JOB_USER, REPO, run
