@@ -1,7 +1,9 @@
 """Pure argv builders for apptainer (and the one skopeo copy the image builder needs).
 
-Every function returns a list of strings for ``subprocess.run(argv)`` or for the job-script
-renderer to ``shlex.join``; nothing here runs a command or makes shell text.
+Every function returns a list of strings for ``subprocess.run(argv)``, or (:func:`job_exec_prefix`)
+the words of a batch job's container argv for the job-script renderer to quote; nothing here
+runs a command or makes shell text. This is the one place that chooses apptainer's flags: the
+batch script (through ``JobSpec.container``), the health probe and the services use it.
 
 Two things learnt on apptainer 1.4.5 that shape these argvs:
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Union
 
 #: ``--mksquashfs-args`` value: zstd level 3 builds 3-6x faster than the default gzip at about
 #: the same size (labs: 44 MB image, 3-6 s instead of 11-22 s).
@@ -27,6 +30,7 @@ ZSTD_MKSQUASHFS_ARGS = "-comp zstd -Xcompression-level 3"
 
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_MOUNT_NAME = re.compile(r"[a-z][a-z-]*|/[^,\n\0]*")
 BIND_MODES = frozenset({"ro", "rw"})
 
 Bind = tuple[str, str, str]
@@ -34,23 +38,44 @@ Bind = tuple[str, str, str]
 
 def exec_argv(sif, command: Sequence[str], binds: Iterable[Bind] = (), nv: bool = False,
               env: Mapping[str, str] | None = None, cleanenv: bool = True,
-              pwd: str | None = None, apptainer: str = "apptainer") -> list[str]:
-    """``apptainer exec`` of ``command`` (an argv list) in the image ``sif``.
+              pwd: str | None = None, apptainer: str = "apptainer", contain: bool = False,
+              no_home: bool = False, no_mount: Sequence[str] = (), silent: bool = False) -> list[str]:
+    """``apptainer exec`` of ``command`` (an argv list) in the image ``sif``: exactly
+    ``exec_prefix(...) + [sif, *command]``; the arguments are :func:`exec_prefix`'s."""
+    prefix = exec_prefix(binds, nv=nv, env=env, cleanenv=cleanenv, pwd=pwd, apptainer=apptainer,
+                         contain=contain, no_home=no_home, no_mount=no_mount, silent=silent)
+    return prefix + [_image_path(sif)] + _command(command)
 
-    ``binds`` are ``(host_path, container_path, "ro"|"rw")``; ``nv`` adds ``--nv`` (pass it only
-    when the node has an NVIDIA driver: without one apptainer silently ignores it); ``env`` goes
-    in as ``--env K=V`` items; ``cleanenv`` keeps the caller's environment out; ``pwd`` is the
-    working directory inside the container. Raises ValueError naming a bad bind, key or value.
+
+def exec_prefix(binds: Iterable[Bind] = (), nv: bool = False, env: Mapping[str, str] | None = None,
+                cleanenv: bool = True, pwd: str | None = None, apptainer: str = "apptainer",
+                contain: bool = False, no_home: bool = False, no_mount: Sequence[str] = (),
+                silent: bool = False) -> list[str]:
+    """``apptainer exec`` up to the image: the image path and the command follow it.
+
+    ``binds`` are ``(host_path, container_path, "ro"|"rw")``; ``nv`` adds ``--nv`` (apptainer
+    1.4.5 ignores it silently on a node without an NVIDIA driver); ``env`` goes in as ``--env
+    K=V`` items; ``cleanenv`` keeps the caller's environment out; ``pwd`` is the working
+    directory inside the container; ``contain`` and ``no_home`` leave out the host's /tmp,
+    /home and $HOME; ``no_mount`` names mounts apptainer would add (``cwd``, ``tmp``, ...);
+    ``silent`` keeps apptainer's INFO and WARNING lines out (errors still show). Raises
+    ValueError naming a bad bind, key, value or mount name.
     """
-    argv = [apptainer, "exec", "--no-eval"]
+    argv = [apptainer] + (["--silent"] if silent else []) + ["exec", "--no-eval"]
     if cleanenv:
         argv.append("--cleanenv")
+    if contain:
+        argv.append("--contain")
+    if no_home:
+        argv.append("--no-home")
+    if no_mount:
+        argv += ["--no-mount", ",".join(_mount_name(m) for m in no_mount)]
     argv += _common_flags(binds, nv, env)
     if pwd is not None:
-        if not os.path.isabs(pwd) or "\n" in pwd:
+        if not isinstance(pwd, str) or not os.path.isabs(pwd) or "\n" in pwd or "\0" in pwd:
             raise ValueError("pwd %r must be an absolute path inside the container" % (pwd,))
         argv += ["--pwd", pwd]
-    return argv + [_image_path(sif)] + _command(command)
+    return argv
 
 
 def instance_run_argv(sif, instance_name: str, command: Sequence[str] = (),
@@ -68,6 +93,66 @@ def instance_run_argv(sif, instance_name: str, command: Sequence[str] = (),
         argv.append("--cleanenv")
     argv += _common_flags(binds, nv, env)
     return argv + [_image_path(sif), instance_name] + _command(command, allow_empty=True)
+
+
+#: Where a batch job's container sees its staged-in data and its outputs (the platform's contract).
+DATA_IN_CONTAINER = "/data/data"
+OUTPUT_IN_CONTAINER = "/data/output"
+#: A word of a job's container argv: a string, or a tuple of parts that make one word, where a
+#: part that is not a string is a run-time value of the batch script (``slurm.spec.JOB_DATA_DIR``,
+#: ``JOB_OUTPUT_DIR``) that only the script renderer turns into shell text.
+JobWord = Union[str, tuple]
+
+
+def job_exec_prefix(data_dir, output_dir, *, nv: bool = False, binds: Iterable[Bind] = (),
+                    apptainer: str = "apptainer") -> tuple[JobWord, ...]:
+    """The ``apptainer exec`` argv up to the image for a batch job (training or a service
+    replica); the batch script runs ``prefix + (image, *command)``.
+
+    ``data_dir`` and ``output_dir`` are bound read-write at /data/data and /data/output. Each is
+    a host path or, for a path the batch script knows only when it runs (an array task's
+    output folder), the renderer's marker for it (``slurm.spec.JOB_DATA_DIR``,
+    ``JOB_OUTPUT_DIR``): its ``--bind`` word is then the tuple ``(marker, ":/data/output:rw")``.
+    ``nv`` (give it when the job has GPUs) adds ``--nv``; ``binds`` are more
+    ``(host_path, container_path, "ro"|"rw")``.
+
+    The flags, and why they differ from :func:`health_probe_argv`:
+
+    * ``--no-eval``: arguments arrive verbatim (see the module docstring);
+    * no ``--cleanenv``: the variables the script exports (the user's, a sweep task's
+      parameters) are the program's environment;
+    * ``--no-mount cwd``: the job folder (the script's working directory, which holds the
+      data-source credentials file) stays out of the container;
+    * ``--pwd /data/output``: the program starts in its output folder (relative paths write
+      what is staged out); without a ``--pwd`` apptainer cannot enter the unmounted job folder
+      and logs "Error changing the container working directory", then uses $HOME;
+    * $HOME and /tmp stay mounted, as programs (pip, Keras, matplotlib caches) expect.
+    """
+    words: list[JobWord] = [*exec_prefix(nv=nv, cleanenv=False, no_mount=("cwd",),
+                                         pwd=OUTPUT_IN_CONTAINER, apptainer=apptainer)]
+    for src, dst in ((data_dir, DATA_IN_CONTAINER), (output_dir, OUTPUT_IN_CONTAINER)):
+        if isinstance(src, (str, os.PathLike)):
+            words += ["--bind", bind_spec(src, dst, "rw")]
+        elif src is None or isinstance(src, (bytes, int, float, tuple, list)):
+            raise ValueError("bind source %r for %s is neither a path nor the batch script's "
+                             "marker for one (slurm.spec.JOB_DATA_DIR, JOB_OUTPUT_DIR)" % (src, dst))
+        else:
+            words += ["--bind", (src, ":%s:rw" % dst)]
+    for bind in binds:
+        words += ["--bind", bind_spec(*bind)]
+    return tuple(words)
+
+
+def health_probe_argv(sif, apptainer: str = "apptainer") -> list[str]:
+    """``apptainer exec`` of ``/bin/true`` in ``sif``: can this node start a container at all?
+
+    Unlike a job it mounts nothing of the host's beyond what apptainer needs (``--contain
+    --no-home``, ``--pwd /``), so a hung home or /tmp shows up in its own check and not here;
+    ``--cleanenv`` and ``--silent`` keep the caller's environment and apptainer's warnings about
+    the minimal image (no passwd file) out. Errors still reach stderr.
+    """
+    return exec_argv(sif, ["/bin/true"], contain=True, no_home=True, pwd="/", silent=True,
+                     apptainer=apptainer)
 
 
 def build_argv(dest, source_ref_string: str, zstd: bool = True, force: bool = True,
@@ -136,6 +221,13 @@ def bind_spec(src, dst, mode: str = "rw") -> str:
     if mode not in BIND_MODES:
         raise ValueError("bind mode %r is not one of %s" % (mode, ", ".join(sorted(BIND_MODES))))
     return "%s:%s:%s" % (src, dst, mode)
+
+
+def _mount_name(name) -> str:
+    if not isinstance(name, str) or not _MOUNT_NAME.fullmatch(name):
+        raise ValueError("--no-mount item %r is not a mount name (cwd, tmp, home, ...) or an "
+                         "absolute path without ','" % (name,))
+    return name
 
 
 def _image_path(sif) -> str:

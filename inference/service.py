@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import PurePosixPath
 from typing import Any, Mapping
 
+from containers.apptainer import job_exec_prefix
 from inference.errors import ServiceSpecError
-from slurm.spec import JobSpec, NodeType
+from slurm.spec import JOB_DATA_DIR, JOB_OUTPUT_DIR, JobSpec, NodeType
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -134,7 +135,8 @@ def runtime_config(spec: ServiceSpec, *, job_id: str = "", bind_host: str = "127
 
 
 def replica_job(spec: ServiceSpec, node_type: NodeType, *, service: str, replica_id: str, job_dir: str,
-                runtime_path: str, stage_bin: str = "aiportal", credentials_file: str | None = None) -> JobSpec:
+                runtime_path: str, stage_bin: str = "aiportal", credentials_file: str | None = None,
+                apptainer: str = "apptainer") -> JobSpec:
     """The batch job of one replica. ``job_dir`` holds ``data/`` (the staged model), ``run/``
     (runtime.json, endpoint.json; bound at /aiportal/run) and ``logs/``; ``runtime_path`` is the
     runtime file on the shared filesystem, bound read-only at /aiportal/runtime.py."""
@@ -146,5 +148,6 @@ def replica_job(spec: ServiceSpec, node_type: NodeType, *, service: str, replica
         job_dir=job_dir, gpus=spec.gpus, gpu_type=node_type.gpu_type if spec.gpus else None, cpus=spec.cpus,
         memory_mb=spec.memory_mb, time_limit="UNLIMITED", inputs=(spec.model,), requeue=False,
         checkpoint_signal=None, portal_id="service:%s" % replica_id, stage_bin=stage_bin,
-        extra_binds=(("%s/run" % job_dir, RUN_IN_CONTAINER),), readonly_binds=((runtime_path, RUNTIME_IN_CONTAINER),),
-        credentials_file=credentials_file)
+        credentials_file=credentials_file,
+        container=job_exec_prefix(JOB_DATA_DIR, JOB_OUTPUT_DIR, nv=spec.gpus > 0, apptainer=apptainer, binds=(
+            ("%s/run" % job_dir, RUN_IN_CONTAINER, "rw"), (runtime_path, RUNTIME_IN_CONTAINER, "ro"))))

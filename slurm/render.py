@@ -8,8 +8,9 @@ user typed can run. The script:
    the portal's job id in ``--comment``;
 2. stage in: inputs to ``$AIPORTAL_JOB_DIR/data``, previous outputs/checkpoints back into the
    output dir (so a requeued job resumes);
-3. run: ``apptainer exec [--nv] --bind data:/data/data --bind output:/data/output IMAGE CMD``
-   in the background, forwarding the checkpoint signal and SIGTERM to it;
+3. run: ``spec.container`` (the apptainer argv ``containers.apptainer`` built, which binds
+   data/ at /data/data and output/ at /data/output), the image and the command, in the
+   background, forwarding the checkpoint signal and SIGTERM to it;
 4. stage out, on success, failure and after SIGTERM; the script exits with the command's code.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import shlex
 
 from slurm.errors import SpecError
-from slurm.spec import JobSpec
+from slurm.spec import SCRIPT_DIRS, JobSpec, ScriptDir, check_job_basics
 
 COMMENT_PREFIX = "aiportal:"
 EXIT_STAGE_IN_FAILED = 90
@@ -61,6 +62,23 @@ def sbatch_header(spec: JobSpec) -> list[str]:
         if value is not None:
             lines.append(sbatch_flag(opt, value))
     return lines
+
+
+def shell_word(word: str | tuple[str | ScriptDir, ...]) -> str:
+    """One argv word as shell text: a string quoted; a tuple's parts joined, each string
+    quoted and each :class:`ScriptDir` as ``"$<var>"`` (the script defines those variables
+    before it runs the container). The one place run-time values enter a command line."""
+    if isinstance(word, str):
+        return shlex.quote(word)
+    out = []
+    for part in word:
+        if isinstance(part, ScriptDir):
+            if part not in SCRIPT_DIRS:
+                raise SpecError("container", word, "the script does not define $%s" % part.var)
+            out.append('"$%s"' % part.var)
+        else:
+            out.append(shlex.quote(part))
+    return "".join(out)
 
 
 def _sweep_case(spec: JobSpec) -> list[str]:
@@ -126,15 +144,10 @@ def render_sbatch(spec: JobSpec) -> str:
         lines += ['log "restore previous outputs: $out_uri -> output/"',
                   '%s stage in --from "$out_uri" --to "$out_dir" --missing-ok%s || { log "restoring outputs failed"; exit %d; }'
                   % (stage, creds, EXIT_STAGE_IN_FAILED)]
-    binds = ['--bind "$data_dir:/data/data"', '--bind "$out_dir:/data/output"']
-    binds += ["--bind %s" % q("%s:%s" % (src, dst)) for src, dst in spec.extra_binds]
-    binds += ["--bind %s" % q("%s:%s:ro" % (src, dst)) for src, dst in spec.readonly_binds]
     lines += [
         "",
-        "# --nv only where an NVIDIA driver is present (without one it is silently ignored)",
-        "nv=(); [ -e /dev/nvidiactl ] && nv=(--nv)",
         "log %s" % q("run: %s" % shlex.join(spec.command)),
-        '%s exec --no-eval --no-mount cwd "${nv[@]}" %s %s %s &' % (q(spec.apptainer), " ".join(binds), q(spec.image), shlex.join(spec.command)),
+        "%s &" % " ".join(shell_word(w) for w in spec.container + (spec.image,) + spec.command),
         "child=$!",
         "# wait returns early when a trapped signal arrives; keep waiting for the program itself",
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; done',
@@ -162,19 +175,23 @@ def render_command_job(name: str, partition: str, argv: list[str], log_path: str
                        time_limit: str = "01:00:00", comment: str | None = None) -> str:
     """A batch script that runs one host command (no container, no staging): image
     conversions and other service work. Same quoting rules as :func:`render_sbatch`."""
-    spec = JobSpec(name=name, partition=partition, image="/", command=tuple(argv), job_dir="/",
-                   cpus=cpus, time_limit=time_limit)  # validates name, partition, time, argv
+    if isinstance(argv, (str, bytes)):
+        raise SpecError("command", argv, "give the command as a list of arguments, not one string")
+    argv = list(argv)
+    check_job_basics(name, partition, argv, time_limit)
+    if not isinstance(cpus, int) or cpus < 1:
+        raise SpecError("resources", cpus, "need cpus >= 1")
     if not log_path.startswith("/") or "\n" in log_path or "\0" in log_path:
         raise SpecError("log_path", log_path, "must be an absolute path without newlines")
     lines = ["#!/bin/bash",
-             sbatch_flag("job-name", spec.name),
-             sbatch_flag("partition", spec.partition),
+             sbatch_flag("job-name", name),
+             sbatch_flag("partition", partition),
              sbatch_flag("ntasks", 1),
-             sbatch_flag("cpus-per-task", spec.cpus),
-             sbatch_flag("time", spec.time_limit),
+             sbatch_flag("cpus-per-task", cpus),
+             sbatch_flag("time", time_limit),
              sbatch_flag("output", log_path),
              sbatch_flag("open-mode", "append")]
     if comment:
         lines.append(sbatch_flag("comment", comment))
-    lines += ["set -euo pipefail", "exec %s" % shlex.join(spec.command)]
+    lines += ["set -euo pipefail", "exec %s" % shlex.join(argv)]
     return "\n".join(lines) + "\n"

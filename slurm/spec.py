@@ -27,6 +27,56 @@ RESERVED_ENV = frozenset({"AIPORTAL_JOB_DIR", "AIPORTAL_JOB_ID", "SLURM_CONF", "
 
 
 @dataclass(frozen=True)
+class ScriptDir:
+    """A folder the batch script makes and knows only when it runs; in a container argv
+    (:attr:`JobSpec.container`) it stands for that folder's path, which
+    :func:`slurm.render.render_sbatch`, and only it, writes as ``"$<var>"``. The script's
+    paths come from ``job_dir``, which has no ':', ',' or newline, so they fit a ``--bind``."""
+
+    var: str
+
+
+#: the staged-in inputs: ``$AIPORTAL_JOB_DIR/data``
+JOB_DATA_DIR = ScriptDir("data_dir")
+#: the job's outputs: ``$AIPORTAL_JOB_DIR/output``, and ``output/task-N`` for array task N
+JOB_OUTPUT_DIR = ScriptDir("out_dir")
+SCRIPT_DIRS = frozenset({JOB_DATA_DIR, JOB_OUTPUT_DIR})
+_CONTAINER_FIX = ("build it with containers.apptainer.job_exec_prefix(JOB_DATA_DIR, JOB_OUTPUT_DIR, "
+                  "nv=gpus > 0): a tuple of argv words up to the image")
+
+
+def check_job_basics(name: str, partition: str, command, time_limit: str) -> None:
+    """What every batch job needs right: its name, partition, command (an argv of strings) and
+    time limit. Raises :class:`SpecError` naming the field."""
+    if not _NAME_RE.match(name):
+        raise SpecError("name", name, "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if not _PLAIN_RE.match(partition):
+        raise SpecError("partition", partition, "not a partition name")
+    if not command or any(not isinstance(a, str) for a in command):
+        raise SpecError("command", command, "give at least the program to run, as strings")
+    if any("\0" in a for a in command):
+        raise SpecError("command", command, "arguments cannot contain NUL bytes")
+    if not _TIME_RE.match(time_limit):
+        raise SpecError("time_limit", time_limit, "use minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED")
+
+
+def _check_container(container: tuple) -> None:
+    if not container:
+        raise SpecError("container", container, _CONTAINER_FIX)
+    for word in container:
+        parts = word if isinstance(word, tuple) else (word,)
+        if not parts:
+            raise SpecError("container", word, "an empty word; " + _CONTAINER_FIX)
+        for part in parts:
+            if isinstance(part, str):
+                if "\0" in part:
+                    raise SpecError("container", word, "argv words cannot contain NUL bytes")
+            elif part not in SCRIPT_DIRS:
+                raise SpecError("container", word, "%r is neither a string nor one of the script's "
+                                                   "folders (JOB_DATA_DIR, JOB_OUTPUT_DIR)" % (part,))
+
+
+@dataclass(frozen=True)
 class NodeType:
     """What a user picks: a partition and what each node gives."""
 
@@ -50,8 +100,10 @@ class JobSpec:
     """A batch job that runs ``command`` inside ``image`` on ``partition``.
 
     Paths are as the compute nodes see them (shared filesystem). ``job_dir`` holds ``data/``
-    (staged-in inputs, bound to ``/data/data``) and ``output/`` (bound to ``/data/output``,
-    restored on requeue and staged out at the end).
+    (staged-in inputs) and ``output/`` (restored on requeue and staged out at the end); the
+    script runs ``container + (image,) + command``, where ``container`` is the container argv
+    up to the image, built by ``containers.apptainer.job_exec_prefix`` with the binds of
+    :data:`JOB_DATA_DIR` and :data:`JOB_OUTPUT_DIR`.
     """
 
     name: str
@@ -81,16 +133,15 @@ class JobSpec:
     portal_id: str | None = None
     # The `aiportal` executable on the compute nodes (stage in/out run inside the job).
     stage_bin: str = "aiportal"
-    apptainer: str = "apptainer"
-    extra_binds: tuple[tuple[str, str], ...] = field(default=())
-    #: binds mounted read-only in the container (``--bind SRC:DST:ro``), e.g. the serving runtime
-    readonly_binds: tuple[tuple[str, str], ...] = field(default=())
     # The data-source credentials file for s3:// inputs/outputs: a file name inside job_dir
     # (written by the portal, mode 0600); the script passes only its path to `stage`.
     credentials_file: str | None = None
     # Or the user's own credentials file, by absolute path (``aiportal script --credentials``:
     # power users keep their keys in their home; the script passes the path and leaves the file)
     user_credentials: str | None = None
+    #: the container argv up to the image (``containers.apptainer.job_exec_prefix``): strings,
+    #: and tuples of parts that make one word, a part being a string or a :class:`ScriptDir`
+    container: tuple[str | tuple[str | ScriptDir, ...], ...] = field(kw_only=True)
 
     def __post_init__(self):
         if isinstance(self.command, (str, bytes)):
@@ -99,19 +150,17 @@ class JobSpec:
         object.__setattr__(self, "env", tuple((str(k), str(v)) for k, v in (
             self.env.items() if isinstance(self.env, Mapping) else self.env)))
         object.__setattr__(self, "inputs", tuple(self.inputs))
+        if isinstance(self.container, (str, bytes)):
+            raise SpecError("container", self.container, _CONTAINER_FIX)
+        object.__setattr__(self, "container", tuple(
+            tuple(w) if isinstance(w, list) else w for w in self.container))
         object.__setattr__(self, "sweep", tuple(tuple((str(k), str(v)) for k, v in (
             t.items() if isinstance(t, Mapping) else t)) for t in self.sweep))
         self._validate()
 
     def _validate(self) -> None:
-        if not _NAME_RE.match(self.name):
-            raise SpecError("name", self.name, "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        if not _PLAIN_RE.match(self.partition):
-            raise SpecError("partition", self.partition, "not a partition name")
-        if not self.command or any(not isinstance(a, str) for a in self.command):
-            raise SpecError("command", self.command, "give at least the program to run, as strings")
-        if any("\0" in a for a in self.command):
-            raise SpecError("command", self.command, "arguments cannot contain NUL bytes")
+        check_job_basics(self.name, self.partition, self.command, self.time_limit)
+        _check_container(self.container)
         for what, path in (("image", self.image), ("job_dir", self.job_dir)):
             if not path.startswith("/") or any(c in path for c in "\0\n:,"):
                 raise SpecError(what, path, "must be an absolute path on the shared filesystem, "
@@ -120,8 +169,6 @@ class JobSpec:
             raise SpecError("resources", (self.gpus, self.cpus, self.memory_mb), "need gpus >= 0, cpus >= 1, memory_mb >= 1")
         if self.gpu_type is not None and not re.match(r"^[A-Za-z0-9_.-]+$", self.gpu_type):
             raise SpecError("gpu_type", self.gpu_type, "not a GPU type")
-        if not _TIME_RE.match(self.time_limit):
-            raise SpecError("time_limit", self.time_limit, "use minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED")
         for k, v in self.env + tuple(kv for task in self.sweep for kv in task):
             if not _ENV_RE.match(k):
                 raise SpecError("env", k, "variable names are letters, digits and '_', not starting with a digit")
@@ -153,9 +200,6 @@ class JobSpec:
             raise SpecError("user_credentials", self.user_credentials, "an absolute path to your credentials file")
         if self.user_credentials and self.credentials_file:
             raise SpecError("user_credentials", self.user_credentials, "give one credentials file, not two")
-        for src, dst in self.extra_binds + self.readonly_binds:
-            if not (src.startswith("/") and dst.startswith("/")) or ":" in src + dst or "," in src + dst:
-                raise SpecError("bind", (src, dst), "binds are absolute paths without ':' or ','")
 
     @classmethod
     def for_node_type(cls, node_type: NodeType, **kw) -> "JobSpec":

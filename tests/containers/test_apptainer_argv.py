@@ -5,8 +5,9 @@ import subprocess
 
 import pytest
 
-from containers.apptainer import (ZSTD_MKSQUASHFS_ARGS, bind_spec, build_argv, env_item,
-                                  exec_argv, instance_run_argv, skopeo_copy_argv)
+from containers.apptainer import (ZSTD_MKSQUASHFS_ARGS, bind_spec, build_argv, env_item, exec_argv,
+                                  exec_prefix, health_probe_argv, instance_run_argv, job_exec_prefix,
+                                  skopeo_copy_argv)
 
 SIF = "/srv/img/x.sif"
 
@@ -27,6 +28,38 @@ SIF = "/srv/img/x.sif"
 ])
 def test_exec_argv(kwargs, expected):
     assert exec_argv(SIF, ["python3", "-V"], **kwargs) == expected
+    assert exec_prefix(**kwargs) + [SIF, "python3", "-V"] == expected
+
+
+def test_exec_prefix_isolation_flags():
+    assert exec_prefix(contain=True, no_home=True, no_mount=("cwd", "tmp"), silent=True, pwd="/") == [
+        "apptainer", "--silent", "exec", "--no-eval", "--cleanenv", "--contain", "--no-home",
+        "--no-mount", "cwd,tmp", "--pwd", "/"]
+
+
+#: a marker the job-script renderer owns (slurm.spec.JOB_OUTPUT_DIR in the portal): the builder
+#: only places it
+OUT = object()
+
+
+@pytest.mark.parametrize("args, kwargs, expected", [
+    (("/j/data", "/j/output"), {},
+     ("apptainer", "exec", "--no-eval", "--no-mount", "cwd", "--pwd", "/data/output",
+      "--bind", "/j/data:/data/data:rw", "--bind", "/j/output:/data/output:rw")),
+    (("/j/data", OUT), {"nv": True, "apptainer": "/opt/a", "binds": [("/r", "/aiportal/run", "rw"),
+                                                                      ("/rt.py", "/aiportal/runtime.py", "ro")]},
+     ("/opt/a", "exec", "--no-eval", "--no-mount", "cwd", "--nv", "--pwd", "/data/output",
+      "--bind", "/j/data:/data/data:rw", "--bind", (OUT, ":/data/output:rw"),
+      "--bind", "/r:/aiportal/run:rw", "--bind", "/rt.py:/aiportal/runtime.py:ro")),
+])
+def test_job_exec_prefix(args, kwargs, expected):
+    assert job_exec_prefix(*args, **kwargs) == expected
+
+
+def test_health_probe_argv():
+    assert health_probe_argv("/p/probe.sif", apptainer="/usr/bin/apptainer") == [
+        "/usr/bin/apptainer", "--silent", "exec", "--no-eval", "--cleanenv", "--contain", "--no-home",
+        "--pwd", "/", "/p/probe.sif", "/bin/true"]
 
 
 def test_exec_argv_keeps_hostile_command_items_as_single_items():
@@ -104,6 +137,12 @@ def test_env_item_rejects(key, value, fragment):
     (lambda: exec_argv(SIF, ["a\0b"]), "command argument 'a\\x00b' contains a NUL byte"),
     (lambda: exec_argv(SIF, [1]), "command argument 1 is not a string"),
     (lambda: exec_argv(SIF, ["true"], pwd="rel"), "pwd 'rel' must be an absolute path"),
+    (lambda: exec_prefix(no_mount=("cwd,tmp",)), "--no-mount item 'cwd,tmp' is not a mount name"),
+    (lambda: exec_prefix(no_mount=("",)), "--no-mount item '' is not a mount name"),
+    (lambda: job_exec_prefix("data", "/o"), "bind source 'data' must be an absolute path"),
+    (lambda: job_exec_prefix("/d", None), "bind source None for /data/output is neither a path nor"),
+    (lambda: job_exec_prefix("/d", "/o", binds=[("/a:b", "/x", "ro")]), "bind source '/a:b' contains"),
+    (lambda: health_probe_argv("probe.sif"), "image path 'probe.sif' must be absolute"),
     (lambda: instance_run_argv(SIF, "-x", []), "instance name '-x' is not valid"),
     (lambda: instance_run_argv(SIF, "a b", []), "instance name 'a b' is not valid"),
     (lambda: instance_run_argv(SIF, "a/b", []), "instance name 'a/b' is not valid"),
@@ -194,3 +233,27 @@ def test_binds_and_pwd(base_sif, tmp_path):
     assert res.stdout.split() == ["/data/out", "input", "30"]  # 30: EROFS
     assert (out / "y.txt").read_text() == "written"
     assert not (src / "z.txt").exists()
+
+
+@pytest.mark.apptainer
+def test_a_jobs_argv_starts_in_its_output_folder_without_a_warning(base_sif, tmp_path):
+    """The job's working directory (the job folder) is not in the container; --pwd keeps
+    apptainer from warning "Error changing the container working directory" and falling back
+    to $HOME, and the program finds its data and writes its outputs by relative path."""
+    job = tmp_path / "job 'dir'"
+    for d in ("data", "output"):
+        (job / d).mkdir(parents=True)
+    (job / "data" / "in.txt").write_text("input\n")
+    code = "import os; print(os.getcwd()); open('out.txt', 'w').write(open('../data/in.txt').read())"
+    argv = [*job_exec_prefix(job / "data", job / "output"), base_sif, "python3", "-c", code]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=job)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "/data/output\n"
+    assert "working directory" not in res.stderr, res.stderr
+    assert (job / "output" / "out.txt").read_text() == "input\n"
+
+
+@pytest.mark.apptainer
+def test_health_probe_runs(base_sif, tmp_path):
+    res = subprocess.run(health_probe_argv(base_sif), capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr == "", res.stderr

@@ -21,7 +21,8 @@ def test_replica_job_runs_the_runtime_unlimited_on_infer_with_the_runtime_read_o
     script = render_sbatch(job)
     for line in ("#SBATCH --partition=infer", "#SBATCH --time=UNLIMITED", "#SBATCH --no-requeue",
                  "#SBATCH --gres=gpu:p40:1", "#SBATCH --mem=2000M", "#SBATCH --comment=aiportal:service:" + "r" * 36,
-                 "--bind /s/svc/runtime.py:/aiportal/runtime.py:ro", "--bind '/s/svc/replicas/r 1/run:/aiportal/run'",
+                 "--bind /s/svc/runtime.py:/aiportal/runtime.py:ro", "--bind '/s/svc/replicas/r 1/run:/aiportal/run:rw'",
+                 " --nv --pwd /data/output ",
                  "python3 /aiportal/runtime.py --config /aiportal/run/runtime.json",
                  "stage in --from 's3://lab/models/x y'"):
         assert line in script, line

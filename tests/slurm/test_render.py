@@ -8,27 +8,36 @@ from pathlib import Path
 
 import pytest
 
+from containers.apptainer import job_exec_prefix
 from slurm.errors import SpecError
-from slurm.render import render_sbatch, sbatch_flag
-from slurm.spec import JobSpec, NodeType
+from slurm.render import render_command_job, render_sbatch, sbatch_flag, shell_word
+from slurm.spec import JOB_DATA_DIR, JOB_OUTPUT_DIR, JobSpec, NodeType, ScriptDir
 from slurm.sweep import array_specs, expand_grid
 
 GOLDEN = Path(__file__).parent / "golden"
 FOUR = NodeType("4card", "gpu-4card", 4, "p40", 48, 256000)
 ONE = NodeType("1card", "gpu-1card", 1, "p40", 8, 32000)
 
+
+def container(nv=False, **kw):
+    """What the portal passes: the containers builder's argv, binding the script's folders."""
+    return job_exec_prefix(JOB_DATA_DIR, JOB_OUTPUT_DIR, nv=nv, **kw)
+
+
 SPECS = {
     "train-4card": lambda: JobSpec.for_node_type(
         FOUR, name="cifar10", image="/shared/images/cache/ab/abcdef.sif",
         command=["python3", "/code/train.py", "--max_steps", "1000"], job_dir="/shared/users/alice/jobs/j1",
         inputs=["/shared/datasets/cifar10"], output="/shared/users/alice/outputs/j1", time_limit="02:00:00",
-        env={"TF_CPP_MIN_LOG_LEVEL": "2"}, portal_id="6f1c2b9e-0000-4000-8000-000000000001"),
+        env={"TF_CPP_MIN_LOG_LEVEL": "2"}, portal_id="6f1c2b9e-0000-4000-8000-000000000001",
+        container=container(nv=True)),
     "minimal-1card": lambda: JobSpec.for_node_type(
         ONE, name="hello", image="/shared/images/x.sif", command=["echo", "hi"], job_dir="/shared/jobs/h",
-        checkpoint_signal=None, requeue=False),
+        checkpoint_signal=None, requeue=False, container=container(nv=True)),
     "sweep": lambda: array_specs(JobSpec.for_node_type(
         ONE, name="sweep", image="/shared/images/x.sif", command=["python3", "train.py"],
-        job_dir="/shared/jobs/s", output="/shared/out/s", account="proj1", qos="normal"),
+        job_dir="/shared/jobs/s", output="/shared/out/s", account="proj1", qos="normal",
+        container=container(nv=True, binds=[("/shared/code", "/code", "ro")])),
         {"LR": ["0.1", "0.01"], "BATCH": [32, 64]}, max_array_size=1000, max_parallel=2)[0],
 }
 
@@ -60,7 +69,7 @@ def test_sbatch_flag_quotes(name, value, expected):
     assert sbatch_flag(name, value) == expected
 
 
-BASE = dict(name="ok", partition="gpu-1card", image="/i.sif", command=["true"], job_dir="/j")
+BASE = dict(name="ok", partition="gpu-1card", image="/i.sif", command=["true"], job_dir="/j", container=container())
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -81,20 +90,66 @@ BASE = dict(name="ok", partition="gpu-1card", image="/i.sif", command=["true"], 
     ("account", "a b", "contains characters"),
     ("gpus", -1, "need gpus >= 0"),
     ("inputs", ["/a\nb"], "cannot be empty or contain newlines"),
+    ("container", (), "build it with containers.apptainer.job_exec_prefix"),
+    ("container", "apptainer exec", "build it with containers.apptainer.job_exec_prefix"),
+    ("container", ("apptainer", ()), "an empty word"),
+    ("container", ("apptainer", "a\0b"), "cannot contain NUL bytes"),
+    ("container", ("apptainer", (ScriptDir("HOME"), ":/h")), "neither a string nor one of the script's folders"),
+    ("container", ("apptainer", ("$out_dir", 1)), "neither a string nor one of the script's folders"),
 ])
 def test_invalid_specs_name_the_field(field, value, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
         JobSpec(**{**BASE, field: value})
 
 
+def test_a_spec_needs_a_container_argv():
+    kw = dict(BASE)
+    del kw["container"]
+    with pytest.raises(TypeError, match="container"):
+        JobSpec(**kw)
+
+
+@pytest.mark.parametrize("word, text", [
+    ("a b", "'a b'"),
+    ("--pwd", "--pwd"),
+    ((JOB_OUTPUT_DIR, ":/data/output:rw"), '"$out_dir":/data/output:rw'),
+    ((JOB_DATA_DIR, ":/it's here:rw"), '"$data_dir"\':/it\'"\'"\'s here:rw\''),
+])
+def test_shell_word(word, text):
+    assert shell_word(word) == text
+
+
+def test_shell_word_refuses_a_variable_the_script_does_not_define():
+    with pytest.raises(SpecError, match=r"does not define \$HOME"):
+        shell_word((ScriptDir("HOME"),))
+
+
+def test_the_run_line_is_the_containers_argv_then_image_and_command():
+    spec = JobSpec(**{**BASE, "command": ["python3", "it's.py"]})
+    run = [line for line in render_sbatch(spec).splitlines() if line.endswith(" &")]
+    assert run == ['apptainer exec --no-eval --no-mount cwd --pwd /data/output --bind "$data_dir":/data/data:rw '
+                   '--bind "$out_dir":/data/output:rw /i.sif python3 \'it\'"\'"\'s.py\' &']
+
+
+def test_command_job_validates_and_quotes():
+    text = render_command_job("conv", "p", ["apptainer", "build", "/c/a b.sif"], "/l/x.log")
+    assert text.endswith("exec apptainer build '/c/a b.sif'\n")
+    with pytest.raises(SpecError, match="give the command as a list"):
+        render_command_job("conv", "p", "apptainer build", "/l/x.log")
+    with pytest.raises(SpecError, match="name 'a b'"):
+        render_command_job("a b", "p", ["true"], "/l/x.log")
+
+
 def test_for_node_type_refuses_more_gpus_than_a_node_has():
     with pytest.raises(SpecError, match="node type 1card has 1 GPUs per node"):
-        JobSpec.for_node_type(ONE, name="x", image="/i.sif", command=["true"], job_dir="/j", gpus=2)
+        JobSpec.for_node_type(ONE, name="x", image="/i.sif", command=["true"], job_dir="/j", gpus=2,
+                              container=container())
 
 
 def test_for_node_type_gives_the_cpus_that_come_with_the_gpus():
-    assert JobSpec.for_node_type(FOUR, name="x", image="/i.sif", command=["t"], job_dir="/j").cpus == 48
-    assert JobSpec.for_node_type(FOUR, name="x", image="/i.sif", command=["t"], job_dir="/j", gpus=2).cpus == 24
+    kw = dict(name="x", image="/i.sif", command=["t"], job_dir="/j", container=container())
+    assert JobSpec.for_node_type(FOUR, **kw).cpus == 48
+    assert JobSpec.for_node_type(FOUR, gpus=2, **kw).cpus == 24
 
 
 def test_expand_grid_order_and_split():
@@ -158,7 +213,8 @@ def test_hostile_values_reach_the_program_verbatim_and_nothing_runs(tmp_path, re
                    command=["prog", *HOSTILE], job_dir=str(job_dir), inputs=[str(tmp_path / "in `x`")],
                    output=str(tmp_path / "out; touch INJECTED"),
                    env={"H_%d" % i: v for i, v in enumerate(HOSTILE)},
-                   apptainer=str(recorder), stage_bin=str(recorder))
+                   container=container(apptainer=str(recorder), binds=[(str(tmp_path / "ro 'x'"), "/ro", "ro")]),
+                   stage_bin=str(recorder))
     (tmp_path / "in `x`").mkdir()
     res, calls = run_script(tmp_path, spec)
     assert res.returncode == 0, res.stderr
@@ -166,9 +222,10 @@ def test_hostile_values_reach_the_program_verbatim_and_nothing_runs(tmp_path, re
     stage_in, restore, run, stage_out = calls
     assert stage_in["argv"] == ["stage", "in", "--from", str(tmp_path / "in `x`"), "--to", str(job_dir / "data")]
     assert restore["argv"][-1] == "--missing-ok"
-    assert run["argv"][:8] == ["exec", "--no-eval", "--no-mount", "cwd", "--bind", "%s/data:/data/data" % job_dir,
-                               "--bind", "%s/output:/data/output" % job_dir]
-    assert run["argv"][8:] == [spec.image, "prog", *HOSTILE]
+    assert run["argv"][:12] == ["exec", "--no-eval", "--no-mount", "cwd", "--pwd", "/data/output",
+                                "--bind", "%s/data:/data/data:rw" % job_dir, "--bind", "%s/output:/data/output:rw" % job_dir,
+                                "--bind", "%s/ro 'x':/ro:ro" % tmp_path]
+    assert run["argv"][12:] == [spec.image, "prog", *HOSTILE]
     assert run["env"] == {"H_%d" % i: v for i, v in enumerate(HOSTILE)}
     assert stage_out["argv"] == ["stage", "out", "--from", str(job_dir / "output"), "--to", spec.output]
 
@@ -176,7 +233,7 @@ def test_hostile_values_reach_the_program_verbatim_and_nothing_runs(tmp_path, re
 @pytest.mark.parametrize("rc", [0, 1, 42])
 def test_exit_code_is_kept_and_stage_out_runs_on_failure(tmp_path, recorder, rc):
     spec = JobSpec(**{**BASE, "job_dir": str(tmp_path / "j"), "output": str(tmp_path / "o"),
-                      "apptainer": str(recorder), "stage_bin": str(recorder)})
+                      "container": container(apptainer=str(recorder)), "stage_bin": str(recorder)})
     res, calls = run_script(tmp_path, spec, rc=rc)
     assert res.returncode == rc
     assert calls[-1]["argv"][:2] == ["stage", "out"]
@@ -188,7 +245,7 @@ def test_stage_in_failure_stops_before_the_command(tmp_path):
     failing.write_text("#!/bin/sh\nexit 1\n")
     failing.chmod(0o755)
     spec = JobSpec(**{**BASE, "job_dir": str(tmp_path / "j"), "inputs": ["/nowhere"],
-                      "apptainer": "/bin/false", "stage_bin": str(failing)})
+                      "container": container(apptainer="/bin/false"), "stage_bin": str(failing)})
     res, _ = run_script(tmp_path, spec)
     assert res.returncode == 90
     assert "stage in failed" in res.stderr
@@ -196,7 +253,7 @@ def test_stage_in_failure_stops_before_the_command(tmp_path):
 
 def test_sweep_task_gets_its_parameters(tmp_path, recorder):
     base = JobSpec(**{**BASE, "job_dir": str(tmp_path / "j"), "output": str(tmp_path / "o"),
-                      "apptainer": str(recorder), "stage_bin": str(recorder)})
+                      "container": container(apptainer=str(recorder)), "stage_bin": str(recorder)})
     spec = array_specs(base, {"H_LR": ["0.1", "it's $(x)"]}, max_array_size=10)[0]
     script = tmp_path / "job.sh"
     script.write_text(render_sbatch(spec))
@@ -205,12 +262,13 @@ def test_sweep_task_gets_its_parameters(tmp_path, recorder):
     assert res.returncode == 0, res.stderr
     run = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()][1]
     assert run["env"] == {"H_LR": "it's $(x)"}
-    assert "%s/output/task-1:/data/output" % (tmp_path / "j") in run["argv"]
+    assert "%s/output/task-1:/data/output:rw" % (tmp_path / "j") in run["argv"]
 
 
 def test_users_own_credentials_file_is_passed_by_path_and_kept():
     spec = JobSpec(name="t", partition="gpu-1card", image="/i.sif", command=("true",), job_dir="/j",
-                   inputs=("s3://b/in",), output="s3://b/out", user_credentials="/home/a b/creds.json")
+                   inputs=("s3://b/in",), output="s3://b/out", user_credentials="/home/a b/creds.json",
+                   container=container())
     text = render_sbatch(spec)
     assert text.count("--credentials '/home/a b/creds.json'") == 3     # stage in, restore, stage out
     assert "rm -f" not in text
@@ -219,4 +277,5 @@ def test_users_own_credentials_file_is_passed_by_path_and_kept():
 @pytest.mark.parametrize("path", ["relative.json", "/x\nrm -rf /"])
 def test_users_credentials_file_must_be_an_absolute_path(path):
     with pytest.raises(SpecError, match="user_credentials"):
-        JobSpec(name="t", partition="p", image="/i.sif", command=("true",), job_dir="/j", user_credentials=path)
+        JobSpec(name="t", partition="p", image="/i.sif", command=("true",), job_dir="/j", user_credentials=path,
+                container=container())
