@@ -162,7 +162,7 @@ def check_fs_scratch_free(f: Facts, c: HealthConfig) -> Verdict:
 def check_fs_shared_mounted(f: Facts, c: HealthConfig) -> Verdict:
     name = "shared_mounted"
     if not c.shared_mount:
-        return _skip(name, "the shared root %s is a plain folder here (health_shared_mount unset)" % c.shared_root)
+        return _skip(name, "the shared root %s is a plain folder here (health.shared_mount unset)" % c.shared_root)
     miss = _missing(name, f, "mounts", "mounted")
     if miss:
         return miss
@@ -228,7 +228,7 @@ def run_checks(facts: Facts, config: HealthConfig) -> list[Verdict]:
     out = []
     for name, fn in CHECKS:
         if name in config.skip_checks:
-            out.append(_skip(name, "skipped by health_skip_checks"))
+            out.append(_skip(name, "skipped by health.skip_checks"))
             continue
         out.append(fn(facts, config))
     for key, err in facts.errors.items():

@@ -1,5 +1,11 @@
-"""Thresholds and paths of the health check. The portal's Settings builds this (``health_*``
-settings in site.toml); tests build it directly."""
+"""Thresholds and paths of the health check: the one declaration of the health settings.
+
+The portal's ``Settings.health`` is this object, read from the ``[health]`` table of site.toml
+(every node reads it) and ``AIPORTAL_HEALTH_<FIELD>`` environment variables; ``slurm_conf`` and
+``shared_root`` are not in that table: they are the site's top-level settings of the same name,
+copied in. Tests build it directly. Messages name a field as the site admin writes it in
+site.toml: ``health.<field>`` (a dotted key, or ``<field>`` under ``[health]``).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,12 +46,12 @@ class HealthConfig:
     slurmd: str = "/usr/sbin/slurmd"
     nvidia_smi: str = "nvidia-smi"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.resume_after_passes < 1:
-            raise ValueError("health_resume_after_passes must be at least 1, got %r" % self.resume_after_passes)
+            raise ValueError("health.resume_after_passes must be at least 1, got %r" % self.resume_after_passes)
         if not 0 < self.probe_timeout_s < self.timeout_s:
-            raise ValueError("health_probe_timeout_s (%s) must be above 0 and below health_timeout_s (%s)"
+            raise ValueError("health.probe_timeout_s (%s) must be above 0 and below health.timeout_s (%s)"
                              % (self.probe_timeout_s, self.timeout_s))
         if self.timeout_s >= 55:
-            raise ValueError("health_timeout_s %s: Slurm kills HealthCheckProgram after 60 s; keep the "
+            raise ValueError("health.timeout_s %s: Slurm kills HealthCheckProgram after 60 s; keep the "
                              "watchdog well below that (default 20)" % self.timeout_s)

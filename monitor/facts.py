@@ -175,7 +175,7 @@ def _munge(c: HealthConfig, node: str, faults) -> dict:
 def _apptainer(c: HealthConfig, node: str, faults) -> dict:
     if not os.path.exists(c.probe_image):
         raise MonitorError("probe image %s is missing (the Ansible apptainer role builds it; or set "
-                           "health_probe_image)" % c.probe_image)
+                           "health.probe_image)" % c.probe_image)
     res = bounded_run([c.apptainer, "--silent", "exec", "--contain", "--no-home", c.probe_image, "/bin/true"],
                       c.probe_timeout_s)
     if not res.ok:

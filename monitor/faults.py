@@ -5,7 +5,7 @@ hit that node only:
 
 - ``gpu``: its first fake GPU device file (``/var/lib/aiportal/fakegpu/NODE/nvidia0``) is moved
   aside, exactly what a GPU that fell off the bus looks like to the ``gpu_devices`` check;
-- ``disk``: a marker the check reads (only with ``health_dev_faults``): its scratch reads as full;
+- ``disk``: a marker the check reads (only with ``health.dev_faults``): its scratch reads as full;
 - ``hang``: a marker: its shared-filesystem probe blocks, like a stuck NFS mount (the probe's
   timeout and the watchdog are what is tested);
 - ``slurmd``: the node dies: its slurmd is killed (by its pid file, SIGKILL) and so are the
@@ -14,7 +14,7 @@ hit that node only:
   /proc/PID/cmdline before the kill.
 
 The state of injected faults is kept in ``STATE_DIR/faults/NODE.json``. Refused unless the site
-settings say ``health_dev_faults = true`` (only the dev inventory does).
+settings say ``dev_faults = true`` under ``[health]`` (only the dev inventory does).
 """
 from __future__ import annotations
 
@@ -63,8 +63,8 @@ def _save(config: HealthConfig, node: str, data: dict) -> None:
 
 def _guard(config: HealthConfig, node: str) -> SlurmCli:
     if not config.dev_faults:
-        raise FaultError("fault injection is for the one-machine dev cluster only: set health_dev_faults = true "
-                         "in site.toml (the dev inventory does) to use it")
+        raise FaultError("fault injection is for the one-machine dev cluster only: set dev_faults = true under "
+                         "[health] in site.toml (the dev inventory does) to use it")
     if os.geteuid() != 0:
         raise FaultError("fault injection moves device files and kills daemons: run it as root")
     backend = SlurmCli(config.slurm_conf, timeout=10)

@@ -1,17 +1,23 @@
 """One typed, frozen settings object, built at the entry points and passed down.
 
-Sources, later wins: built-in defaults, the TOML file named by ``AIPORTAL_CONFIG`` (or passed
-in), then ``AIPORTAL_*`` environment variables. Nothing else in aiportal reads the environment.
-Secrets have no defaults: a missing ``secret_key`` or admin token hash stops start-up.
+Sources, later wins: built-in defaults, site.toml, the TOML file named by ``AIPORTAL_CONFIG``
+(or passed in), then ``AIPORTAL_*`` environment variables. Nothing else in aiportal reads the
+environment. Secrets have no defaults: a missing ``secret_key`` or admin token hash stops start-up.
+
+The health check's settings are one nested object, ``Settings.health`` (a
+:class:`monitor.config.HealthConfig`, declared once there): the ``[health]`` table of the TOML
+files, ``AIPORTAL_HEALTH_<FIELD>`` in the environment. Its ``slurm_conf`` and ``shared_root``
+are always the top-level settings of the same name (written once by the site admin).
 """
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from monitor.config import HealthConfig
 from portal.errors import ConfigError
 from slurm.spec import NodeType
 
@@ -19,6 +25,9 @@ DEFAULT_SITE = "/etc/aiportal/site.toml"
 #: settings that are secrets: never in site.toml (world-readable), only in portal.toml (root)
 SECRETS = ("secret_key", "admin_token_sha256", "data_key", "notify_webhook_secret", "notify_smtp_password")
 DEFAULT_CONFIG = "/etc/aiportal/portal.toml"
+#: fields of Settings.health that are the top-level settings of the same name (never in [health])
+HEALTH_SHARED = ("slurm_conf", "shared_root")
+_HEALTH_ENV = "AIPORTAL_HEALTH_"
 
 
 DEFAULT_NODE_TYPES = {
@@ -82,23 +91,8 @@ class Settings:
     #: how long the router waits for a replica's answer
     router_timeout_s: float = 300.0
 
-    # -- health checks (site.toml: every node reads them; see docs/health.md) --
-    health_state_dir: str = "/var/lib/aiportal/health"
-    health_scratch_path: str = "/tmp"
-    health_scratch_min_free_mb: int = 1024
-    #: a mount point that must be mounted (the NFS mount); "" where the shared root is a plain folder
-    health_shared_mount: str = ""
-    health_shared_min_free_mb: int = 1024
-    health_probe_image: str = "/var/lib/aiportal/health/probe.sif"
-    health_probe_timeout_s: float = 5.0
-    #: watchdog of a whole run; Slurm kills HealthCheckProgram after 60 s
-    health_timeout_s: float = 20.0
-    health_resume_after_passes: int = 3
-    health_gpu_max_retired_pending: int = 0
-    health_gpu_max_xid_errors: int = 0
-    health_skip_checks: tuple[str, ...] = ()
-    #: the one-machine dev cluster only: `aiportal dev fail-node` may inject faults
-    health_dev_faults: bool = False
+    # -- health checks: the [health] table of site.toml (every node reads it; docs/health.md) --
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     # -- the monitor daemon (portal host): recovery and notifications --
     monitor_interval_s: float = 3.0
@@ -125,21 +119,11 @@ class Settings:
     notify_backoff_s: float = 5.0
     notify_timeout_s: float = 10.0
 
-    def health_config(self):
-        """The health check's thresholds (:class:`monitor.config.HealthConfig`)."""
-        from monitor.config import HealthConfig
-        try:
-            return HealthConfig(
-                slurm_conf=self.slurm_conf, state_dir=self.health_state_dir, scratch_path=self.health_scratch_path,
-                scratch_min_free_mb=self.health_scratch_min_free_mb, shared_root=self.shared_root,
-                shared_mount=self.health_shared_mount, shared_min_free_mb=self.health_shared_min_free_mb,
-                probe_image=self.health_probe_image, probe_timeout_s=self.health_probe_timeout_s,
-                timeout_s=self.health_timeout_s, resume_after_passes=self.health_resume_after_passes,
-                gpu_max_retired_pending=self.health_gpu_max_retired_pending,
-                gpu_max_xid_errors=self.health_gpu_max_xid_errors, skip_checks=tuple(self.health_skip_checks),
-                dev_faults=self.health_dev_faults)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    def __post_init__(self) -> None:
+        # the health check's copies of the shared settings are always these (typed once)
+        if (self.health.slurm_conf, self.health.shared_root) != (self.slurm_conf, self.shared_root):
+            object.__setattr__(self, "health", replace(self.health, slurm_conf=self.slurm_conf,
+                                                       shared_root=self.shared_root))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
@@ -147,6 +131,8 @@ class Settings:
         """Defaults, then site.toml, then portal.toml (``AIPORTAL_CONFIG``), then ``AIPORTAL_*``."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        health: dict[str, Any] = {}
+        read: list[str] = []
         site = Path(site_path or environ.get("AIPORTAL_SITE_CONFIG") or DEFAULT_SITE)
         if site.exists():
             public = _read_toml(site)
@@ -154,26 +140,47 @@ class Settings:
             if leaked:
                 raise ConfigError("%s holds %s: site.toml is readable by every user; move secrets to "
                                   "portal.toml (root only)" % (site, ", ".join(leaked)))
+            health.update(_health_table(public, site))
             values.update(public)
+            read.append(str(site))
         path = path or environ.get("AIPORTAL_CONFIG") or DEFAULT_CONFIG
         p = Path(path)
         if p.exists() and (require_secrets or os.access(p, os.R_OK)):
-            values.update(_read_toml(p))
+            own = _read_toml(p)
+            health.update(_health_table(own, p))
+            values.update(own)
+            read.append(str(p))
         elif require_secrets:
             raise ConfigError("settings file %s does not exist; set AIPORTAL_CONFIG to the "
                               "portal.toml written by the portal Ansible role" % p)
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {"health"}
+        health_names = {f.name for f in fields(HealthConfig)} - set(HEALTH_SHARED)
         for key, value in environ.items():
-            if key.startswith("AIPORTAL_") and key[9:].lower() in names:
+            if key.startswith(_HEALTH_ENV):
+                name = key[len(_HEALTH_ENV):].lower()
+                if name in HEALTH_SHARED:
+                    raise ConfigError("%s: the health check uses the site's %s; set AIPORTAL_%s instead"
+                                      % (key, name, name.upper()))
+                if name not in health_names:
+                    raise ConfigError("%s is not a health setting; known: %s" % (
+                        key, ", ".join(_HEALTH_ENV + n.upper() for n in sorted(health_names))))
+                health[name] = value
+            elif key.startswith("AIPORTAL_") and key[9:].lower() in names:
                 values[key[9:].lower()] = value
-        return cls.from_mapping(values, source=str(p), require_secrets=require_secrets)
+        if health:
+            values["health"] = health
+        source = " + ".join(read + ["AIPORTAL_* environment"])
+        return cls.from_mapping(values, source=source, require_secrets=require_secrets)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "settings",
                      require_secrets: bool = True) -> "Settings":
+        """Typed settings from TOML-like ``values`` (``health`` a table of :class:`HealthConfig`
+        fields, or a HealthConfig); strings from the environment are converted, errors name the
+        setting."""
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
-            raise ConfigError("%s: unknown settings %s" % (source, ", ".join(sorted(unknown))))
+            raise ConfigError("%s: unknown settings %s%s" % (source, ", ".join(sorted(unknown)), _moved(unknown)))
         for required in ("secret_key", "admin_token_sha256", "data_key") if require_secrets else ():
             if not values.get(required):
                 raise ConfigError("%s: '%s' is missing; there is no default for secrets "
@@ -182,23 +189,74 @@ class Settings:
         if "node_types" in kw:
             kw["node_types"] = {name: t if isinstance(t, NodeType) else NodeType(name=name, **t)
                                 for name, t in kw["node_types"].items()}
-        types = {f.name: f.type for f in fields(cls)}
-        for name, value in list(kw.items()):
-            kind = types.get(name)
-            try:
-                if kind == "float":
-                    kw[name] = float(value)
-                elif kind == "int":
-                    kw[name] = int(value)
-                elif kind == "bool" and isinstance(value, str):
-                    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                        raise ValueError("not a boolean")
-                    kw[name] = value.lower() in ("1", "true", "yes")
-                elif kind.startswith("tuple[str") and not isinstance(value, tuple):
-                    kw[name] = tuple(v for v in (value.split(",") if isinstance(value, str) else value) if v)
-            except (TypeError, ValueError) as e:
-                raise ConfigError("%s: %s = %r is not a valid %s" % (source, name, value, kind)) from e
-        return cls(**kw)
+        health = kw.pop("health", {})
+        kw = _typed(kw, {f.name: str(f.type) for f in fields(cls)}, source, "")
+        if isinstance(health, Mapping):
+            health = _health_config(health, source)
+        elif not isinstance(health, HealthConfig):
+            raise ConfigError("%s: health must be a table ([health] in site.toml), got %r" % (source, health))
+        return cls(**kw, health=health)
+
+
+def _health_table(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Take the ``[health]`` table out of one TOML document, refusing the shared settings in it."""
+    table = doc.pop("health", {})
+    if not isinstance(table, dict):
+        raise ConfigError("%s: health must be a table ([health] with one setting per line), got %r" % (path, table))
+    for name in HEALTH_SHARED:
+        if name in table:
+            raise ConfigError("%s: [health] %s: the health check uses the site's %s; set it once, at the top of the "
+                              "file (before any [table]), and remove it from [health]" % (path, name, name))
+    return table
+
+
+def _health_config(table: Mapping[str, Any], source: str) -> HealthConfig:
+    known = {f.name: str(f.type) for f in fields(HealthConfig) if f.name not in HEALTH_SHARED}
+    unknown = set(table) - set(known)
+    if unknown:
+        raise ConfigError("%s: unknown settings in [health]: %s; known: %s"
+                          % (source, ", ".join(sorted(unknown)), ", ".join(sorted(known))))
+    try:
+        return HealthConfig(**_typed(dict(table), known, source, "health."))
+    except ValueError as e:
+        raise ConfigError("%s: %s" % (source, e)) from e
+
+
+def _moved(unknown: set[str]) -> str:
+    """The fix for flat ``health_*`` settings of older site.toml files."""
+    old = sorted(n for n in unknown if n.startswith("health_"))
+    if not old:
+        return ""
+    return ("; the health settings moved into the [health] table: write %s (`make provision` rewrites site.toml)"
+            % ", ".join("%s as %s" % (n, n[len("health_"):]) for n in old))
+
+
+def _typed(kw: dict[str, Any], types: Mapping[str, str], source: str, prefix: str) -> dict[str, Any]:
+    """``kw`` with strings (environment) and TOML values converted to the fields' types."""
+    for name, value in list(kw.items()):
+        kind = types.get(name, "")
+        try:
+            if kind in ("float", "int") and isinstance(value, bool):
+                raise ValueError("a boolean is not a number")
+            if kind == "float":
+                kw[name] = float(value)
+            elif kind == "int":
+                if isinstance(value, float):
+                    raise ValueError("not a whole number")
+                kw[name] = int(value)
+            elif kind == "bool" and isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError("not a boolean")
+                kw[name] = value.lower() in ("1", "true", "yes")
+            elif kind == "bool" and not isinstance(value, bool):
+                raise ValueError("not a boolean")
+            elif kind.startswith("tuple[") and not isinstance(value, tuple):
+                items = value.split(",") if isinstance(value, str) else list(value)
+                item = int if kind.startswith("tuple[int") else str
+                kw[name] = tuple(item(v.strip() if isinstance(v, str) else v) for v in items if v != "")
+        except (TypeError, ValueError) as e:
+            raise ConfigError("%s: %s%s = %r is not a valid %s" % (source, prefix, name, value, kind)) from e
+    return kw
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -87,14 +87,16 @@ def cmd_health_check(args) -> int:
     os.environ.setdefault("PATH", DEFAULT_PATH)
     logging.basicConfig(level=logging.WARNING, format="[aiportal health] %(message)s")
     try:
-        settings = _site_settings()
-        if args.timeout is not None:
-            from dataclasses import replace
-            settings = replace(settings, health_timeout_s=args.timeout,
-                               health_probe_timeout_s=min(settings.health_probe_timeout_s, args.timeout / 2))
-        config = settings.health_config()
+        config = _site_settings().health
     except ConfigError as e:
         raise CliError(str(e)) from e
+    if args.timeout is not None:
+        from dataclasses import replace
+        try:
+            config = replace(config, timeout_s=args.timeout,
+                             probe_timeout_s=min(config.probe_timeout_s, args.timeout / 2))
+        except ValueError as e:
+            raise CliError("--timeout %s: %s" % (args.timeout, e)) from e
     node = _node_name(args)
     # the last resort, even if a thread is stuck in C code: dump stacks and exit
     faulthandler.dump_traceback_later(config.timeout_s + 10, exit=True)
@@ -113,8 +115,7 @@ def cmd_fail_node(args) -> int:
     from portal.errors import ConfigError
     logging.basicConfig(level=logging.INFO, format="[aiportal dev] %(message)s")
     try:
-        settings = _site_settings()
-        config = settings.health_config()
+        config = _site_settings().health
     except ConfigError as e:
         raise CliError(str(e)) from e
     try:

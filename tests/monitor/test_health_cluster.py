@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slurm
 
 def test_gpu_fault_drains_within_one_interval_takes_no_jobs_and_resumes_after_n_passes(request, slurm, db_engine):
     settings = site_settings()
-    interval, passes = health_interval(), settings.health_resume_after_passes
+    interval, passes = health_interval(), settings.health.resume_after_passes
     node = idle_node(["g1n2", "g1n1"])
     request.addfinalizer(lambda: heal_node(node))
     mon = HealthMonitor(db_engine, SlurmCli(timeout=20), settings)
@@ -43,7 +43,7 @@ def test_gpu_fault_drains_within_one_interval_takes_no_jobs_and_resumes_after_n_
     state, reason, took = wait_node(node, lambda s, r: s in ("idle", "mixed", "allocated", "completing") and not r,
                                     timeout=(passes + 1) * interval + 10, step=0.5)
     assert took >= (passes - 1) * interval - 2, "resumed after %.1fs: before %d passes" % (took, passes)
-    state_file = json.loads((__import__("pathlib").Path(settings.health_state_dir) / ("%s.json" % node)).read_text())
+    state_file = json.loads((__import__("pathlib").Path(settings.health.state_dir) / ("%s.json" % node)).read_text())
     assert state_file["passes"] >= passes and state_file["healthy"]
     assert slurm.wait(job, timeout=90) == "COMPLETED"
     assert "ran on %s" % node in job.output.read_text()
@@ -58,7 +58,7 @@ def test_gpu_fault_drains_within_one_interval_takes_no_jobs_and_resumes_after_n_
 
 def test_admin_drain_survives_passing_checks(request, db_engine):
     settings = site_settings()
-    interval, passes = health_interval(), settings.health_resume_after_passes
+    interval, passes = health_interval(), settings.health.resume_after_passes
     node = idle_node(["g4n2", "g4n1"])
     reason = "aiportal-test admin: replacing a fan (root-admin)"
 
@@ -67,7 +67,7 @@ def test_admin_drain_survives_passing_checks(request, db_engine):
             SlurmCli().resume(node)
     request.addfinalizer(undrain)
     SlurmCli().drain(node, reason)
-    path = __import__("pathlib").Path(settings.health_state_dir) / ("%s.json" % node)
+    path = __import__("pathlib").Path(settings.health.state_dir) / ("%s.json" % node)
     start = json.loads(path.read_text())["passes"]
     deadline = time.monotonic() + (passes + 2) * interval + 10
     while time.monotonic() < deadline and json.loads(path.read_text())["passes"] < start + passes + 1:
