@@ -6,7 +6,7 @@ A writer process running as the job user appends ``--lines`` lines to a log in a
 user on the shared filesystem, at random intervals (uniform between the two gaps), each line
 carrying its write time. Two readers follow the same file at the same time:
 
-* ``portal.logtail.follow_log`` as the user, through the loopback log sshd (what the portal does);
+* ``portal.logs.tail.follow_log`` as the user, through the loopback log sshd (what the portal does);
 * a local ``tail -c +1 -F -s 0.5`` subprocess as root (the baseline: no SSH, no login).
 
 For each reader: p50, p95 and max of (time received - time written) over all lines, and the
@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from portal.logtail import follow_log, target_for  # noqa: E402
+from portal.logs.tail import follow_log, target_for  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 
 SHARED_USERS = Path("/srv/aiportal/shared/users")

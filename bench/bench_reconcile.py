@@ -25,7 +25,7 @@ from sqlmodel import Session  # noqa: E402
 
 from portal import db as dbmod  # noqa: E402
 from portal.models import Job, User  # noqa: E402
-from portal.reconcile import Reconciler  # noqa: E402
+from portal.daemons.reconcile import Reconciler  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 from slurm.backend import SlurmCli  # noqa: E402
 from slurm.states import JobState  # noqa: E402

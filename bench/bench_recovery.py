@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from containers.apptainer import job_exec_prefix
+from slurm.spec import JOB_DATA_DIR, JOB_OUTPUT_DIR
 from slurm.backend import SlurmCli  # noqa: E402
 from slurm.render import render_sbatch  # noqa: E402
 from slurm.spec import JobSpec  # noqa: E402
@@ -95,7 +97,8 @@ def death_run(base_image, backend):
     idle(["g4n1", "g4n2"])
     spec = JobSpec(name="bench-ckpt", partition="gpu-4card", image=str(base_image), job_dir=str(root / "job"),
                    command=("python3", "-c", train_code()), cpus=48, gpus=4, gpu_type="p40",
-                   time_limit="00:10:00", output=str(root / "out"), stage_bin="/opt/aiportal/venv/bin/aiportal")
+                   time_limit="00:10:00", output=str(root / "out"), stage_bin="/opt/aiportal/venv/bin/aiportal",
+                   container=job_exec_prefix(JOB_DATA_DIR, JOB_OUTPUT_DIR, nv=True))
     jid = backend.submit(render_sbatch(spec), user="alice")
     steps = root / "job" / "output" / "steps.log"
     node = None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from containers.apptainer import health_probe_argv
 from monitor import parse
 from monitor.config import HealthConfig
 from monitor.errors import MonitorError
@@ -176,8 +177,7 @@ def _apptainer(c: HealthConfig, node: str, faults) -> dict:
     if not os.path.exists(c.probe_image):
         raise MonitorError("probe image %s is missing (the Ansible apptainer role builds it; or set "
                            "health.probe_image)" % c.probe_image)
-    res = bounded_run([c.apptainer, "--silent", "exec", "--contain", "--no-home", c.probe_image, "/bin/true"],
-                      c.probe_timeout_s)
+    res = bounded_run(health_probe_argv(c.probe_image, apptainer=c.apptainer), c.probe_timeout_s)
     if not res.ok:
         raise MonitorError("apptainer exec %s /bin/true: %s" % (c.probe_image, res.why()))
     return {"apptainer_seconds": res.seconds}

@@ -1,4 +1,4 @@
-"""Flask application factory."""
+"""The Flask application factory: settings, engine, Slurm backend, blueprints, error handlers."""
 from __future__ import annotations
 
 import logging
@@ -8,21 +8,11 @@ import sqlalchemy as sa
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from containers.errors import ContainerError, ImageRefError
-from inference.errors import InferenceError
 from portal import db as dbmod
-from portal.errors import PortalError, RateLimitError, ValidationError
+from portal.errors import HANDLED, RateLimitError, ValidationError, error_status
 from portal.settings import Settings
 from slurm.backend import SlurmCli
-from slurm.errors import SlurmError, SpecError, SubmitError
 from storage.credentials import SecretBox
-from storage.errors import StorageError
-
-# HTTP status of each storage error code (the data layer's errors name the location and the fix)
-STORAGE_STATUS = {"bad_location": 400, "bad_credentials": 400, "access_denied": 403,
-                  "store_unavailable": 503, "integrity_failed": 502, "staging_failed": 502,
-                  "stage_out_pending": 502}
-
 
 def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings | None = None,
                engine: sa.Engine | None = None, backend=None) -> Flask:
@@ -67,23 +57,6 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
     return app
 
 
-def error_status(e: Exception) -> tuple[str, int]:
-    """The API's error code and HTTP status for one of our exceptions."""
-    if isinstance(e, (SpecError, SubmitError, ImageRefError)):
-        return e.code, 422
-    if isinstance(e, SlurmError):
-        return e.code, 503
-    if isinstance(e, StorageError):
-        return e.code, STORAGE_STATUS.get(e.code, 400)
-    if isinstance(e, ContainerError):
-        return e.code, 500
-    if isinstance(e, InferenceError):
-        return e.code, e.status
-    if isinstance(e, PortalError):
-        return e.code, e.status
-    return "internal", 500
-
-
 def _error_handlers(app: Flask) -> None:
     def as_json(e: Exception):
         code, status = error_status(e)
@@ -96,7 +69,7 @@ def _error_handlers(app: Flask) -> None:
             resp.headers["Retry-After"] = str(e.retry_after)
         return resp
 
-    for cls in (SlurmError, StorageError, ContainerError, InferenceError, PortalError):
+    for cls in HANDLED:
         app.register_error_handler(cls, as_json)
 
     @app.errorhandler(HTTPException)

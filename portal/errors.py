@@ -1,6 +1,13 @@
-"""Errors of the portal layer. Leaf packages have their own roots (slurm.errors.SlurmError);
-the API maps all of them to ``{"error": code, "message": ...}`` with a status per class."""
+"""Errors of the portal layer, and the one mapping of every error (ours and the leaf
+packages': ``slurm.errors.SlurmError``, ``storage.errors.StorageError``, ...) to an error code and
+an HTTP status (:func:`error_status`). The API answers ``{"error": code, "message": ...}`` with it;
+the pages show the same code and status."""
 from __future__ import annotations
+
+from containers.errors import ContainerError, ImageRefError
+from inference.errors import InferenceError
+from slurm.errors import SlurmError, SpecError, SubmitError
+from storage.errors import StorageError
 
 
 class PortalError(Exception):
@@ -79,3 +86,27 @@ class LogTailError(PortalError):
                       "portal's key is authorized in ~%s/.ssh/authorized_keys" % (host, user))
         super().__init__("cannot read log %s as %s on %s: %s; %s" % (path, user, host, reason, fix))
         self.host, self.user, self.path, self.reason = host, user, path, reason
+
+
+#: HTTP status of each storage error code (the data layer's errors name the location and the fix)
+STORAGE_STATUS = {"bad_location": 400, "bad_credentials": 400, "access_denied": 403,
+                  "store_unavailable": 503, "integrity_failed": 502, "staging_failed": 502,
+                  "stage_out_pending": 502}
+
+#: the error roots the web and API error handlers catch
+HANDLED = (SlurmError, StorageError, ContainerError, InferenceError, PortalError)
+
+
+def error_status(e: Exception) -> tuple[str, int]:
+    """The error code and HTTP status of one of our exceptions (anything else: internal, 500)."""
+    if isinstance(e, (SpecError, SubmitError, ImageRefError)):
+        return e.code, 422
+    if isinstance(e, SlurmError):
+        return e.code, 503
+    if isinstance(e, StorageError):
+        return e.code, STORAGE_STATUS.get(e.code, 400)
+    if isinstance(e, ContainerError):
+        return e.code, 500
+    if isinstance(e, (InferenceError, PortalError)):
+        return e.code, e.status
+    return "internal", 500

@@ -197,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="check and report only: never drain, resume or count passes")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--all", action="store_true", help="report every failure (default: up to the first one)")
-    c.add_argument("--timeout", type=float, help="watchdog for the whole run in seconds (default: health_timeout_s)")
+    c.add_argument("--timeout", type=float, help="watchdog for the whole run in seconds (default: health.timeout_s)")
     c.set_defaults(func=cmd_health_check)
 
-    p = sub.add_parser("dev", help="dev cluster tools (root; refused unless health_dev_faults is set)")
+    p = sub.add_parser("dev", help="dev cluster tools (root; refused unless health.dev_faults is set)")
     dsub = p.add_subparsers(dest="dev_command", required=True)
     c = dsub.add_parser("fail-node", help="inject a fault into one emulated node, or --heal it")
     c.add_argument("node")

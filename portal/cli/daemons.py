@@ -44,7 +44,7 @@ def cmd_db_upgrade(args) -> int:
 
 
 def cmd_reconcile(args) -> int:
-    from portal.reconcile import Reconciler
+    from portal.daemons.reconcile import Reconciler
     from slurm.backend import SlurmCli
     from storage.credentials import SecretBox
     settings, engine = _daemon_start(args)
@@ -61,7 +61,7 @@ def cmd_reconcile(args) -> int:
 
 
 def cmd_router(args) -> int:
-    from portal import router
+    from portal.daemons import router
     settings, engine = _daemon_start(args)
     router.serve(settings, engine, args.listen or settings.router_listen)
     return 0
@@ -133,7 +133,7 @@ def cmd_fail_node(args) -> int:
 
 
 def cmd_monitor(args) -> int:
-    from portal.recovery import HealthMonitor
+    from portal.daemons.monitor import HealthMonitor
     from slurm.backend import SlurmCli
     settings, engine = _daemon_start(args)
     mon = HealthMonitor(engine, SlurmCli(settings.slurm_conf, settings.slurm_timeout_s, settings.cluster_name), settings)

@@ -80,7 +80,7 @@ def _follow_to_end(args, job_id: str, offset: int = 0, task: str | None = None) 
     job = _api(args, "GET", _jpath(job_id))
     code = "" if job.get("exit_code") is None else ", exit code %d" % job["exit_code"]
     print("aiportal: job %s ended: %s%s%s" % (job_id, job["state"], code,
-                                            (" (%s)" % job["reason"]) if job.get("reason") else ""), file=sys.stderr)
+                                            (" (%s)" % (job.get("reason_text") or job["reason"])) if job.get("reason") else ""), file=sys.stderr)
     return job
 
 
@@ -109,10 +109,11 @@ def cmd_jobs(args) -> int:
     if args.json:
         _print_json(ans)
         return 0
-    print("%-8s %-20s %-11s %-8s %-12s %s" % ("ID", "NAME", "STATE", "SLURM", "NODES", "CREATED"))
+    print("%-8s %-20s %-11s %-8s %-12s %-19s %s" % ("ID", "NAME", "STATE", "SLURM", "NODES", "CREATED", "WHY"))
     for j in ans["jobs"]:
-        print("%-8s %-20s %-11s %-8s %-12s %s" % (j["id"][:8], j["name"][:20], j["state"], j["slurm_job_id"] or "-",
-                                                  j["nodes"] or "-", _when(j["created_at"])))
+        why = j.get("reason_text", "") if j["state"] not in ("RUNNING", "COMPLETED") else ""
+        print("%-8s %-20s %-11s %-8s %-12s %-19s %s" % (j["id"][:8], j["name"][:20], j["state"], j["slurm_job_id"] or "-",
+                                                        j["nodes"] or "-", _when(j["created_at"]), why))
     if len(ans["jobs"]) < ans["total"]:
         print("(%d of %d jobs; --limit N or --all-pages for more)" % (len(ans["jobs"]), ans["total"]), file=sys.stderr)
     return 0
@@ -131,7 +132,7 @@ def cmd_show(args) -> int:
     req = job.get("request") or {}
     rows = [
         ("job", job["id"]), ("name", job["name"]), ("owner", job.get("owner") or "-"),
-        ("state", job["state"] + (" (%s)" % job["reason"] if job.get("reason") else "")),
+        ("state", job["state"] + (" (%s)" % (job.get("reason_text") or job["reason"]) if job.get("reason") else "")),
         ("exit code", "-" if job.get("exit_code") is None else str(job["exit_code"])),
         ("slurm job", (job.get("slurm_job_id") or "-") + (" (submitted with sbatch)" if job.get("external") else "")),
         ("node type", "%s on %s, %s GPU(s)" % (job.get("node_type") or "-", job.get("partition") or "-",

@@ -39,27 +39,35 @@ def _site_settings():
 
 
 def cmd_script(args) -> int:
-    from portal.services.training import TrainingRequest, job_dir_for, render_request
-    from slurm.errors import SpecError
+    """The batch script for a job, to edit and submit with plain sbatch (as yourself)."""
+    import storage
+    from portal.errors import ValidationError
+    from portal.models.common import parse
+    from portal.models.jobs import JobCreate
+    from portal.services.submit import Submission, job_dir_for, render_script
+    from storage.errors import StorageError
     command = _command_of(args, "script")
     image = args.image
     if not image.startswith("/") or not image.endswith(".sif"):
         image = _cached_image(args.image)
-    req = TrainingRequest(user=getpass.getuser(), image_sif=image, node_type=args.node_type,
-                          command=tuple(command), name=args.name, inputs=tuple(args.input),
-                          output=args.output, time_limit=args.time, env=_parse_env(args.env),
-                          credentials=os.path.abspath(args.credentials) if args.credentials else None)
-    if any(u.startswith("s3://") for u in list(args.input) + [args.output or ""]) and not args.credentials:
-        raise CliError("s3:// locations need your data-source keys: write them to a file only you can read "
-                       "(format: docs/storage.md) and pass --credentials FILE")
-    settings = _site_settings()
     try:
-        text = render_request(settings, req)
-    except SpecError as e:
+        job = parse(JobCreate, {"image": image, "node_type": args.node_type, "command": list(command),
+                                "name": args.name, "inputs": list(args.input), "output": args.output,
+                                "time_limit": args.time, "env": dict(_parse_env(args.env))})
+        if any(storage.needs_credentials(u) for u in job.inputs + [job.output or ""] if u) \
+                and not args.credentials:
+            raise CliError("%s needs your data-source keys: write them to a file only you can read "
+                           "(format: docs/storage.md) and pass --credentials FILE"
+                           % next(u for u in job.inputs + [job.output or ""] if u and storage.needs_credentials(u)))
+        sub = Submission(user=getpass.getuser(),
+                         credentials=os.path.abspath(args.credentials) if args.credentials else None)
+        settings = _site_settings()
+        text = render_script(settings, job, sub)
+    except (ValidationError, StorageError) as e:
         raise CliError(str(e)) from e
     sys.stdout.write(text)
     print("# before sbatch, create the job's log folder: mkdir -p %s"
-          % shlex.quote(str(job_dir_for(settings, req.user, req.job_id) / "logs")), file=sys.stderr)
+          % shlex.quote(str(job_dir_for(settings, sub.user, sub.job_id) / "logs")), file=sys.stderr)
     return 0
 
 

@@ -215,3 +215,16 @@ def projects_of(db: Session, user: User) -> list[Project]:
     if not user.is_admin:
         q = q.join(ProjectMember, ProjectMember.project_id == Project.id).where(ProjectMember.user_id == user.id)
     return list(db.exec(q))
+
+
+def owner_names(db: Session, rows) -> dict[int, str]:
+    """The account names of the rows' owners (``row.user_id``), in one query."""
+    ids = {r.user_id for r in rows}
+    if not ids:
+        return {}
+    return dict(db.exec(select(User.id, User.name).where(User.id.in_(ids))).all())
+
+
+def owner_of(db: Session, row) -> User:
+    """The account that owns ``row`` (a job, a service, ...)."""
+    return db.get(User, row.user_id)

@@ -13,9 +13,11 @@ from sqlmodel import Session, select
 
 from portal.errors import ConflictError, NotFoundError, ValidationError
 from portal.models import DataSourceRecord, User
+from portal.models.datasources import DataSourceCreate
 from storage.credentials import DataSource, SecretBox, check_source, mask
+import storage
+from storage import Listing, StoreContext
 from storage.errors import CredentialsError
-from storage.validate import validate_location
 
 
 def parse_source(name: str, body: Mapping[str, Any]) -> DataSource:
@@ -52,10 +54,9 @@ def parse_source(name: str, body: Mapping[str, Any]) -> DataSource:
 
 
 def check_access(src: DataSource) -> None:
-    """Each bucket the source lists exists and its keys open it (StorageError says which
-    failed and why). A source that lists no buckets is checked when a job uses it."""
-    for bucket in src.buckets:
-        validate_location("s3://%s" % bucket, sources={src.name: src})
+    """Each location the source names exists and its keys open it (StorageError says which
+    failed and why). A source that names none is checked when a job uses it."""
+    storage.check_access(src)
 
 
 def add_source(db: Session, box: SecretBox, user: User, src: DataSource) -> DataSourceRecord:
@@ -101,8 +102,26 @@ def sources_of(db: Session, box: SecretBox, user: User) -> dict[str, DataSource]
     return {rec.name: open_record(box, rec) for rec in list_sources(db, user)}
 
 
-def public(rec: DataSourceRecord) -> dict[str, Any]:
-    return {"name": rec.name, "endpoint": rec.endpoint, "region": rec.region,
-            "buckets": json.loads(rec.buckets_json or "[]"), "bandwidth_mbps": rec.bandwidth_mbps,
-            "workers": rec.workers, "access_key": rec.access_key_hint,
-            "created_at": rec.created_at.isoformat()}
+def register(db: Session, box: SecretBox, user: User, create: DataSourceCreate) -> DataSourceRecord:
+    """Register a data source from its create model: values checked, then (``check``) each
+    bucket opened with its keys, then stored with the keys sealed. The caller commits."""
+    src = parse_source(create.name.strip(), create.model_dump(exclude={"name", "check"}))
+    if create.check:
+        check_access(src)
+    return add_source(db, box, user, src)
+
+
+def _example(src: DataSource) -> str:
+    hints = storage.location_hints(src)
+    return hints[0].prefix + "..." if hints else "one of its buckets"
+
+
+def browse(db: Session, box: SecretBox, user: User, name: str, prefix: str, limit: int = 1000,
+           token: str | None = None) -> Listing:
+    """One level of ``prefix`` on the user's data source ``name``."""
+    src = open_record(box, get_source(db, user, name))
+    if not prefix.strip() or not storage.needs_credentials(prefix.strip()):
+        raise ValidationError("prefix", "give a location of data source %s, e.g. %s"
+                                        % (src.name, storage.default_root(src) or _example(src)))
+    return storage.browse_uri(prefix.strip(), StoreContext(sources={src.name: src}), source=src.name,
+                              page_size=limit, token=token)

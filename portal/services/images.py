@@ -168,17 +168,20 @@ def refresh_images(db, settings: Settings, backend) -> int:
 
 
 def list_images(db, settings: Settings, backend, user):
+    """The images ``user`` may see (admins: all), their conversion states refreshed from Slurm."""
     refresh_images(db, settings, backend)
+    return stored_images(db, user)
+
+
+def stored_images(db, user, ready_only: bool = False) -> list:
+    """The images ``user`` may see as last recorded (no Slurm call), newest first; with
+    ``ready_only``, the user's own images that are ready to run."""
     q = select(Image).order_by(Image.created_at.desc())
-    if not user.is_admin:
+    if ready_only:
+        q = q.where(Image.user_id == user.id, Image.state == ImageState.READY)
+    elif not user.is_admin:
         q = q.where(Image.user_id == user.id)
     return list(db.exec(q))
-
-
-def public(img) -> dict:
-    return {"id": img.id, "ref": img.ref, "digest": img.digest, "sif": img.sif_path, "state": img.state.value,
-            "conversion_job_id": img.conversion_job_id, "message": img.message,
-            "created_at": img.created_at.isoformat(), "updated_at": img.updated_at.isoformat()}
 
 
 def cache_entries(db, settings: Settings, user) -> list[dict]:

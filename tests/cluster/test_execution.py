@@ -5,12 +5,13 @@ import pwd
 import shutil
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from portal.services.training import TrainingRequest, build_spec, prepare_job_dir, submit_training
+from portal.models.jobs import JobCreate
+from portal.services.submit import Submission, build_spec, check, prepare_job_dir, submit
 from portal.settings import Settings
 from slurm.backend import SlurmCli
 from slurm.render import render_sbatch
@@ -83,11 +84,34 @@ def wait(backend, job_id, timeout=120, until=lambda st: st.state.terminal):
     raise AssertionError("job %s is %s after %ss" % (job_id, st, timeout))
 
 
+@dataclass(frozen=True)
+class Request:
+    """A submission as the portal makes one: the create model and the site's side."""
+    job: JobCreate
+    sub: Submission
+
+    @property
+    def job_id(self) -> str:
+        return self.sub.job_id
+
+
+def make_request(image, user=JOB_USER, **kw) -> Request:
+    kw = {k: (list(v) if isinstance(v, tuple) and k in ("command", "inputs") else dict(v) if k == "env" else v)
+          for k, v in kw.items()}
+    return Request(JobCreate(image=str(image), **kw), Submission(user=user))
+
+
+def submit_training(settings, backend, req: Request, sources=None, roots=None):
+    """Check and submit as the portal does: (Slurm id, spec, script)."""
+    done = submit(settings, backend, check(settings, req.job, req.sub, sources, roots))
+    return done.slurm_id, done.spec, done.script
+
+
 def request(base_image, user_dirs, **kw):
     kw.setdefault("node_type", "4card")
     kw.setdefault("inputs", (str(user_dirs / "in"),))
     kw.setdefault("output", str(user_dirs / "out"))
-    return TrainingRequest(user=JOB_USER, image_sif=str(base_image), name="exec-test", time_limit="5", **kw)
+    return make_request(base_image, name="exec-test", time_limit="5", **kw)
 
 
 PROBE = ("import os, sys; d = os.listdir('/data/data'); "
@@ -171,7 +195,7 @@ def test_requeue_restarts_at_once_and_resumes_from_staged_outputs(settings, back
 def test_sweep_array_runs_every_task(settings, backend, submitted, base_image, user_dirs):
     req = request(base_image, user_dirs, node_type="1card",
                   command=("python3", "-c", "import os; open('/data/output/p.txt', 'w').write(os.environ['LR'] + ' ' + os.environ['BS'])"))
-    base = replace(build_spec(settings, req), gpus=0, cpus=1, gpu_type=None)
+    base = replace(build_spec(settings, req.job, req.sub), gpus=0, cpus=1, gpu_type=None)
     specs = array_specs(base, {"LR": ["0.1", "0.01", "it's 1e-3"], "BS": ["32", "64"]}, max_array_size=4)
     assert len(specs) == 2   # 6 tasks split into arrays of at most 4
     prepare_job_dir(settings, JOB_USER, req.job_id)

@@ -14,11 +14,10 @@ import pytest
 from containers.builder import archives_from_sif
 from containers.cache import SifCache
 from containers.refs import parse_image_ref
-from portal.services.training import TrainingRequest, submit_training
 from portal.settings import Settings
 from slurm.backend import SlurmCli
 from slurm.states import JobState
-from tests.cluster.test_execution import HOSTILE
+from tests.cluster.test_execution import HOSTILE, make_request, submit_training
 from tests.conftest import JOB_USER, SHARED_ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.apptainer]
@@ -55,9 +54,9 @@ def test_three_jobs_share_one_conversion_and_run_in_the_converted_image(settings
     out = user_archive.parent / "out"
     dump = ("import json, os, sys; json.dump({'argv': sys.argv[1:], 'env': {k: v for k, v in os.environ.items() "
             "if k.startswith('H_')}}, open('/data/output/dump-%s.json' % os.environ['AIPORTAL_JOB_ID'], 'w'))")
-    reqs = [TrainingRequest(user=JOB_USER, image_sif="docker-archive:%s" % user_archive, node_type="1card",
-                            command=("python3", "-c", dump, *HOSTILE), output=str(out), time_limit="10",
-                            env=tuple(("H_%d" % i, v) for i, v in enumerate(HOSTILE)), name="conv-test")
+    reqs = [make_request("docker-archive:%s" % user_archive, node_type="1card",
+                         command=("python3", "-c", dump, *HOSTILE), output=str(out), time_limit="10",
+                         env=tuple(("H_%d" % i, v) for i, v in enumerate(HOSTILE)), name="conv-test")
             for _ in range(3)]
     results, errors = [], []
 

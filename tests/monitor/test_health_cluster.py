@@ -9,7 +9,7 @@ import pytest
 from sqlmodel import Session, select
 
 from portal.models import Event, EventKind
-from portal.recovery import HealthMonitor
+from portal.daemons.monitor import HealthMonitor
 from slurm.backend import SlurmCli
 from tests.monitor.conftest import aiportal, heal_node, health_interval, idle_node, site_settings, wait_node
 

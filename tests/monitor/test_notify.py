@@ -10,7 +10,7 @@ import pytest
 from sqlmodel import Session, select
 
 from portal.models import Event, EventKind, Job, utcnow
-from portal.notify import Notifier, backoff_s, email_of
+from portal.services.notify import Notifier, backoff_s, email_of
 from portal.settings import Settings
 from tests.monitor.conftest import free_port
 

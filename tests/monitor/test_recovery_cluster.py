@@ -5,6 +5,8 @@ requeue on a node that fails its health check is stopped cleanly with its output
 
 Jobs ask for a whole 4-GPU node (4 GPUs, 48 CPUs), so a node these tests break runs nobody else's job."""
 import time
+from containers.apptainer import job_exec_prefix
+from slurm.spec import JOB_DATA_DIR, JOB_OUTPUT_DIR
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ from sqlmodel import Session, select
 
 from portal.models import Event, EventKind, Job, User
 from portal.services import accounts
-from portal.services.jobs import JobInput, submit_job
+from portal.models.jobs import JobCreate
+from portal.services.jobs import submit_job
 from slurm.backend import SlurmCli
 from slurm.render import render_sbatch
 from slurm.spec import JobSpec
@@ -68,8 +71,8 @@ def test_node_death_requeues_restarts_elsewhere_at_once_resumes_and_notifies_onc
     with Session(live_monitor.engine, expire_on_commit=False) as db:
         alice = accounts.add_user(db, "alice", "alice")
         db.commit()
-        job = submit_job(db, settings, backend, SecretBox(settings.data_key), db.get(User, alice.id), JobInput(
-            image=str(base_image), node_type="4card", command=("python3", "-c", train_code()),
+        job = submit_job(db, settings, backend, SecretBox(settings.data_key), db.get(User, alice.id), JobCreate(
+            image=str(base_image), node_type="4card", command=["python3", "-c", train_code()],
             output=str(alice_dirs / "out"), time_limit="00:10:00", name="ckpt"))
     alice_dirs.cleanup.append(job.job_dir)
     slurm_id = job.slurm_job_id
@@ -136,7 +139,8 @@ def test_no_requeue_job_on_a_failing_node_is_stopped_and_its_outputs_staged_out(
     spec = JobSpec(name="noreq", partition="gpu-4card", image=str(base_image), job_dir=str(job_dir),
                    command=("python3", "-c", train_code(total=400, pace=0.25)), cpus=48, gpus=4, gpu_type="p40",
                    time_limit="00:10:00", output=str(alice_dirs / "out"), requeue=False,
-                   stage_bin=live_monitor.settings.stage_bin)
+                   stage_bin=live_monitor.settings.stage_bin,
+                   container=job_exec_prefix(JOB_DATA_DIR, JOB_OUTPUT_DIR, nv=True))
     slurm_id = backend.submit(render_sbatch(spec), user="alice")
     request.addfinalizer(lambda: backend.cancel(slurm_id) if backend.recovery_jobs(job_ids=[slurm_id]) else None)
     on = wait_for(lambda: running_node(backend, slurm_id), 120, what="job running")

@@ -13,7 +13,7 @@ JOB = {"image": SIF, "node_type": "1card", "command": ["python3", "-c", "print(1
 
 # every API endpoint, with a method and a body that would be valid for its owner
 ENDPOINTS = [
-    ("GET", "/api/v1/openapi.json"), ("GET", "/api/v1/me"), ("GET", "/api/v1/jobs"), ("POST", "/api/v1/jobs"),
+    ("GET", "/api/v1/me"), ("GET", "/api/v1/jobs"), ("POST", "/api/v1/jobs"),
     ("POST", "/api/v1/scripts"), ("GET", "/api/v1/jobs/x"), ("POST", "/api/v1/jobs/x/cancel"),
     ("POST", "/api/v1/jobs/x/resubmit"), ("GET", "/api/v1/jobs/x/log"), ("GET", "/api/v1/jobs/x/progress"),
     ("GET", "/api/v1/jobs/x/outputs"), ("GET", "/api/v1/jobs/x/outputs/a.txt"), ("GET", "/api/v1/cluster"),
@@ -42,10 +42,25 @@ def test_every_endpoint_requires_a_token(client, method, path, headers):
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+# what anyone may read without a token: the API's own document, as API users expect
+OPEN = [("GET", "/api/v1/openapi.json")]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}])
+def test_the_openapi_document_is_served_without_a_token(client, headers):
+    r = client.get("/api/v1/openapi.json", headers=headers)
+    assert r.status_code == 200 and r.get_json()["openapi"].startswith("3.1")
+
+
 def test_every_api_route_is_in_the_auth_table(app):
-    """A new API route must be added to ENDPOINTS above (and so gets checked for auth)."""
+    """A new API route must be added to ENDPOINTS above (and so gets checked for auth), or to
+    OPEN, the routes declared with auth=False."""
+    from portal.api import OPERATIONS
     adapter = app.url_map.bind("localhost")
-    hit = {(adapter.match(path, method=method)[0], method) for method, path in ENDPOINTS}
+    assert {(op.method, "/api/v1" + op.rule) for op in OPERATIONS if not op.auth} == \
+        {(m, adapter.match(p, method=m)[0] and r.rule) for m, p in OPEN for r in app.url_map.iter_rules()
+         if r.endpoint == adapter.match(p, method=m)[0]}
+    hit = {(adapter.match(path, method=method)[0], method) for method, path in ENDPOINTS + OPEN}
     routes = {(r.endpoint, m) for r in app.url_map.iter_rules() if r.rule.startswith("/api/v1")
               for m in r.methods - {"HEAD", "OPTIONS"}}
     assert routes - hit == set()

@@ -4,7 +4,7 @@ from sqlmodel import Session, select
 
 from monitor.recovery import NodeCondition
 from portal.models import Event, EventKind, NodeRecord, utcnow
-from portal.recovery import record_node
+from portal.daemons.monitor import record_node
 from tests.portal.conftest import bearer
 from tests.portal.test_web import add_job, fake_backend, logged_in, settings  # noqa: F401 (fixtures)
 

@@ -1,4 +1,4 @@
-"""Job logs over SSH (portal.logtail): pure parsers as tables, the rest against the real loopback
+"""Job logs over SSH (portal.logs.tail): pure parsers as tables, the rest against the real loopback
 sshd (127.0.0.1:2222) as alice, on a log file in a folder alice owns.
 
 Connection faults are made on our own session only: its server-side sshd processes are found
@@ -19,7 +19,7 @@ import paramiko
 import pytest
 
 from portal.errors import LogTailError
-from portal.logtail import (LogChunk, Progress, SshTarget, TailNotice, check_path, connect_ssh,
+from portal.logs.tail import (LogChunk, Progress, SshTarget, TailNotice, check_path, connect_ssh,
                             follow_log, parse_progress, read_log, tail_notice, target_for)
 from portal.settings import Settings
 

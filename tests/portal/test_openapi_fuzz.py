@@ -10,7 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from portal.openapi import openapi_document
+from portal.api.openapi import openapi_document
 
 pytestmark = [pytest.mark.portal, pytest.mark.slurm]
 

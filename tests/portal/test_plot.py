@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from portal.logtail import Progress, parse_progress
-from portal.plot import MAX_POINTS, render_plot_svg
+from portal.logs.tail import Progress, parse_progress
+from portal.logs.plot import MAX_POINTS, render_plot_svg
 
 NS = {"s": "http://www.w3.org/2000/svg"}
 NAN, INF = float("nan"), float("inf")

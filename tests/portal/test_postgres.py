@@ -98,6 +98,6 @@ def test_api_flows_on_postgres(pg_engine, settings):
         assert db.exec(select(Job)).one().state.value == "PENDING"
         assert db.exec(select(User).where(User.name == "alice")).one().unix_user == "alice"
     # the reconciler's cycle against the same database
-    from portal.reconcile import Reconciler
+    from portal.daemons.reconcile import Reconciler
     stats = Reconciler(pg_engine, backend, settings).cycle()
     assert stats.jobs == 1 and stats.slurm_calls == 1

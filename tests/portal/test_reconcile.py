@@ -7,7 +7,8 @@ import pytest
 from sqlmodel import Session, select
 
 from portal.models import Event, EventKind, Job, User
-from portal.reconcile import Observed, Reconciler, fold, plan
+from portal.daemons.reconcile import Observed, Reconciler, fold, plan
+from portal.models.jobs import JobCreate
 from portal.services import jobs as jobsvc
 from slurm.backend import SlurmCli
 from slurm.jobs import SEP, JobStatus
@@ -187,7 +188,8 @@ def test_every_rise_is_one_requeue_event(engine, users, settings):
                Q("4242", "R", 2, "g1n1"), Q("4242", "R", 4, "g1n3")]
     job, requeues, _ = _cycles(engine, settings, JobState.RUNNING, {"squeue": answers})
     assert job.restarts == 4
-    assert requeues == ["requeued (restart 1); running on g1n2", "requeued (restart 2); pending: BeginTime",
+    assert requeues == ["requeued (restart 1); running on g1n2", ("requeued (restart 2); pending: waiting for its start time (a job requeued after a "
+                         "node failure waits about two minutes here) [BeginTime]"),
                         "requeued (restarts 3-4); running on g1n3"]
 
 
@@ -269,9 +271,9 @@ def test_a_real_job_goes_pending_running_completed_with_a_timeline(cluster_setti
     box = SecretBox(settings.data_key)
     with Session(engine, expire_on_commit=False) as db:
         alice = db.get(User, users["alice"].id)
-        inp = jobsvc.parse_job_input({"image": str(base_image), "node_type": "1card",
-                                      "command": ["python3", "-c", "import time; time.sleep(2); raise SystemExit(3)"]})
-        job = jobsvc.submit_job(db, settings, real_backend, box, alice, inp)
+        create = JobCreate(image=str(base_image), node_type="1card",
+                           command=["python3", "-c", "import time; time.sleep(2); raise SystemExit(3)"])
+        job = jobsvc.submit_job(db, settings, real_backend, box, alice, create)
     rec = Reconciler(engine, real_backend, settings, box)
     done = _cycle_until(rec, engine, job.id, lambda j: j.state.terminal)
     assert done.state is JobState.FAILED and done.exit_code == 3 and done.started_at and done.ended_at
@@ -290,23 +292,22 @@ def test_crash_between_stored_and_submitted_neither_loses_nor_duplicates(cluster
     settings = cluster_settings
     from dataclasses import replace
 
-    from portal.services.training import submit_training
+    from portal.services.submit import Submission, check, job_dir_for, submit
     from storage.credentials import SecretBox
     box = SecretBox(settings.data_key)
     settings = replace(settings, submit_grace_s=1.0)
     ids = {}
     with Session(engine, expire_on_commit=False) as db:
         alice = db.get(User, users["alice"].id)
-        inp = jobsvc.parse_job_input({"image": str(base_image), "node_type": "1card",
-                                      "command": ["sleep", "300"], "time_limit": "5"})
+        create = JobCreate(image=str(base_image), node_type="1card", command=["sleep", "300"], time_limit="5")
         for name in ("a", "b"):
-            req = jobsvc.training_request(settings, alice, inp)
-            db.add(Job(id=req.job_id, user_id=alice.id, name=name, request_json=__import__("json").dumps(inp.to_json()),
-                       job_dir=str(jobsvc.job_dir_for(settings, "alice", req.job_id))))
+            req = Submission(user=alice.unix_user)
+            db.add(Job(id=req.job_id, user_id=alice.id, name=name, request_json=create.model_dump_json(),
+                       job_dir=str(job_dir_for(settings, "alice", req.job_id))))
             db.commit()
             ids[name] = req
         # A: submitted by the "crashed" portal, id never stored
-        slurm_a, _, _ = submit_training(settings, real_backend, ids["a"])
+        slurm_a = submit(settings, real_backend, check(settings, create, ids["a"])).slurm_id
         cleanup_jobs.append(slurm_a)
     rec = Reconciler(engine, real_backend, settings, box)
     time.sleep(1.2)
@@ -358,7 +359,7 @@ def test_a_plain_sbatch_jobs_log_is_read_where_its_output_pattern_points(setting
     import uuid
     from pathlib import Path
 
-    from portal import logstream
+    from portal.logs import stream as logstream
     from tests.conftest import SHARED_ROOT
     work = SHARED_ROOT / "users" / JOB_USER / ("sbatch-log-%s" % uuid.uuid4().hex[:8])
     work.mkdir()

@@ -7,7 +7,7 @@ import pytest
 from sqlmodel import Session, select
 
 from portal.models import Service
-from portal.services.inference import ServiceController
+from portal.daemons.controller import ServiceController
 from tests.portal.conftest import ADMIN_TOKEN, bearer, csrf_of, login
 
 
@@ -65,7 +65,7 @@ def test_a_gray_release_starts_with_a_weight_changes_it_and_ends_at_0_or_100(cli
                                                                            model_dir, engine, settings):
     from inference.controller import Phase
     from portal.models import ServiceReplica
-    from portal.services.inference import routing_table
+    from portal.daemons.router import routing_table
     alice = bearer(tokens["alice"])
     assert client.post("/api/v1/services", headers=alice, json=body(image, model_dir)).status_code == 201
     up = lambda **b: client.post("/api/v1/services/toy/update", headers=alice, json=b)  # noqa: E731
@@ -86,7 +86,7 @@ def test_a_gray_release_starts_with_a_weight_changes_it_and_ends_at_0_or_100(cli
             r.phase, r.host, r.port = Phase.READY, "127.0.0.1", 7000 + r.generation
             db.add(r)
         db.commit()
-        weights = {(v, w) for *_, v, w in routing_table(db)["toy"][3]}
+        weights = {(t.version, t.weight) for t in routing_table(db)["toy"].targets}
     assert weights == {("1", 90), ("2", 10)}
     r = up(weight=25)
     assert r.status_code == 202 and r.get_json()["next_weight"] == 25
@@ -95,7 +95,7 @@ def test_a_gray_release_starts_with_a_weight_changes_it_and_ends_at_0_or_100(cli
     assert "rolling update to version 2" in r.get_json()["message"]
     assert up(weight=0).status_code == 409                        # a rolling update is not a gray release
     with Session(engine) as db:
-        assert {w for *_, w in routing_table(db)["toy"][3]} == {100}
+        assert {t.weight for t in routing_table(db)["toy"].targets} == {100}
 
 
 def test_stopping_a_gray_release_keeps_the_current_version(client, tokens, fake_backend, image, model_dir):
@@ -121,8 +121,8 @@ def test_a_services_key_is_sealed_in_the_database_and_reaches_only_runtime_json_
 
     from inference.gateway import Route
     from portal.models import ServiceReplica
-    from portal.router import PortalDirectory
-    from portal.services.inference import routing_table
+    from portal.daemons.router import PortalDirectory
+    from portal.daemons.router import routing_table
     from storage.credentials import SecretBox
     caplog.set_level(logging.DEBUG)
     alice = bearer(tokens["alice"])
@@ -153,7 +153,7 @@ def test_a_services_key_is_sealed_in_the_database_and_reaches_only_runtime_json_
     assert all(key not in a for a in answers)
     # the router: the routing table has it sealed, the directory opens it into the route
     with Session(engine) as db:
-        assert routing_table(db)["toy"][4] == sealed
+        assert routing_table(db)["toy"].key_sealed == sealed
     route = asyncio.run(PortalDirectory(engine, settings).route(tokens["alice"], "toy"))
     assert isinstance(route, Route) and route.key == key and key not in repr(route)
     assert key not in caplog.text
@@ -188,14 +188,14 @@ def test_invalid_deploys_name_the_field_and_store_nothing(client, tokens, fake_b
 
 def test_the_routers_directory_answers_owners_and_admins_and_refuses_the_rest(client, tokens, fake_backend, image,
                                                                               model_dir, engine, settings):
-    """The router's questions to the database (portal/router.py), then its answers through a
+    """The router's questions to the database (portal/daemons/router.py), then its answers through a
     gateway: bad tokens 401, another user's service 404 like an unknown one, an admin may call."""
     import asyncio
     import http.client
     import json
 
     from inference.gateway import GatewayError
-    from portal.router import PortalDirectory
+    from portal.daemons.router import PortalDirectory
     from tests.inference.conftest import GatewayThread
     from tests.conftest import free_port
     assert client.post("/api/v1/services", headers=bearer(tokens["alice"]), json=body(image, model_dir)).status_code == 201

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from portal.logtail import LogChunk
+from portal.logs.tail import LogChunk
 from portal.models import Event, EventKind, Image, ImageState, Job, User, new_id
 from portal.services import datasources
 from slurm.backend import ClusterView
@@ -269,7 +269,7 @@ def test_plot_fragment_draws_the_progress_lines(client, engine, users, monkeypat
     def read_log(target, path, offset=0, limit=0, **kw):
         seen.append((target.user, path))
         return LogChunk(offset, text.encode())
-    monkeypatch.setattr("portal.logtail.read_log", read_log)
+    monkeypatch.setattr("portal.logs.tail.read_log", read_log)
     logged_in(client)
     r = client.get("/jobs/%s/plot.svg" % job_id)
     assert r.status_code == 200 and r.mimetype == "image/svg+xml"
@@ -421,7 +421,7 @@ def test_data_browse_refuses_a_bad_prefix(client, app, engine, users):
     add_source(engine, app, users["alice"], "mine")
     logged_in(client)
     r = client.get("/data?source=mine&prefix=/etc")
-    assert r.status_code == 422 and "give s3://bucket/prefix" in r.get_data(as_text=True)
+    assert r.status_code == 422 and "give a location of data source mine, e.g. s3://" in r.get_data(as_text=True)
 
 
 def test_token_is_shown_once_then_only_its_prefix(client, users):

@@ -8,6 +8,8 @@ import stat
 import subprocess
 
 import pytest
+from containers.apptainer import job_exec_prefix
+from slurm.spec import JOB_DATA_DIR, JOB_OUTPUT_DIR
 from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 
 from slurm.errors import SpecError
@@ -282,7 +284,8 @@ def test_flat_admin_file_is_one_default_source():
 
 def test_rendered_script_passes_the_file_never_the_keys(tmp_path):
     spec = JobSpec(name="t", partition="gpu-1card", image="/i.sif", command=["true"], job_dir="/j",
-                   inputs=["s3://data-bucket/in"], output="s3://data-bucket/out", credentials_file=JOB_CREDENTIALS_NAME)
+                   inputs=["s3://data-bucket/in"], output="s3://data-bucket/out", credentials_file=JOB_CREDENTIALS_NAME,
+                   container=job_exec_prefix(JOB_DATA_DIR, JOB_OUTPUT_DIR))
     text = render_sbatch(spec)
     assert text.count('--credentials "$AIPORTAL_JOB_DIR"/.aiportal-credentials.json') == 3
     assert SECRET not in text and "AKIA" not in text
@@ -290,10 +293,10 @@ def test_rendered_script_passes_the_file_never_the_keys(tmp_path):
     script.write_text(text)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "--credentials" not in render_sbatch(JobSpec(name="t", partition="p", image="/i.sif", command=["true"],
-                                                        job_dir="/j", inputs=["/x"]))
+                                                        job_dir="/j", inputs=["/x"], container=job_exec_prefix(JOB_DATA_DIR, JOB_OUTPUT_DIR)))
     for bad in ("../x", "a/b", "x;y", "..", ""):
         with pytest.raises(SpecError, match="a file name inside the job directory"):
-            JobSpec(name="t", partition="p", image="/i.sif", command=["true"], job_dir="/j", credentials_file=bad)
+            JobSpec(name="t", partition="p", image="/i.sif", command=["true"], job_dir="/j", credentials_file=bad, container=job_exec_prefix(JOB_DATA_DIR, JOB_OUTPUT_DIR))
 
 
 # -- checksums -----------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from portal.services.data import check_job_data, finish_job_data
-from portal.services.training import TrainingRequest, submit_training
+from portal.services.job_data import check_job_data, finish_job_data
+from tests.cluster.test_execution import make_request, submit_training
 from portal.settings import Settings
 from slurm.backend import SlurmCli
 from slurm.states import JobState
@@ -67,9 +67,9 @@ def test_job_stages_in_from_s3_and_out_to_s3(settings, source, bucket, base_imag
     (dataset / "ünï ✓.txt").write_text("unicode\n")
     stage_out(str(dataset), "s3://%s/datasets/d1" % bucket, credentials={source.name: source})
     out_uri = "s3://%s/jobs/%s" % (bucket, uuid.uuid4().hex[:8])
-    req = TrainingRequest(user=JOB_USER, image_sif=str(base_image), node_type="1card", name="s3-job",
-                          time_limit="5", command=("python3", "-c", PROGRAM),
-                          inputs=("s3://%s/datasets/d1" % bucket,), output=out_uri)
+    req = make_request(base_image, node_type="1card", name="s3-job",
+                       time_limit="5", command=("python3", "-c", PROGRAM),
+                       inputs=("s3://%s/datasets/d1" % bucket,), output=out_uri)
     backend = SlurmCli(timeout=20)
     job_id, spec, _ = submit_training(settings, backend, req, sources={source.name: source})
     job_dir = Path(spec.job_dir)
@@ -123,8 +123,7 @@ def test_bad_locations_are_refused_before_submission(settings, source, bucket, t
             raise AssertionError("nothing may be submitted")
 
     def req(inputs=(), output=None):
-        return TrainingRequest(user=JOB_USER, image_sif="/nonexistent.sif", node_type="1card",
-                               command=("true",), inputs=inputs, output=output)
+        return make_request("/nonexistent.sif", node_type="1card", command=("true",), inputs=inputs, output=output)
     cases = [
         (req(inputs=("s3://no-such-bucket-%d/x" % os.getpid(),)), r"bucket 'no-such-bucket-\d+' does not exist"),
         (req(inputs=("s3://%s/nothing-here" % bucket,)), "no objects under this prefix"),

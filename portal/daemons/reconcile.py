@@ -13,14 +13,13 @@ the queue; never one call per job. Then, from the pure :func:`plan`:
   Slurm never got once ``submit_grace_s`` has passed (no loss);
 - add jobs that users submitted with plain ``sbatch`` under their Unix account, as external;
 - then run the inference services' controller step on the same squeue answer
-  (:class:`portal.services.inference.ServiceController`).
+  (:class:`portal.daemons.controller.ServiceController`).
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -28,8 +27,10 @@ from typing import Iterable, Mapping
 
 from sqlmodel import Session, select
 
+from portal.daemons.loop import run_loop
+from portal.models.jobs import reason_sentence
 from portal.models import Event, EventKind, Job, User, utcnow
-from portal.services.data import finish_job_data
+from portal.services.job_data import finish_job_data
 from slurm.jobs import JobStatus
 from slurm.render import COMMENT_PREFIX
 from slurm.states import TERMINAL, JobState
@@ -187,9 +188,8 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
 def _state_message(obs: Observed) -> str:
     if obs.state is JobState.RUNNING:
         return "running on %s" % (obs.nodes or "?")
-    if obs.state is JobState.PENDING:
-        return "pending%s" % ((": " + obs.reason) if obs.reason else "")
-    return obs.state.value.lower() + ((": " + obs.reason) if obs.reason else "")
+    text = reason_sentence(obs.state, obs.reason)[0]
+    return obs.state.value.lower() + ((": " + text) if text else "")
 
 
 def _transition_event(job: Job, obs: Observed) -> tuple[EventKind, str]:
@@ -330,7 +330,7 @@ class Reconciler:
     """Runs cycles against a database engine and a Slurm backend."""
 
     def __init__(self, engine, backend, settings, box=None):
-        from portal.services.inference import ServiceController
+        from portal.daemons.controller import ServiceController
         self.engine, self.backend, self.settings, self.box = engine, backend, settings, box
         #: inference services: one step of every cycle, on this cycle's squeue answer
         self.services = ServiceController(engine, backend, settings, box)
@@ -391,18 +391,10 @@ class Reconciler:
 
     def run(self, interval: float, stop: threading.Event | None = None) -> None:
         """Cycle every ``interval`` seconds until ``stop`` is set (or SIGTERM/SIGINT)."""
-        stop = stop or threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stop.set())
-        log.info("reconciler started, every %.1fs", interval)
-        while not stop.is_set():
-            try:
-                s = self.cycle()
-                if s.updated or s.adopted or s.resubmitted or s.external:
-                    log.info("cycle: %d jobs, %d updated, %d adopted, %d resubmitted, %d external, %.3fs",
-                             s.jobs, s.updated, s.adopted, s.resubmitted, s.external, s.seconds)
-            except Exception:   # noqa: BLE001 -- Slurm or the database down: say so, try again next cycle
-                log.exception("reconcile cycle failed; retrying in %.1fs", interval)
-            stop.wait(interval)
-        log.info("reconciler stopped")
+        def cycle() -> str | None:
+            s = self.cycle()
+            if s.updated or s.adopted or s.resubmitted or s.external:
+                return ("%d jobs, %d updated, %d adopted, %d resubmitted, %d external, %.3fs"
+                        % (s.jobs, s.updated, s.adopted, s.resubmitted, s.external, s.seconds))
+            return None
+        run_loop("reconciler", cycle, interval, stop)

@@ -153,7 +153,7 @@ class Job(SQLModel, table=True):
 class Event(SQLModel, table=True):
     """Something that happened to a job or a node: the job timeline and the cluster log.
 
-    Health and recovery events are also an outbox (``portal/notify.py``): ``notify_after`` set
+    Health and recovery events are also an outbox (``portal/services/notify.py``): ``notify_after`` set
     means "tell the owner, not before then"; a notifier claims a row (``notify_claim`` with a
     lease ``notify_claimed_until``) with one conditional UPDATE, so two monitors never both send
     it; ``notified_at`` is set once every channel took it (``notify_done`` lists those that did).

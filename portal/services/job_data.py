@@ -18,11 +18,9 @@ from typing import Any, Mapping, Sequence
 
 from portal.settings import Settings
 from slurm.spec import JobSpec
-from storage.credentials import (JOB_CREDENTIALS_NAME, DataSource, remove_job_credentials, resolve_source,
-                                 write_job_credentials)
+from storage import StoreContext, check_locations
+from storage.credentials import JOB_CREDENTIALS_NAME, DataSource, remove_job_credentials, write_job_credentials
 from storage.stage import pending_stage_outs
-from storage.uris import Scheme
-from storage.validate import validate_location
 
 
 def data_roots(settings: Settings, user: str) -> tuple[str, ...]:
@@ -38,13 +36,7 @@ def check_job_data(settings: Settings, user: str, inputs: Sequence[str], output:
     """Validate a job's locations (inputs must exist; the output need not); returns the data
     sources the job needs, by name. Raises :class:`storage.errors.StorageError` subclasses."""
     roots = tuple(roots) if roots is not None else data_roots(settings, user)
-    needed: dict[str, DataSource] = {}
-    for uri, must_exist in [(u, True) for u in inputs] + ([(output, False)] if output else []):
-        loc = validate_location(uri, roots, sources, must_exist=must_exist, check_store=check_store)
-        if loc.scheme is Scheme.S3:
-            src = resolve_source(sources or {}, loc)
-            needed[src.name] = src
-    return needed
+    return check_locations(inputs, output, StoreContext(roots, sources or {}), check_store=check_store)
 
 
 def attach_credentials(spec: JobSpec, user: str, sources: Mapping[str, DataSource]) -> JobSpec:

@@ -20,7 +20,7 @@ SPEED_COLOUR = "#2471a3"
 
 
 class Point(Protocol):
-    """What a plot needs of a point (:class:`portal.logtail.Progress` has it)."""
+    """What a plot needs of a point (:class:`portal.logs.tail.Progress` has it)."""
 
     step: int
     loss: float

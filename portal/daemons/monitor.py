@@ -11,7 +11,7 @@ with restart counts, then the pure :func:`monitor.recovery.plan`, then:
   stages the outputs out). Each such action is claimed first by inserting its keyed event in
   the same transaction: of two monitors only one acts, and a failed action leaves no event;
 - each requeue, and each no-requeue job that died with its node, becomes one job event on the
-  job's timeline (keyed, so recorded once), and its owner is notified (:mod:`portal.notify`).
+  job's timeline (keyed, so recorded once), and its owner is notified (:mod:`portal.services.notify`).
 
 The health checks themselves run on the nodes (Slurm's HealthCheckProgram) and drain or resume
 their own node; this daemon sees those drains through Slurm.
@@ -19,7 +19,6 @@ their own node; this daemon sees those drains through Slurm.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -27,9 +26,11 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from monitor.recovery import JobAction, JobNote, Memory, NodeCondition, plan
+from monitor.recovery import JobAction, JobNote, Memory, plan
+from portal.daemons.loop import run_loop
 from portal.models import Event, EventKind, Job, NodeRecord, User, utcnow
-from portal.notify import Notifier, notify_wanted
+from portal.services.nodes import record_node
+from portal.services.notify import Notifier, notify_wanted
 from portal.settings import Settings
 from slurm.errors import SlurmError
 from slurm.states import JobState
@@ -52,54 +53,6 @@ class MonitorStats:
         return ("%d node events, %d released, %d requeued, %d stopped, %d job events, %d notified, "
                 "%d Slurm calls, %.3fs" % (self.node_events, self.released, self.requeued, self.stopped,
                                            self.job_events, self.notified, self.slurm_calls, self.seconds))
-
-
-_NODE_KIND = {NodeCondition.DRAIN: EventKind.DRAIN, NodeCondition.DOWN: EventKind.NODE_DOWN,
-              NodeCondition.UP: EventKind.RESUME}
-
-
-def node_message(before: NodeCondition | None, after: NodeCondition, reason: str, before_reason: str = "") -> str:
-    if after is NodeCondition.DRAIN:
-        who = "by the health check" if reason.startswith("aiportal:") else "by an admin"
-        return "drained %s: %s" % (who, reason)
-    if after is NodeCondition.DOWN:
-        return "down: %s" % reason
-    if before is NodeCondition.DOWN:
-        return "back in service (slurmd answers again)"
-    if before_reason.startswith("aiportal:"):
-        return "resumed by the health check after passing checks (was: %s)" % before_reason
-    return "resumed" + (" (was: %s)" % before_reason if before_reason else "")
-
-
-def record_node(db: Session, node: str, cond: NodeCondition, reason: str, settings: Settings | None = None,
-                event: Event | None = None) -> bool:
-    """Compare-and-set the node's record to (cond, reason); on a change add one node event
-    (``event``, or one made here). The first sight of a node is recorded without an event.
-    Returns whether this caller made the change. The caller commits."""
-    reason = reason[:1024]
-    now = utcnow()
-    rec = db.get(NodeRecord, node)
-    if rec is None:
-        db.add(NodeRecord(name=node, condition=cond, reason=reason, since=now, updated_at=now))
-        if event is not None:
-            db.add(event)
-        return event is not None
-    if rec.condition is cond and rec.reason == reason:
-        return False
-    t = NodeRecord.__table__
-    res = db.execute(t.update().where(t.c.name == node, t.c.condition == rec.condition, t.c.reason == rec.reason)
-                     .values(condition=cond, reason=reason, since=now, updated_at=now))
-    if res.rowcount != 1:
-        return False
-    before, before_reason = rec.condition, rec.reason
-    db.expire(rec)
-    if event is None:
-        wanted = settings is not None and notify_wanted(settings, has_owner=False)
-        event = Event(at=now, kind=_NODE_KIND[cond], node=node,
-                      message=node_message(before, cond, reason, before_reason)[:2000],
-                      notify_after=now if wanted else None)
-    db.add(event)
-    return True
 
 
 class HealthMonitor:
@@ -269,17 +222,9 @@ class HealthMonitor:
     def run(self, interval: float, stop: threading.Event | None = None) -> None:
         """Cycle every ``interval`` seconds until ``stop`` is set (or SIGTERM/SIGINT); a cycle
         that acted is followed by a quick one (to release what it requeued)."""
-        stop = stop or threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stop.set())
-        log.info("monitor started, every %.1fs", interval)
-        while not stop.is_set():
-            try:
-                s = self.cycle()
-                if s.node_events or s.released or s.requeued or s.stopped or s.job_events or s.notified:
-                    log.info("cycle: %s", s.summary())
-            except Exception:   # noqa: BLE001 -- Slurm or the database down: say so, try again next cycle
-                log.exception("monitor cycle failed; retrying in %.1fs", interval)
-            stop.wait(0.5 if self.acted else interval)
-        log.info("monitor stopped")
+        def cycle() -> str | None:
+            s = self.cycle()
+            if s.node_events or s.released or s.requeued or s.stopped or s.job_events or s.notified:
+                return s.summary()
+            return None
+        run_loop("monitor", cycle, interval, stop, pause=lambda: 0.5 if self.acted else interval)

@@ -23,13 +23,15 @@ import asyncio
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from inference.gateway import Gateway, GatewayError, Route, run
-from inference.router import Target
+from inference.balancer import Target
+from inference.controller import Phase
 from portal.services import accounts
-from portal.services.inference import routing_table
+from portal.models import Service, ServiceReplica, ServiceState
 from portal.settings import Settings
 from storage.credentials import SecretBox
 from storage.errors import CredentialsError
@@ -38,6 +40,44 @@ log = logging.getLogger(__name__)
 #: a request for a service without ready replicas (or unknown) reads the table again when the
 #: one at hand is older than this
 MISS_REREAD_S = 0.05
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    """A service as the database has it: who owns it, its body limit, its ready replicas (each
+    weighed: in a gray release the next generation's replicas weigh ``next_weight``, the others
+    the rest; otherwise every replica weighs 100), and its key as sealed (None: a service from
+    before keys)."""
+
+    service_id: str
+    owner_id: int
+    max_body: int
+    targets: tuple[Target, ...]
+    key_sealed: str | None
+
+
+@dataclass(frozen=True)
+class OpenRoute:
+    """A service as the router serves it: its owner and its route, the key opened."""
+
+    owner_id: int
+    route: Route
+
+
+def routing_table(db: Session) -> dict[str, RouteRow]:
+    """Every service by name: one query for services, one for ready replicas."""
+    services = {s.id: s for s in db.exec(select(Service).where(Service.state != ServiceState.DELETING))}
+    ready: dict[str, list[Target]] = {sid: [] for sid in services}
+    for r in db.exec(select(ServiceReplica).where(ServiceReplica.phase == Phase.READY)):
+        svc = services.get(r.service_id)
+        if svc is not None and r.host and r.port:
+            weight = 100
+            if svc.next_weight is not None:
+                weight = svc.next_weight if r.generation == svc.next_generation else 100 - svc.next_weight
+            ready[r.service_id].append(Target(key=r.id, host=r.host, port=r.port, version=r.version, weight=weight))
+    return {s.name: RouteRow(service_id=s.id, owner_id=s.user_id, max_body=int(s.spec.get("max_body_bytes") or 0),
+                             targets=tuple(ready[s.id]), key_sealed=s.key_sealed)
+            for s in services.values()}
 
 
 class PortalDirectory:
@@ -57,19 +97,19 @@ class PortalDirectory:
 
     # -- database reads (in a worker thread) ---------------------------------------------------
 
-    def _read_table(self) -> dict:
+    def _read_table(self) -> dict[str, OpenRoute]:
         with Session(self.engine) as db:
             table = routing_table(db)
         return self._open_keys(table)
 
-    def _open_keys(self, table: dict) -> dict:
+    def _open_keys(self, table: dict[str, RouteRow]) -> dict[str, OpenRoute]:
         """The table with each service's key in clear ("" for a service without one). A key is
         opened once; one that cannot be (another data key sealed it) is logged once, and the
         service's replicas then refuse its requests (401)."""
         keys: dict[str, str] = {}
         out = {}
-        for name, (sid, owner, max_body, ready, sealed) in table.items():
-            key = ""
+        for name, row in table.items():
+            key, sealed = "", row.key_sealed
             if sealed:
                 key = self.keys.get(sealed)
                 if key is None:
@@ -79,7 +119,7 @@ class PortalDirectory:
                         log.error("%s; requests to service %s will be refused by its replicas", e, name)
                         key = ""
                 keys[sealed] = key
-            out[name] = (sid, owner, max_body, ready, key)
+            out[name] = OpenRoute(row.owner_id, Route(name, row.targets, row.max_body, key))
         self.keys = keys
         return out
 
@@ -148,16 +188,15 @@ class PortalDirectory:
             raise GatewayError(401, "unauthorized", "the API token is unknown, revoked or expired; create a new one "
                                "(`aiportal token create`)", {"WWW-Authenticate": 'Bearer realm="aiportal"'})
         entry = (await self.services()).get(name)
-        if entry is None or not entry[3]:
+        if entry is None or not entry.route.targets:
             # a service deployed, or a replica become READY, since the last read: read again now
             # rather than answer 404/503 for up to router_refresh_s
             await self._reread()
             entry = self.table.get(name)
-        if entry is None or (entry[1] != user_id and not is_admin):
+        if entry is None or (entry.owner_id != user_id and not is_admin):
             raise GatewayError(404, "unknown_service", "there is no service named %r that you may call; your "
                                "services: `aiportal service list`" % name)
-        _sid, _owner, max_body, ready, key = entry
-        return Route(name, tuple(Target(*r) for r in ready), max_body, key)
+        return entry.route
 
 
 def serve(settings: Settings, engine, listen: str, ready=None) -> None:

@@ -1,6 +1,6 @@
 """A job's log for the web page and the API: read once, or streamed as Server-Sent Events.
 
-The bytes come over SSH as the job's Unix user (:mod:`portal.logtail`), so the portal reads
+The bytes come over SSH as the job's Unix user (:mod:`portal.logs.tail`), so the portal reads
 only what that user could. Each SSE message carries the byte offset after it as its ``id``:
 a browser (or ``aiportal logs -f``) that reconnects with ``Last-Event-ID`` resumes there.
 """
@@ -14,7 +14,7 @@ from typing import Iterator
 from flask import Flask, Response, stream_with_context
 from sqlmodel import Session
 
-from portal import logtail
+from portal.logs import tail as logtail
 from portal.errors import NotFoundError
 from portal.models import Job, User
 from slurm.jobs import expand_output_path

@@ -1,0 +1,28 @@
+"""Images: register, list, the shared SIF cache."""
+from __future__ import annotations
+
+from flask import g
+
+from portal.api import answer, body, operation
+from portal.db_session import backend, db, settings
+from portal.models.images import CacheEntryPublic, CacheList, ImageCreate, ImageList, ImagePublic
+from portal.services import images
+
+
+@operation("GET", "/images", "the caller's images (admins: all)", {200: ImageList}, (503,))
+def list_images():
+    rows = images.list_images(db(), settings(), backend(), g.user)
+    return answer(ImageList(images=[ImagePublic.of(i) for i in rows]))
+
+
+@operation("POST", "/images", "register an image (archives are converted by a Slurm job)", {201: ImagePublic},
+           (400, 422, 503), body=ImageCreate)
+def register_image():
+    img = images.register_image(db(), settings(), backend(), g.user, body(ImageCreate).ref.strip())
+    return answer(ImagePublic.of(img), 201)
+
+
+@operation("GET", "/images/cache", "the shared SIF cache (admins: every entry; users: their images' entries)",
+           {200: CacheList})
+def image_cache():
+    return answer(CacheList(entries=[CacheEntryPublic(**e) for e in images.cache_entries(db(), settings(), g.user)]))

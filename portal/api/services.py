@@ -1,0 +1,56 @@
+"""Inference services: deploy, list, show, scale, update (rolling or gray), delete."""
+from __future__ import annotations
+
+from flask import g, jsonify
+
+from portal.api import answer, body, operation, owners
+from portal.db_session import box, db, settings
+from portal.models.services import ServiceCreate, ServiceList, ServicePublic, ServiceScale, ServiceUpdate
+from portal.services import inference
+
+
+def _out(svc, status: int = 200, headers=None):
+    public = ServicePublic.of(svc, inference.replicas_of(db(), svc), owners([svc]).get(svc.user_id))
+    resp = jsonify(public.answer())
+    resp.status_code = status
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+@operation("GET", "/services", "the caller's inference services (admins: all)", {200: ServiceList})
+def list_services():
+    rows = inference.list_services(db(), g.user)
+    names = owners(rows)
+    return answer(ServiceList(services=[ServicePublic.of(s, inference.replicas_of(db(), s), names.get(s.user_id))
+                                        for s in rows]))
+
+
+@operation("POST", "/services", "deploy a service: replicas on the infer partition behind POST|PUT /service/NAME",
+           {201: ServicePublic}, (400, 403, 409, 422, 503), body=ServiceCreate)
+def deploy_service():
+    """Its replicas are submitted by the controller within a cycle."""
+    svc = inference.deploy(db(), settings(), box(), g.user, body(ServiceCreate))
+    return _out(svc, 201, {"Location": "/api/v1/services/%s" % svc.name})
+
+
+@operation("GET", "/services/<name>", "a service and its replicas", {200: ServicePublic}, (404,))
+def show_service(name: str):
+    return _out(inference.get_service(db(), g.user, name))
+
+
+@operation("POST", "/services/<name>/scale", "set the replica count or the autoscaling range", {200: ServicePublic},
+           (400, 404, 409, 422), body=ServiceScale)
+def scale_service(name: str):
+    return _out(inference.scale(db(), g.user, name, body(ServiceScale)))
+
+
+@operation("POST", "/services/<name>/update", "a new version: rolling update (one replica at a time), or gray "
+           "release with a weight", {202: ServicePublic}, (400, 403, 404, 409, 422, 503), body=ServiceUpdate)
+def update_service(name: str):
+    return _out(inference.update(db(), settings(), box(), g.user, name, body(ServiceUpdate)), 202)
+
+
+@operation("DELETE", "/services/<name>", "delete a service (its replicas are stopped)", {202: ServicePublic}, (404,))
+def delete_service(name: str):
+    return _out(inference.delete(db(), g.user, name), 202)

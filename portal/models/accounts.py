@@ -1,0 +1,71 @@
+"""Accounts' models: the caller (``GET /me``), API tokens (create, public, created once) and
+projects (create, public)."""
+from __future__ import annotations
+
+from pydantic import ConfigDict, Field
+from sqlmodel import SQLModel
+
+from portal.models.common import Timestamp
+from portal.models.tables import ApiToken, Project
+
+
+class Me(SQLModel):
+    name: str
+    unix_user: str
+    is_admin: bool
+    projects: list[str]
+
+
+class TokenCreate(SQLModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(default="", max_length=64, description="a label to tell tokens apart")
+    expires_days: int | None = Field(default=None, ge=1, le=3650, description="days until it expires (none: never)")
+
+
+class TokenPublic(SQLModel):
+    """A token as listed: never the token itself, only its first characters."""
+
+    id: int
+    name: str
+    prefix: str
+    created_at: Timestamp
+    last_used_at: Timestamp = None
+    expires_at: Timestamp = None
+    revoked: bool
+
+    @classmethod
+    def of(cls, t: ApiToken) -> "TokenPublic":
+        return cls(id=t.id, name=t.name, prefix=t.prefix, created_at=t.created_at, last_used_at=t.last_used_at,
+                   expires_at=t.expires_at, revoked=t.revoked_at is not None)
+
+
+class TokenList(SQLModel):
+    tokens: list[TokenPublic]
+
+
+class TokenCreated(SQLModel):
+    """The answer to creating a token: the only time the token is shown."""
+
+    id: int
+    token: str
+    prefix: str
+    message: str = "copy the token now: it is not shown again"
+
+
+class ProjectCreate(SQLModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(description="lower-case letters, digits, '.', '_', '-'")
+    description: str = ""
+    slurm_account: str | None = Field(default=None, description="the Slurm account its jobs are charged to")
+
+
+class ProjectPublic(SQLModel):
+    name: str
+    description: str
+    slurm_account: str | None
+
+    @classmethod
+    def of(cls, p: Project) -> "ProjectPublic":
+        return cls(name=p.name, description=p.description, slurm_account=p.slurm_account)

@@ -1,0 +1,139 @@
+"""Inference services' models: deploy (:class:`ServiceCreate`), a new version or gray-release
+weight (:class:`ServiceUpdate`), scaling (:class:`ServiceScale`), and a service with its replicas
+as the API shows it (:class:`ServicePublic`). Shapes and types are checked here; what a spec's
+values mean (names, paths, resources) is :class:`inference.service.ServiceSpec`'s to check."""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+from sqlmodel import SQLModel
+
+from inference.controller import Phase
+from portal.models.common import Timestamp
+from portal.models.tables import Service, ServiceReplica
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class ServiceSpecFields(SQLModel):
+    """What a version of a service runs (all optional here: an update changes only those given)."""
+
+    model_config = _STRICT
+
+    image: str | None = Field(default=None, description="a .sif path on the shared filesystem")
+    model: str | None = Field(default=None, description="the model folder: s3://SOURCE/bucket/prefix or a shared "
+                                                        "path, staged into /data/data")
+    model_file: str | None = Field(default=None, description="the .py file with the model class, in the model "
+                                                             "folder (default model.py)")
+    class_name: str | None = Field(default=None, description="the class: load_model(self), "
+                                                             "execute(self, data, batch_size)")
+    version: str | None = None
+    gpus: int | None = None
+    cpus: int | None = None
+    memory_mb: int | None = None
+    max_batch_size: int | None = None
+    max_wait_ms: float | None = None
+    max_body_bytes: int | None = None
+
+
+class ServicePolicyFields(SQLModel):
+    model_config = _STRICT
+
+    replicas: int | None = Field(default=None, description="a fixed count (min = max)")
+    min_replicas: int | None = Field(default=None, ge=0, le=64)
+    max_replicas: int | None = Field(default=None, ge=1, le=64)
+    target_inflight: float | None = Field(default=None, description="requests in flight per replica the "
+                                                                    "autoscaler aims at")
+    scale_down_delay_s: float | None = Field(default=None, description="seconds of low load before a replica "
+                                                                       "is removed")
+
+
+class ServiceCreate(ServiceSpecFields, ServicePolicyFields):
+    """Deploy a service: replicas on the infer partition behind POST|PUT /service/NAME."""
+
+    name: str = Field(description="lower-case letters, digits, '-': the URL /service/NAME")
+    image: str = Field(description="a .sif path on the shared filesystem")
+    model: str = Field(description="the model folder: s3://SOURCE/bucket/prefix or a shared path")
+
+
+class ServiceUpdate(ServiceSpecFields):
+    """The fields to change; the rest stay as they are."""
+
+    weight: int | None = Field(default=None, description="gray release: with spec fields (1-99), the new "
+                               "version runs beside the current one for this share of the requests; alone, "
+                               "changes that share (100 rolls the new version out, 0 stops it)")
+
+
+class ServiceScale(ServicePolicyFields):
+    """The replica count, or the autoscaling range."""
+
+
+class ReplicaPublic(SQLModel):
+    id: str
+    phase: Literal[tuple(p.value for p in Phase)]  # type: ignore[valid-type]
+    version: str
+    generation: int
+    slurm_job_id: str | None = None
+    host: str | None = None
+    port: int | None = None
+    avg_inflight: float | None = None
+    message: str
+    created_at: Timestamp
+    ready_at: Timestamp = None
+    ended_at: Timestamp = None
+
+    @classmethod
+    def of(cls, r: ServiceReplica) -> "ReplicaPublic":
+        return cls(id=r.id, phase=r.phase.value, version=r.version, generation=r.generation,
+                   slurm_job_id=r.slurm_job_id, host=r.host, port=r.port,
+                   avg_inflight=None if r.avg_inflight is None else round(r.avg_inflight, 3), message=r.message,
+                   created_at=r.created_at, ready_at=r.ready_at, ended_at=r.ended_at)
+
+
+class ServicePublic(SQLModel):
+    id: str
+    name: str
+    owner: str | None = None
+    state: Literal["RUNNING", "UPDATING", "DELETING"]
+    url: str
+    spec: dict[str, Any]
+    generation: int
+    version: str | None = None
+    next_spec: dict[str, Any] | None = None
+    next_weight: int | None = None
+    min_replicas: int
+    max_replicas: int
+    desired_replicas: int
+    target_inflight: float
+    scale_down_delay_s: float
+    message: str
+    created_at: Timestamp
+    updated_at: Timestamp
+    ready_replicas: int | None = None
+    replicas: list[ReplicaPublic] | None = None
+
+    @classmethod
+    def of(cls, svc: Service, replicas: list[ServiceReplica] | None = None, owner: str | None = None) -> "ServicePublic":
+        spec = svc.spec
+        out = cls(id=svc.id, name=svc.name, owner=owner, state=svc.state.value, url="/service/%s" % svc.name,
+                  spec=spec, generation=svc.generation, version=spec.get("version"),
+                  next_spec=json.loads(svc.next_spec_json) if svc.next_spec_json else None,
+                  next_weight=svc.next_weight, min_replicas=svc.min_replicas, max_replicas=svc.max_replicas,
+                  desired_replicas=svc.desired, target_inflight=svc.target_inflight,
+                  scale_down_delay_s=svc.scale_down_delay_s, message=svc.message, created_at=svc.created_at,
+                  updated_at=svc.updated_at)
+        if replicas is not None:
+            out.ready_replicas = sum(1 for r in replicas if r.phase is Phase.READY)
+            out.replicas = [ReplicaPublic.of(r) for r in replicas]
+        return out
+
+    def answer(self) -> dict[str, Any]:
+        """As JSON, leaving out the replica fields when the replicas were not read."""
+        return self.model_dump(mode="json", exclude_none=False,
+                               exclude={"ready_replicas", "replicas"} if self.replicas is None else None)
+
+
+class ServiceList(SQLModel):
+    services: list[ServicePublic]

@@ -1,0 +1,157 @@
+"""From a :class:`portal.models.jobs.JobCreate` to a Slurm job: the one place a job spec is built.
+
+A submission is checked once, in this order, before anything is stored or submitted: the image
+reference's syntax, the spec (node type, GPUs, name, time, environment: :class:`slurm.spec.JobSpec`
+validates on construction), then each data location against the user's roots and data sources.
+Only then does the caller store the job; :func:`submit` then resolves the image (submitting its
+conversion when needed: the job waits on it with ``afterok``), prepares the job folder, writes
+the credentials file and hands the rendered script to ``sbatch`` as the user.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from containers.apptainer import job_exec_prefix
+from containers.errors import ContainerError
+from containers.refs import RefKind, parse_image_ref
+from portal.errors import ValidationError
+from portal.models.jobs import JobCreate
+from portal.services.images import CONVERTIBLE, request_image
+from portal.services.job_data import attach_credentials, check_job_data
+from portal.settings import Settings
+from slurm.errors import SpecError
+from slurm.render import render_sbatch
+from slurm.spec import JOB_DATA_DIR, JOB_OUTPUT_DIR, JobSpec, resolve_node_type
+from storage.credentials import DataSource
+
+#: the spec's fields as the create model names them (a SpecError names the spec's field)
+_SPEC_FIELD = {"data": "inputs", "array": "sweep", "resources": "gpus"}
+#: the image a spec is checked with before the real one is known (a conversion may be pending)
+_UNRESOLVED = "/unresolved-image.sif"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The site's side of one submission: the Unix account it runs as, its uuid (the job
+    folder's name and the ``aiportal:UUID`` comment), the Slurm account of its project, and,
+    for scripts power users submit themselves, their own credentials file."""
+
+    user: str
+    job_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    account: str | None = None
+    credentials: str | None = None
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A submission that passed every check: its spec (image not yet resolved) and the data
+    sources its locations need, by name."""
+
+    job: JobCreate
+    sub: Submission
+    spec: JobSpec
+    sources: Mapping[str, DataSource]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    slurm_id: str
+    spec: JobSpec
+    script: str
+
+
+def job_dir_for(settings: Settings, user: str, job_id: str) -> Path:
+    """Where a job's data/, output/ and logs/ live on the shared filesystem."""
+    return Path(settings.shared_root) / "users" / user / "jobs" / job_id
+
+
+def check_image(ref_text: str) -> None:
+    """The image reference's syntax, and whether the portal can run it (pure)."""
+    try:
+        ref = parse_image_ref(ref_text)
+    except ContainerError as e:
+        raise ValidationError("image", str(e)) from None
+    if ref.kind is not RefKind.SIF and ref.kind not in CONVERTIBLE:
+        raise ValidationError("image", "%s: the portal runs .sif images and converts docker-archive: and "
+                                       "oci-archive: files; ask an admin to build other kinds with "
+                                       "`aiportal image convert`" % ref_text)
+
+
+def build_spec(settings: Settings, job: JobCreate, sub: Submission, image: str | None = None) -> JobSpec:
+    """The job's spec on its node type's partition. ``image`` is the SIF to run (default: the
+    job's image when it is a .sif path, else a placeholder until the image is resolved). A
+    value the site does not accept raises ValidationError naming the create model's field."""
+    if image is None:
+        image = job.image if job.image.endswith(".sif") else _UNRESOLVED
+    kw = {}
+    if job.gpus is not None:
+        kw["gpus"] = job.gpus
+    sweep = job.sweep_tasks()
+    if sweep:
+        kw.update(array="0-%d" % (len(sweep) - 1), sweep=sweep)
+    if sub.account:
+        kw["account"] = sub.account
+    if sub.credentials:
+        kw["user_credentials"] = sub.credentials
+    try:
+        node_type = resolve_node_type(job.node_type, settings.node_types)
+        gpus = job.gpus if job.gpus is not None else node_type.gpus
+        return JobSpec.for_node_type(
+            node_type, name=job.name, image=image, command=tuple(job.command),
+            job_dir=str(job_dir_for(settings, sub.user, sub.job_id)), inputs=tuple(job.inputs), output=job.output,
+            time_limit=job.time_limit, env=tuple(job.env.items()), portal_id=sub.job_id,
+            stage_bin=settings.stage_bin, container=job_exec_prefix(JOB_DATA_DIR, JOB_OUTPUT_DIR, nv=gpus > 0),
+            **kw)
+    except SpecError as e:
+        raise ValidationError(_SPEC_FIELD.get(e.field, e.field), str(e)) from None
+
+
+def check(settings: Settings, job: JobCreate, sub: Submission, sources: Mapping[str, DataSource] | None = None,
+          roots: Sequence[str] | None = None) -> Checked:
+    """Every check a submission gets, each once: image syntax, the spec, each data location
+    (StorageError subclasses name the location and the fix)."""
+    check_image(job.image)
+    spec = build_spec(settings, job, sub)
+    needed = check_job_data(settings, sub.user, job.inputs, job.output, sources, roots)
+    return Checked(job, sub, spec, needed)
+
+
+def render_script(settings: Settings, job: JobCreate, sub: Submission) -> str:
+    """The batch script this submission renders to ("show script", ``aiportal script``); an
+    image that is not a SIF yet shows where its conversion will be."""
+    check_image(job.image)
+    image = None if job.image.endswith(".sif") else "/converted-on-submit/%s.sif" % job.name
+    return render_sbatch(build_spec(settings, job, sub, image))
+
+
+def prepare_job_dir(settings: Settings, user: str, job_id: str) -> Path:
+    """Create the job's folder (data/, output/, logs/) owned by the user, private to them.
+
+    Run by the portal as root before submitting: Slurm opens the log file before the script
+    runs, as the job's user.
+    """
+    pw = pwd.getpwnam(user)
+    job_dir = job_dir_for(settings, user, job_id)
+    for d in (job_dir.parent, job_dir, job_dir / "data", job_dir / "output", job_dir / "logs"):
+        d.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+    return job_dir
+
+
+def submit(settings: Settings, backend, checked: Checked) -> Submitted:
+    """Submit a checked submission as its user: resolve the image (its conversion job first,
+    when needed), prepare the job folder, write the credentials file, ``sbatch``."""
+    sub = checked.sub
+    image = request_image(settings, backend, checked.job.image, user=sub.user)
+    spec = replace(checked.spec, image=str(image.sif),
+                   dependency="afterok:%s" % image.conversion_job if image.conversion_job else None)
+    prepare_job_dir(settings, sub.user, sub.job_id)
+    spec = attach_credentials(spec, sub.user, checked.sources)
+    script = render_sbatch(spec)
+    return Submitted(backend.submit(script, user=sub.user), spec, script)
