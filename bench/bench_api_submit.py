@@ -2,12 +2,12 @@
 
     .venv/bin/python bench/bench_api_submit.py [--jobs 20] [--sif BASE.sif]
 
-Starts a portal of its own like the tests' live portal does (``start_test_portal``: gunicorn
-gthread, 2 workers x 16 threads, a fresh SQLite database, user alice with an API token) on a
-free port of 127.0.0.1:9110-9149, then,
-interleaved so machine noise hits both:
-1. API: ``POST /api/v1/jobs`` through the CLI's own HTTP helper (``portal.cli._api``: a new
-   connection per call, as `aiportal submit` makes), a job that exits at once (``true``);
+Starts a portal of its own as deployed: gunicorn (gthread, 2 workers x 16 threads) on a unix
+socket behind nginx with the portal role's configuration (``bench_inference.start_nginx``), a
+fresh SQLite database, user alice with an API token, nginx on a free port of
+127.0.0.1:9110-9149, then, interleaved so machine noise hits both:
+1. API: ``POST /api/v1/jobs`` through nginx with the CLI's own HTTP helper (``portal.cli._api``:
+   a new connection per call, as `aiportal submit` makes), a job that exits at once (``true``);
 2. bare: ``SlurmCli.submit`` of the same rendered script (the one the portal stored for a
    warm-up submission) as alice, the floor any submission path pays (runuser + sbatch).
 Target: API median within 1.3x of bare. Also prints the fixed cost of any authenticated API
@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 from portal.cli import _api  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 from slurm.backend import SlurmCli  # noqa: E402
-from tests.portal.conftest import start_test_portal  # noqa: E402
+from bench.bench_inference import start_nginx  # noqa: E402
+from tests.portal.conftest import _wait_http, free_port, start_test_portal  # noqa: E402
 
 USER = "alice"
 BASE_GLOB = "/srv/aiportal/shared/images/base/debian-python-*.sif"
@@ -58,7 +59,22 @@ def main() -> int:
     portal = start_test_portal(base)
     settings = Settings.load(portal.config)
     (base / "token").write_text(portal.tokens[USER])
-    cli = argparse.Namespace(url=portal.url, token_file=str(base / "token"), timeout=60.0)
+    # the front door as deployed: nginx -> gunicorn on a unix socket
+    front = subprocess.Popen(
+        [str(VENV_BIN / "gunicorn"), "--bind", "unix:%s/portal.sock" % base, "--worker-class", "gthread",
+         "--threads", "16", "--workers", "2", "--error-logfile", str(base / "gunicorn-front.log"),
+         "portal.app:create_app()"], env=portal.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    portal.procs.append(front)
+    deadline = time.monotonic() + 30
+    while not (base / "portal.sock").exists():
+        assert time.monotonic() < deadline, (base / "gunicorn-front.log").read_text()
+        time.sleep(0.1)
+    front_port = free_port([p for p in range(9110, 9150) if p != portal.port])
+    nginx = start_nginx(base, front_port)
+    portal.procs.append(nginx)
+    front_url = "http://127.0.0.1:%d" % front_port
+    _wait_http(front_url + "/healthz", nginx, base / "nginx-error.log")
+    cli = argparse.Namespace(url=front_url, token_file=str(base / "token"), timeout=60.0)
     backend = SlurmCli(settings.slurm_conf, 60.0, settings.cluster_name)
     body = {"image": sif, "node_type": "1card", "command": ["true"], "name": "bench-api", "time_limit": "1"}
     slurm_ids: list[str] = []
@@ -85,7 +101,7 @@ def main() -> int:
             _api(cli, "GET", "/me")
             t_me.append(time.perf_counter() - t0)
         ma, mb = statistics.median(t_api), statistics.median(t_bare)
-        print("submit, %d jobs each (1card, `true`): API POST /api/v1/jobs p50 %.1f ms, p95 %.1f ms; "
+        print("submit, %d jobs each (1card, `true`): API POST /api/v1/jobs through nginx p50 %.1f ms, p95 %.1f ms; "
               "bare SlurmCli.submit p50 %.1f ms, p95 %.1f ms; ratio of medians API/bare %.2fx (target < 1.3x)"
               % (args.jobs, ma * 1e3, pct(t_api, 95) * 1e3, mb * 1e3, pct(t_bare, 95) * 1e3, ma / mb))
         print("fixed cost of one authenticated API call (GET /api/v1/me, new connection): p50 %.1f ms"

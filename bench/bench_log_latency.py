@@ -29,7 +29,8 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from portal.logs.tail import follow_log, target_for  # noqa: E402
+from portal.logs.follow import follow_log  # noqa: E402
+from portal.logs.tail import target_for  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 
 SHARED_USERS = Path("/srv/aiportal/shared/users")

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sqlmodel import Session, select  # noqa: E402
 
 from bench_log_latency import WRITER, Latencies  # noqa: E402
-from portal.logs.tail import follow_log, target_for  # noqa: E402
+from portal.logs.follow import follow_log  # noqa: E402
+from portal.logs.tail import target_for  # noqa: E402
 from portal.models import Job, User  # noqa: E402
 from portal.settings import Settings  # noqa: E402
 from slurm.states import JobState  # noqa: E402

@@ -225,12 +225,15 @@ def cmd_project_add(args) -> int:
     from sqlmodel import select
 
     from portal.models import Project
+    from portal.models.accounts import ProjectCreate
+    from portal.models.common import parse
     from portal.services import accounts
     with _admin_db(args) as db:
         members = [accounts.get_user(db, name) for name in args.member]
         project = db.exec(select(Project).where(Project.name == args.name)).first()
         if project is None:
-            project = accounts.add_project(db, args.name, args.description or "", args.slurm_account)
+            project = accounts.add_project(db, parse(ProjectCreate, {
+                "name": args.name, "description": args.description or "", "slurm_account": args.slurm_account}))
             what = "added project %s" % project.name
         elif not args.exists_ok:
             raise CliError("project %r already exists (add --exists-ok to add members to it)" % args.name)

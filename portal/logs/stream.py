@@ -15,6 +15,7 @@ from flask import Flask, Response, stream_with_context
 from sqlmodel import Session
 
 from portal.logs import tail as logtail
+from portal.logs.follow import follow_log
 from portal.errors import NotFoundError
 from portal.models import Job, User
 from slurm.jobs import expand_output_path
@@ -107,7 +108,7 @@ def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     yield "retry: 2000\n\n"
     quiet = 0
-    chunks = logtail.follow_log(target, path, offset, heartbeat_s=heartbeat_s, stop=stop)
+    chunks = follow_log(target, path, offset, heartbeat_s=heartbeat_s, stop=stop)
     try:
         for chunk in chunks:
             if chunk.data:

@@ -15,6 +15,7 @@ from sqlmodel import Session, select
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from portal.errors import AuthError, ConflictError, NotFoundError, RateLimitError, ValidationError
+from portal.models.accounts import ProjectCreate
 from portal.models import ApiToken, LoginFailure, Project, ProjectMember, User, utcnow
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -195,11 +196,11 @@ def revoke_token(db: Session, user: User, token_id: int) -> None:
     db.add(rec)
 
 
-def add_project(db: Session, name: str, description: str = "", slurm_account: str | None = None) -> Project:
-    _check_name(name)
-    if db.exec(select(Project).where(Project.name == name)).first() is not None:
-        raise ConflictError("project %r already exists" % name)
-    project = Project(name=name, description=description, slurm_account=slurm_account)
+def add_project(db: Session, create: ProjectCreate) -> Project:
+    _check_name(create.name)
+    if db.exec(select(Project).where(Project.name == create.name)).first() is not None:
+        raise ConflictError("project %r already exists" % create.name)
+    project = Project(name=create.name, description=create.description, slurm_account=create.slurm_account)
     db.add(project)
     db.flush()
     return project

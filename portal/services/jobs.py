@@ -74,17 +74,22 @@ def submit_job(db: Session, settings: Settings, backend, box: SecretBox, user: U
     return _submit_stored(db, settings, backend, job, checked)
 
 
+def _failed(db: Session, job: Job, e: Exception) -> None:
+    """Record that a stored job could not be submitted (it will not be tried again)."""
+    job.state = JobState.FAILED
+    job.reason = ("submission failed: %s" % e)[:1024]
+    job.ended_at = job.updated_at = utcnow()
+    _event(db, job, EventKind.SUBMIT_FAILED, job.reason)
+    db.add(job)
+    db.commit()
+    log.info("job %s: submission failed: %s", job.id, e)
+
+
 def _submit_stored(db: Session, settings: Settings, backend, job: Job, checked: Checked) -> Job:
     try:
         done = submission.submit(settings, backend, checked)
     except (SlurmError, StorageError, ContainerError, PortalError, OSError) as e:
-        job.state = JobState.FAILED
-        job.reason = ("submission failed: %s" % e)[:1024]
-        job.ended_at = job.updated_at = utcnow()
-        _event(db, job, EventKind.SUBMIT_FAILED, job.reason)
-        db.add(job)
-        db.commit()
-        log.info("job %s: submission failed: %s", job.id, e)
+        _failed(db, job, e)
         raise
     job.slurm_job_id = done.slurm_id
     job.script = done.script
@@ -117,12 +122,7 @@ def submit_again(db: Session, settings: Settings, backend, box: SecretBox, job: 
         checked = submission.check(settings, create, _submission(user, project, job.id),
                                    datasources.sources_of(db, box, user))
     except (PortalError, StorageError, ContainerError, OSError) as e:
-        job.state = JobState.FAILED
-        job.reason = ("submission failed: %s" % e)[:1024]
-        job.ended_at = job.updated_at = utcnow()
-        _event(db, job, EventKind.SUBMIT_FAILED, job.reason)
-        db.add(job)
-        db.commit()
+        _failed(db, job, e)
         raise
     return _submit_stored(db, settings, backend, job, checked)
 

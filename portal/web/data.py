@@ -36,7 +36,10 @@ def _render_data(form: dict | None = None, errors: dict | None = None, top: list
         except (PortalError, StorageError) as e:
             browse["error"] = str(e)
             status = error_status(e)[1]
-    return render_template("data.html", sources=[DataSourcePublic.of(r) for r in sources], browse=browse,
+    public = [DataSourcePublic.of(r) for r in sources]
+    # each bucket (or other root the source names) and where browsing it starts
+    roots = {p.name: list(zip(p.buckets, storage.source_roots(p))) for p in public}
+    return render_template("data.html", sources=public, roots=roots, browse=browse,
                            form=form or {"region": "us-east-1", "check": "1"}, errors=errors or {},
                            top_errors=top or []), status
 

@@ -19,8 +19,8 @@ import paramiko
 import pytest
 
 from portal.errors import LogTailError
-from portal.logs.tail import (LogChunk, Progress, SshTarget, TailNotice, check_path, connect_ssh,
-                            follow_log, parse_progress, read_log, tail_notice, target_for)
+from portal.logs.follow import TailNotice, follow_log, tail_notice
+from portal.logs.tail import LogChunk, Progress, SshTarget, check_path, connect_ssh, parse_progress, read_log, target_for
 from portal.settings import Settings
 
 SSHD_PIDFILE = Path("/run/aiportal/sshd.pid")
