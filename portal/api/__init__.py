@@ -93,9 +93,7 @@ def _known_query_parameters():
 
 def body(model: type[M], required: bool = True) -> M:
     """The request's JSON body as ``model`` (ValidationError names every invalid field)."""
-    data = request.get_json(silent=True) if (request.data or required) else {}
-    if data is None and not required and not request.data:
-        data = {}
+    data = {} if not required and not request.data else request.get_json(silent=True)
     if not isinstance(data, dict):
         raise ValidationError("body", "send a JSON object with Content-Type: application/json")
     return parse(model, data)

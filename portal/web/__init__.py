@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from portal.db_session import db
 from portal.models.jobs import reason_sentence
-from portal.errors import HANDLED, error_status
+from portal.errors import HANDLED, ValidationError, error_status
 from portal.services import accounts
 from slurm.states import JobState
 
@@ -95,6 +95,12 @@ def _portal_error(e: Exception):
 
 for _cls in HANDLED:
     bp.register_error_handler(_cls, _portal_error)
+
+
+def by_field(e: ValidationError, fields) -> tuple[dict[str, str], list[str]]:
+    """A form's errors: those of its own fields (shown beside each), the rest (shown on top)."""
+    return ({k: v for k, v in e.errors.items() if k in fields},
+            ["%s: %s" % kv for kv in e.errors.items() if kv[0] not in fields])
 
 
 def _owners(rows) -> dict[int, str]:

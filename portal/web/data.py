@@ -12,7 +12,7 @@ from portal.models.datasources import DataSourceCreate, DataSourcePublic
 from portal.services import datasources
 import storage
 from storage.errors import StorageError
-from portal.web import bp
+from portal.web import bp, by_field
 
 
 # -- data sources ------------------------------------------------------------------------------
@@ -61,9 +61,7 @@ def data_add():
         db().commit()
     except ValidationError as e:
         db().rollback()
-        return _render_data(form, {k: v for k, v in e.errors.items() if k in SOURCE_FIELDS or k == "secret_key"},
-                            ["%s: %s" % kv for kv in e.errors.items() if kv[0] not in SOURCE_FIELDS + ("secret_key",)],
-                            422)
+        return _render_data(form, *by_field(e, SOURCE_FIELDS + ("secret_key",)), 422)
     except (StorageError, PortalError) as e:
         db().rollback()
         return _render_data(form, {}, [str(e)], 422)

@@ -26,7 +26,7 @@ from slurm.errors import SlurmError
 from slurm.states import TERMINAL, JobState
 import storage
 from storage.errors import StorageError
-from portal.web import _owners, bp
+from portal.web import _owners, bp, by_field
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ def new_job():
             flash("job submitted as Slurm job %s" % job.slurm_job_id, "info")
             return redirect(url_for("web.job_page", job_id=job.id))
     except ValidationError as e:
-        errors = {k: v for k, v in e.errors.items() if k in fields}
-        top = ["%s: %s" % kv for kv in e.errors.items() if kv[0] not in fields]
+        errors, top = by_field(e, fields)
     except (StorageError, SlurmError, ContainerError, PortalError) as e:
         top = [str(e)]
     status = 422 if errors or top else 200

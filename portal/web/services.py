@@ -13,7 +13,7 @@ from portal.models.services import ServiceCreate, ServiceScale, ServiceUpdate
 from portal.services import inference
 from slurm.errors import SlurmError
 from storage.errors import StorageError
-from portal.web import _portal_error, bp
+from portal.web import _portal_error, bp, by_field
 
 
 # -- inference services ------------------------------------------------------------------------
@@ -63,8 +63,7 @@ def service_deploy():
         svc = inference.deploy(db(), _settings(), _box(), g.user, parse(ServiceCreate, _service_body(form)))
     except ValidationError as e:
         db().rollback()
-        return _render_services(form, {k: v for k, v in e.errors.items() if k in SERVICE_FIELDS},
-                                ["%s: %s" % kv for kv in e.errors.items() if kv[0] not in SERVICE_FIELDS], 422)
+        return _render_services(form, *by_field(e, SERVICE_FIELDS), 422)
     except (PortalError, StorageError, SlurmError) as e:
         db().rollback()
         return _render_services(form, {}, [str(e)], error_status(e)[1] if error_status(e)[1] != 500 else 422)
