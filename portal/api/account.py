@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from flask import g, jsonify
 
-from portal.api import answer, operation
+from portal.api.openapi import openapi_document
+from portal.api.operations import answer, operation
 from portal.db_session import db
 from portal.models.accounts import Me
 from portal.services import accounts
@@ -11,7 +12,6 @@ from portal.services import accounts
 
 @operation("GET", "/openapi.json", "this document (no token needed)", {200: {"type": "object"}}, auth=False)
 def openapi():
-    from portal.api.openapi import openapi_document
     return jsonify(openapi_document())
 
 

@@ -5,7 +5,7 @@ from flask import g, jsonify
 from pydantic import ConfigDict
 from sqlmodel import SQLModel
 
-from portal.api import body, operation
+from portal.api.operations import body, operation
 from portal.auth import admin_required
 from portal.db_session import backend, db, settings
 from portal.models.jobs import EventPublic

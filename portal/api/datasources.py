@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import g, request
 
-from portal.api import answer, body, int_arg, operation
+from portal.api.operations import answer, body, int_arg, operation
 from portal.db_session import box, db
 from portal.models.datasources import BrowseEntry, BrowsePage, DataSourceCreate, DataSourceList, DataSourcePublic
 from portal.services import datasources

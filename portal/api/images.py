@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import g
 
-from portal.api import answer, body, operation
+from portal.api.operations import answer, body, operation
 from portal.db_session import backend, db, settings
 from portal.models.images import CacheEntryPublic, CacheList, ImageCreate, ImageList, ImagePublic
 from portal.services import images

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Response, current_app, g, jsonify, request, stream_with_context
 
-from portal.api import answer, body, int_arg, operation, owners
+from portal.api.operations import answer, body, int_arg, operation, owners
 from portal.db_session import backend, box, db, settings
 from portal.errors import ValidationError
 from portal.logs import stream as logstream

@@ -16,6 +16,7 @@ import pydantic
 from pydantic.json_schema import models_json_schema
 
 from portal import __version__
+from portal.api.operations import OPERATIONS
 
 _REF = "#/components/schemas/{model}"
 _ERROR_TEXT = {400: "bad request", 401: "no or bad token", 403: "not allowed", 404: "not found (or not yours)",
@@ -33,7 +34,9 @@ def _is_model(x: Any) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def openapi_document() -> dict[str, Any]:
-    from portal.api import OPERATIONS    # the views register on import
+    if not OPERATIONS:
+        raise RuntimeError("no API operations are registered: import portal.api (it registers every view) "
+                           "before asking for the document")
     inputs = {op.body for op in OPERATIONS if op.body is not None}
     outputs = {a for op in OPERATIONS for a in op.answers.values() if _is_model(a)}
     keyed = [(m, "validation") for m in sorted(inputs, key=lambda m: m.__name__)] + \

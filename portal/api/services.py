@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import g, jsonify
 
-from portal.api import answer, body, operation, owners
+from portal.api.operations import answer, body, operation, owners
 from portal.db_session import box, db, settings
 from portal.models.services import ServiceCreate, ServiceList, ServicePublic, ServiceScale, ServiceUpdate
 from portal.services import inference

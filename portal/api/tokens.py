@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import g
 
-from portal.api import answer, body, operation
+from portal.api.operations import answer, body, operation
 from portal.db_session import db
 from portal.models.accounts import TokenCreate, TokenCreated, TokenList, TokenPublic
 from portal.services import accounts

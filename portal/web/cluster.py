@@ -11,7 +11,7 @@ from portal.errors import ValidationError
 from portal.services import nodes
 from portal.services.cluster import cluster_page, node_events
 from slurm.errors import SlurmError
-from portal.web import bp
+from portal.web.common import bp
 
 
 # -- cluster -----------------------------------------------------------------------------------

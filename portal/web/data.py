@@ -12,7 +12,7 @@ from portal.models.datasources import DataSourceCreate, DataSourcePublic
 from portal.services import datasources
 import storage
 from storage.errors import StorageError
-from portal.web import bp, by_field
+from portal.web.common import bp, by_field
 
 
 # -- data sources ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from portal.errors import PortalError, ValidationError
 from portal.services import images
 from slurm.errors import SlurmError
 from storage.errors import StorageError
-from portal.web import bp
+from portal.web.common import bp
 
 
 # -- images ------------------------------------------------------------------------------------

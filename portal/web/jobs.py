@@ -26,7 +26,7 @@ from slurm.errors import SlurmError
 from slurm.states import TERMINAL, JobState
 import storage
 from storage.errors import StorageError
-from portal.web import _owners, bp, by_field
+from portal.web.common import owners, bp, by_field
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def jobs_list():
     rows, total = jobs.list_jobs(db(), g.user, PAGE_SIZE, (page - 1) * PAGE_SIZE, states)
     pages = max(1, math.ceil(total / PAGE_SIZE))
     return render_template("jobs.html", jobs=rows, total=total, page=page, pages=pages, state=state,
-                           filter_states=FILTER_STATES, owners=_owners(rows) if g.user.is_admin else {})
+                           filter_states=FILTER_STATES, owners=owners(rows) if g.user.is_admin else {})
 
 
 def _job_form_context() -> dict:

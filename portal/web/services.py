@@ -13,7 +13,7 @@ from portal.models.services import ServiceCreate, ServiceScale, ServiceUpdate
 from portal.services import inference
 from slurm.errors import SlurmError
 from storage.errors import StorageError
-from portal.web import _portal_error, bp, by_field
+from portal.web.common import portal_error, bp, by_field
 
 
 # -- inference services ------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def service_action(name: str, action: str):
             inference.delete(db(), g.user, name)
             flash("service %s: deleting" % name, "info")
         else:
-            return _portal_error(ValidationError("action", "scale, update or delete"))
+            return portal_error(ValidationError("action", "scale, update or delete"))
     except (PortalError, StorageError, SlurmError) as e:
         db().rollback()
         return _render_services(None, {}, ["%s: %s" % (name, e)], error_status(e)[1])

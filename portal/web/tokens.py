@@ -7,7 +7,7 @@ from portal.auth import login_required
 from portal.db_session import db
 from portal.errors import ValidationError
 from portal.services import accounts
-from portal.web import bp
+from portal.web.common import bp
 
 
 # -- API tokens --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+import portal.api  # noqa: F401 (registers every view in the route table)
 from portal.api.openapi import openapi_document
 
 pytestmark = [pytest.mark.portal, pytest.mark.slurm]
