@@ -2,10 +2,10 @@
 projects (create, public)."""
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 from sqlmodel import SQLModel
 
-from portal.models.common import Timestamp
+from portal.models.common import OptionalTimestamp, Timestamp
 from portal.models.tables import ApiToken, Project
 
 
@@ -19,8 +19,13 @@ class Me(SQLModel):
 class TokenCreate(SQLModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(default="", max_length=64, description="a label to tell tokens apart")
+    name: str = Field(default="", description="a label to tell tokens apart (its first 64 characters are kept)")
     expires_days: int | None = Field(default=None, ge=1, le=3650, description="days until it expires (none: never)")
+
+    @field_validator("name")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        return v[:64]
 
 
 class TokenPublic(SQLModel):
@@ -30,8 +35,8 @@ class TokenPublic(SQLModel):
     name: str
     prefix: str
     created_at: Timestamp
-    last_used_at: Timestamp = None
-    expires_at: Timestamp = None
+    last_used_at: OptionalTimestamp = None
+    expires_at: OptionalTimestamp = None
     revoked: bool
 
     @classmethod

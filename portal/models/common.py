@@ -6,15 +6,20 @@ import datetime as dt
 from typing import Annotated, Any, Mapping, TypeVar
 
 import pydantic
-from pydantic import PlainSerializer
+from pydantic import PlainSerializer, WithJsonSchema
 
 from portal.errors import ValidationError
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
-#: a time in an answer: ISO 8601 with its offset (``2026-12-06T05:17:32.123456+00:00``), or null
-Timestamp = Annotated[dt.datetime | None, PlainSerializer(lambda t: t.isoformat() if t is not None else None,
-                                                          return_type=str | None, when_used="always")]
+#: a time in an answer: ISO 8601 with its offset (``2026-12-06T05:17:32.123456+00:00``)
+Timestamp = Annotated[dt.datetime, PlainSerializer(lambda t: t.isoformat(), return_type=str),
+                      WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization")]
+#: the same, or null where it has not happened (yet)
+OptionalTimestamp = Annotated[dt.datetime | None,
+                              PlainSerializer(lambda t: t.isoformat() if t is not None else None,
+                                              return_type=str | None),
+                              WithJsonSchema({"type": ["string", "null"], "format": "date-time"}, mode="serialization")]
 
 # what pydantic's error types mean to someone filling in a form
 _TYPE_MESSAGES = {

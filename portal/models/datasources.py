@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
-from pydantic import ConfigDict, Field, StrictBool
+from typing import ClassVar, Mapping
+
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from sqlmodel import SQLModel
 
-from portal.models.common import Timestamp
+from portal.models.common import OptionalTimestamp, Timestamp
 from portal.models.tables import DataSourceRecord
 
 
@@ -18,15 +20,19 @@ class DataSourceCreate(SQLModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="how job locations name it: s3://NAME/bucket/prefix")
-    endpoint: str | None = None
+    name: str = Field(description="the data source's name")
+    endpoint: str = Field(description="the store's URL, e.g. http://127.0.0.1:9000")
     region: str | None = None
-    access_key: str | None = None
-    secret_key: str | None = None
+    access_key: str
+    secret_key: str
     buckets: list[str] | str | None = Field(default=None, description="bucket names (a list, or one string "
                                                                       "separated by spaces or commas)")
-    bandwidth_mbps: float | str | None = Field(default=None, description="a cap per transfer, in Mbit/s")
-    workers: int | str | None = Field(default=None, description="parallel transfers")
+    bandwidth_mbps: StrictInt | StrictFloat | str | None = Field(default=None, description="a cap per transfer, in Mbit/s")
+    workers: StrictInt | StrictFloat | str | None = Field(default=None, description="parallel transfers")
+    missing_messages: ClassVar[Mapping[str, str]] = {"name": "give the data source a name",
+                                                     "endpoint": "is required", "access_key": "is required",
+                                                     "secret_key": "is required"}
+
     check: StrictBool = Field(default=True, description="check that the keys open each bucket")
 
 
@@ -56,7 +62,7 @@ class BrowseEntry(SQLModel):
     uri: str
     is_dir: bool
     size: int | None = None
-    last_modified: Timestamp = None
+    last_modified: OptionalTimestamp = None
 
 
 class BrowsePage(SQLModel):

@@ -17,7 +17,10 @@ from typing import Annotated, Any, ClassVar, Mapping
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 from sqlmodel import SQLModel
 
-from portal.models.common import Timestamp
+import pydantic
+
+from portal.errors import ValidationError
+from portal.models.common import OptionalTimestamp, Timestamp, as_validation_error
 from portal.models.tables import Event, Job
 from slurm.errors import SpecError
 from slurm.reasons import Category, explain
@@ -158,7 +161,8 @@ class JobBase(SQLModel):
     def _gpus(cls, v: Any) -> int | None:
         if v in ("", None):
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).strip().isdigit():
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or not (str(v).strip().isascii()
+                                                                          and str(v).strip().isdigit()):
             raise ValueError("a whole number of GPUs, 0 or more")
         return int(v)
 
@@ -222,8 +226,15 @@ class JobCreate(JobBase):
 
     @classmethod
     def of_job(cls, job: Job) -> "JobCreate":
-        """The request a stored job was made from (to resubmit it, or fill the form again)."""
-        return cls.model_validate(json.loads(job.request_json or "{}"))
+        """The request a stored job was made from (to resubmit it, or fill the form again); a
+        ValidationError when there is none (a job submitted with plain sbatch)."""
+        if job.external:
+            raise ValidationError("job", "job %s was submitted with plain sbatch: the portal has no request to "
+                                         "reuse; copy its batch script instead" % job.id)
+        try:
+            return cls.model_validate(json.loads(job.request_json or "{}"))
+        except pydantic.ValidationError as e:
+            raise as_validation_error(cls, e) from None
 
 
 def reason_sentence(state: JobState, reason: str) -> tuple[str, str | None]:
@@ -277,9 +288,9 @@ class JobPublic(SQLModel):
     exit_code: int | None = None
     restarts: int
     created_at: Timestamp
-    submitted_at: Timestamp = None
-    started_at: Timestamp = None
-    ended_at: Timestamp = None
+    submitted_at: OptionalTimestamp = None
+    started_at: OptionalTimestamp = None
+    ended_at: OptionalTimestamp = None
     stage_out_pending: list[Any] | None = Field(default=None, description="outputs kept on the shared filesystem "
                                                                           "because a stage-out could not finish")
 

@@ -11,7 +11,7 @@ from pydantic import ConfigDict, Field
 from sqlmodel import SQLModel
 
 from inference.controller import Phase
-from portal.models.common import Timestamp
+from portal.models.common import OptionalTimestamp, Timestamp
 from portal.models.tables import Service, ServiceReplica
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -22,20 +22,20 @@ class ServiceSpecFields(SQLModel):
 
     model_config = _STRICT
 
-    image: str | None = Field(default=None, description="a .sif path on the shared filesystem")
-    model: str | None = Field(default=None, description="the model folder: s3://SOURCE/bucket/prefix or a shared "
+    image: str = Field(default=None, description="a .sif path on the shared filesystem")
+    model: str = Field(default=None, description="the model folder: s3://SOURCE/bucket/prefix or a shared "
                                                         "path, staged into /data/data")
-    model_file: str | None = Field(default=None, description="the .py file with the model class, in the model "
+    model_file: str = Field(default=None, description="the .py file with the model class, in the model "
                                                              "folder (default model.py)")
-    class_name: str | None = Field(default=None, description="the class: load_model(self), "
+    class_name: str = Field(default=None, description="the class: load_model(self), "
                                                              "execute(self, data, batch_size)")
-    version: str | None = None
-    gpus: int | None = None
-    cpus: int | None = None
-    memory_mb: int | None = None
-    max_batch_size: int | None = None
-    max_wait_ms: float | None = None
-    max_body_bytes: int | None = None
+    version: str = Field(default=None)
+    gpus: int = Field(default=None)
+    cpus: int = Field(default=None)
+    memory_mb: int = Field(default=None)
+    max_batch_size: int = Field(default=None)
+    max_wait_ms: float = Field(default=None)
+    max_body_bytes: int = Field(default=None)
 
 
 class ServicePolicyFields(SQLModel):
@@ -81,8 +81,8 @@ class ReplicaPublic(SQLModel):
     avg_inflight: float | None = None
     message: str
     created_at: Timestamp
-    ready_at: Timestamp = None
-    ended_at: Timestamp = None
+    ready_at: OptionalTimestamp = None
+    ended_at: OptionalTimestamp = None
 
     @classmethod
     def of(cls, r: ServiceReplica) -> "ReplicaPublic":

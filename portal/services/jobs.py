@@ -115,10 +115,10 @@ def submit_again(db: Session, settings: Settings, backend, box: SecretBox, job: 
         return None
     db.refresh(job)
     user = db.get(User, job.user_id)
-    create = JobCreate.of_job(job)
     project = db.get(Project, job.project_id) if job.project_id else None
     log.info("job %s: stored but never submitted; submitting it now", job.id)
     try:
+        create = JobCreate.of_job(job)
         checked = submission.check(settings, create, _submission(user, project, job.id),
                                    datasources.sources_of(db, box, user))
     except (PortalError, StorageError, ContainerError, OSError) as e:

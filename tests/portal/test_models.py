@@ -87,3 +87,41 @@ def test_the_document_has_every_api_route_and_only_those(app):
     assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobCreate"}
     assert set(doc["components"]["schemas"]["JobCreate"]["properties"]) == set(JobCreate.model_fields)
     assert doc["paths"]["/openapi.json"]["get"]["security"] == []
+
+
+def test_a_job_without_a_request_cannot_be_reused():
+    external = Job(id="e1", user_id=1, name="x", external=True, request_json='{"stdout": "/x/slurm-%j.out"}')
+    with pytest.raises(ValidationError, match="submitted with plain sbatch"):
+        JobCreate.of_job(external)
+    broken = Job(id="b1", user_id=1, name="x", request_json='{"image": 5}')
+    with pytest.raises(ValidationError) as e:
+        JobCreate.of_job(broken)
+    assert set(e.value.errors) >= {"image", "node_type", "command"}
+
+
+@pytest.mark.parametrize("gpus", ["²", "1.5", True, "-1", [1]])
+def test_gpus_must_be_a_whole_number(gpus):
+    with pytest.raises(ValidationError) as e:
+        parse(JobCreate, {**BASE, "gpus": gpus})
+    assert e.value.errors == {"gpus": "a whole number of GPUs, 0 or more"}
+
+
+def test_data_source_numbers_refuse_booleans_and_keys_are_required():
+    from portal.models.datasources import DataSourceCreate
+    with pytest.raises(ValidationError) as e:
+        parse(DataSourceCreate, {"name": "s", "bandwidth_mbps": True, "workers": False})
+    assert set(e.value.errors) == {"endpoint", "access_key", "secret_key", "bandwidth_mbps", "workers"}
+    assert e.value.errors["endpoint"] == "is required"
+
+
+def test_a_long_token_name_is_cut_not_refused():
+    from portal.models.accounts import TokenCreate
+    assert parse(TokenCreate, {"name": "x" * 100}).name == "x" * 64
+
+
+def test_timestamps_are_documented_as_date_times():
+    import portal.api  # noqa: F401 (registers every view)
+    from portal.api.openapi import openapi_document
+    job = openapi_document()["components"]["schemas"]["JobPublic"]["properties"]
+    assert (job["created_at"]["type"], job["created_at"]["format"]) == ("string", "date-time")
+    assert (job["started_at"]["type"], job["started_at"]["format"]) == (["string", "null"], "date-time")

@@ -503,3 +503,14 @@ def test_data_page_checks_keys_and_browses_a_real_bucket(client, users, s3_crede
         assert "s3://%s/train/a.bin" % bucket in page and ">up</a>" in page
     finally:
         drop_bucket(source, bucket)
+
+
+def test_edit_and_submit_again_of_a_plain_sbatch_job_says_why_not(client, engine, users):
+    from portal.models import Job
+    with Session(engine) as db:
+        db.add(Job(id="ext-1", user_id=users["alice"].id, name="sbatch-job", external=True, slurm_job_id="77",
+                   request_json='{"stdout": "/x/slurm-%j.out"}'))
+        db.commit()
+    logged_in(client)
+    r = client.get("/jobs/new?from=ext-1")
+    assert r.status_code == 422 and "submitted with plain sbatch" in r.get_data(as_text=True)
