@@ -1,7 +1,7 @@
 """Inference services: deploy, list, show, scale, update (rolling or gray), delete."""
 from __future__ import annotations
 
-from flask import g, jsonify
+from flask import g
 
 from portal.api.operations import answer, body, operation, owners
 from portal.db_session import box, db, settings
@@ -10,12 +10,9 @@ from portal.services import inference
 
 
 def _out(svc, status: int = 200, headers=None):
-    public = ServicePublic.of(svc, inference.replicas_of(db(), svc), owners([svc]).get(svc.user_id))
-    resp = jsonify(public.answer())
-    resp.status_code = status
-    if headers:
-        resp.headers.update(headers)
-    return resp
+    """A service with its replicas, as the answer."""
+    return answer(ServicePublic.of(svc, inference.replicas_of(db(), svc), owners([svc]).get(svc.user_id)),
+                  status, headers)
 
 
 @operation("GET", "/services", "the caller's inference services (admins: all)", {200: ServiceList})

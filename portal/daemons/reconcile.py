@@ -28,8 +28,8 @@ from typing import Iterable, Mapping
 from sqlmodel import Session, select
 
 from portal.daemons.loop import run_loop
-from portal.models.jobs import reason_sentence
 from portal.models import Event, EventKind, Job, User, utcnow
+from portal.models.jobs import reason_sentence
 from portal.services.job_data import finish_job_data
 from slurm.jobs import JobStatus
 from slurm.render import COMMENT_PREFIX

@@ -111,28 +111,20 @@ class ServicePublic(SQLModel):
     message: str
     created_at: Timestamp
     updated_at: Timestamp
-    ready_replicas: int | None = None
-    replicas: list[ReplicaPublic] | None = None
+    ready_replicas: int
+    replicas: list[ReplicaPublic]
 
     @classmethod
-    def of(cls, svc: Service, replicas: list[ServiceReplica] | None = None, owner: str | None = None) -> "ServicePublic":
+    def of(cls, svc: Service, replicas: list[ServiceReplica], owner: str | None = None) -> "ServicePublic":
         spec = svc.spec
-        out = cls(id=svc.id, name=svc.name, owner=owner, state=svc.state.value, url="/service/%s" % svc.name,
-                  spec=spec, generation=svc.generation, version=spec.get("version"),
-                  next_spec=json.loads(svc.next_spec_json) if svc.next_spec_json else None,
-                  next_weight=svc.next_weight, min_replicas=svc.min_replicas, max_replicas=svc.max_replicas,
-                  desired_replicas=svc.desired, target_inflight=svc.target_inflight,
-                  scale_down_delay_s=svc.scale_down_delay_s, message=svc.message, created_at=svc.created_at,
-                  updated_at=svc.updated_at)
-        if replicas is not None:
-            out.ready_replicas = sum(1 for r in replicas if r.phase is Phase.READY)
-            out.replicas = [ReplicaPublic.of(r) for r in replicas]
-        return out
-
-    def answer(self) -> dict[str, Any]:
-        """As JSON, leaving out the replica fields when the replicas were not read."""
-        return self.model_dump(mode="json", exclude_none=False,
-                               exclude={"ready_replicas", "replicas"} if self.replicas is None else None)
+        return cls(id=svc.id, name=svc.name, owner=owner, state=svc.state.value, url="/service/%s" % svc.name,
+                   spec=spec, generation=svc.generation, version=spec.get("version"),
+                   next_spec=json.loads(svc.next_spec_json) if svc.next_spec_json else None,
+                   next_weight=svc.next_weight, min_replicas=svc.min_replicas, max_replicas=svc.max_replicas,
+                   desired_replicas=svc.desired, target_inflight=svc.target_inflight,
+                   scale_down_delay_s=svc.scale_down_delay_s, message=svc.message, created_at=svc.created_at,
+                   updated_at=svc.updated_at, ready_replicas=sum(1 for r in replicas if r.phase is Phase.READY),
+                   replicas=[ReplicaPublic.of(r) for r in replicas])
 
 
 class ServiceList(SQLModel):
