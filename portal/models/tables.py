@@ -40,6 +40,18 @@ class ImageState(enum.Enum):
     FAILED = "FAILED"            #: the conversion job failed (see message)
 
 
+class BuildState(enum.Enum):
+    PENDING = "PENDING"          #: the build job waits in the queue
+    RUNNING = "RUNNING"          #: buildah runs (then pushes)
+    PUSHED = "PUSHED"            #: built and pushed; ``digest`` is the pushed manifest
+    FAILED = "FAILED"            #: the build or the push failed (see message and log)
+    CANCELLED = "CANCELLED"      #: cancelled by its owner or an admin
+
+    @property
+    def terminal(self) -> bool:
+        return self in (BuildState.PUSHED, BuildState.FAILED, BuildState.CANCELLED)
+
+
 class EventKind(enum.Enum):
     SUBMITTED = "submitted"      #: accepted by Slurm
     STATE = "state"              #: a job's state changed (pending with reason, running on node, ...)
@@ -206,6 +218,39 @@ class Image(SQLModel, table=True):
     message: str = Field(default="", max_length=2000)
     created_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class RegistryCredential(SQLModel, table=True):
+    """A user's account at an OCI registry (``host`` is host[:port]). The password is sealed with the
+    site's data key (:class:`storage.credentials.SecretBox`), like data-source keys."""
+
+    __tablename__ = "registry_credentials"
+    __table_args__ = (sa.UniqueConstraint("user_id", "host", name="uq_registry_credentials_user_host"),)
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    host: str = Field(max_length=255)   #: the registry, host[:port]
+    username: str = Field(max_length=255)
+    password_sealed: str = Field(sa_type=sa.Text)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    checked_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class ImageBuild(SQLModel, table=True):
+    """A Dockerfile build: a Slurm job that runs buildah as the user, then pushes ``tag``."""
+
+    __tablename__ = "image_builds"
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    tag: str = Field(max_length=1024)
+    digest: str = Field(default="", max_length=80)
+    state: BuildState = Field(default=BuildState.PENDING, sa_type=_enum(BuildState))
+    slurm_job_id: str | None = Field(default=None, max_length=32)
+    build_dir: str = Field(default="", max_length=1024)
+    log_path: str = Field(default="", max_length=1024)
+    message: str = Field(default="", max_length=2000)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+    ended_at: dt.datetime | None = None
 
 
 class DataSourceRecord(SQLModel, table=True):
