@@ -64,6 +64,20 @@ class Settings:
     image_cache: str = "/srv/aiportal/shared/images/cache"
     image_builder_user: str = "aiportal-img"
     image_build_partition: str = "gpu-1card"
+    # -- OCI registries (docs/images.md) --
+    #: the site's registry; its ``site/`` namespace holds the base images everyone may use
+    site_registry: str = "localhost:5000"
+    #: the base images published there: tag, digest, what is in each (ansible role site_images)
+    site_images_file: str = "/srv/aiportal/shared/images/site-images.json"
+    #: the account the portal reads the site's base images with (for users who have none there)
+    site_registry_user: str = "aiportal-site"
+    site_registry_password_file: str = "/etc/aiportal/secrets/registry_password_aiportal-site"
+    #: registries spoken to over plain HTTP (no TLS); the others are verified with this bundle
+    registry_insecure: tuple[str, ...] = ()
+    registry_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
+    registry_timeout_s: float = 10.0
+    #: how long a user's right to read a cached private image is trusted before the registry is asked again
+    registry_access_ttl_s: float = 60.0
     # sshd the portal tails job logs through, as the job's user (ansible role log_sshd)
     log_ssh_host: str = "127.0.0.1"
     log_ssh_port: int = 2222
