@@ -78,6 +78,22 @@ class Settings:
     registry_timeout_s: float = 10.0
     #: how long a user's right to read a cached private image is trusted before the registry is asked again
     registry_access_ttl_s: float = 60.0
+    # -- Dockerfile builds (docs/builds.md): a Slurm job on image_build_partition runs buildah as the user --
+    #: the node-local buildah storage of each user ({user} filled in; 0700, the user's own; under a
+    #: sticky world-writable folder such as /var/tmp, so users create their own): vfs on NFS is slow
+    image_build_storage: str = "/var/tmp/aiportal-build-{user}"
+    #: the aiportal command the build job runs (`aiportal image build-run`); "" = stage_bin
+    image_build_bin: str = ""
+    #: the uploaded context tar at most (MB), and the unpacked context
+    image_build_context_limit_mb: int = 2048
+    #: the user's build storage at most while a build runs (MB; over it the build fails and the storage is wiped)
+    image_build_storage_limit_mb: int = 20480
+    #: RLIMIT_NPROC of the build (counts the user's processes on the node): bounds fork bombs
+    image_build_max_processes: int = 4096
+    #: the build job's CPUs and time limit; the runner stops buildah after image_build_timeout_s
+    image_build_cpus: int = 2
+    image_build_time_limit: str = "02:00:00"
+    image_build_timeout_s: float = 6600.0
     # sshd the portal tails job logs through, as the job's user (ansible role log_sshd)
     log_ssh_host: str = "127.0.0.1"
     log_ssh_port: int = 2222

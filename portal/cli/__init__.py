@@ -31,6 +31,9 @@ On the node, from the public site settings (/etc/aiportal/site.toml):
                                                  print the exact batch script, to edit and sbatch
     aiportal image convert REF                   convert to SIF in the shared cache; prints the path
     aiportal image list [--json]                 cached images, sizes, last use
+    aiportal image build [-f Dockerfile] [CONTEXT] --tag REGISTRY/REPO:TAG [--detach]
+                                                 build in a Slurm job as you, push; prints REPO@sha256:...
+    aiportal image builds [--json] | build-cancel ID
     aiportal stage in --from URI --to DIR [--missing-ok] [--credentials FILE] [--workers N]
                     [--bandwidth-mbps MBIT_S]
     aiportal stage out --from DIR --to URI [--credentials FILE] ...
@@ -63,6 +66,7 @@ import os
 import sys
 
 from portal import __version__
+from portal.cli.builds import cmd_build_run, cmd_image_build, cmd_image_build_cancel, cmd_image_builds
 from portal.cli.accounts import (_add_config, _add_password, cmd_project_add, cmd_token_create, cmd_token_list,
                                  cmd_token_revoke, cmd_user_add, cmd_user_disable, cmd_user_list, cmd_user_passwd)
 # the client side is also this package's API (tests, benches)
@@ -145,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache", help="cache folder (default: image_cache from site.toml)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_image_list)
+    c = isub.add_parser("build", help="build a Dockerfile in a Slurm job (buildah, as you) and push it with your "
+                                      "registry account; prints REPO@sha256:... when pushed")
+    c.add_argument("context", nargs="?", default=".", help="the build context folder (default .)")
+    c.add_argument("-f", "--file", help="the Dockerfile (default CONTEXT/Dockerfile)")
+    c.add_argument("-t", "--tag", required=True, help="REGISTRY/REPOSITORY:TAG to push")
+    c.add_argument("--detach", action="store_true", help="print the build id and do not follow the log")
+    c.add_argument("-q", "--quiet", action="store_true", help="no upload progress")
+    c.set_defaults(func=cmd_image_build)
+    c = isub.add_parser("builds", help="your Dockerfile builds, newest first")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_image_builds)
+    c = isub.add_parser("build-cancel", help="cancel a build")
+    c.add_argument("build", type=int)
+    c.set_defaults(func=cmd_image_build_cancel)
+    c = isub.add_parser("build-run", help="(run by a build's Slurm job, as the user) buildah bud + push")
+    c.add_argument("--dir", required=True, help="the build folder the portal prepared")
+    c.set_defaults(func=cmd_build_run)
 
     p = sub.add_parser("stage", help="move data in or out of a job (run inside jobs)")
     p.add_argument("direction", choices=["in", "out"])

@@ -12,6 +12,7 @@ its field, with the user's input kept.
 | job (timeline, log, plot, outputs) | ``GET /jobs/ID``, ``GET /jobs/ID/plot.svg``, ``POST /jobs/ID/cancel|resubmit`` |
 | cluster (admins: drain/resume) | ``GET /cluster``, ``POST /cluster/nodes/NODE/drain|resume`` |
 | images | ``GET|POST /images`` |
+| Dockerfile builds (upload, list, live log) | ``GET|POST /images/builds``, ``GET /images/builds/ID`` |
 | data sources (browse a prefix) | ``GET /data?source=NAME&prefix=s3://...``, ``POST /data``, ``POST /data/NAME/delete`` |
 | API tokens | ``GET|POST /tokens``, ``POST /tokens/ID/revoke`` |
 | inference services (deploy, scale, update, delete) | ``GET|POST /services``, ``POST /services/NAME/scale|update|delete`` |
@@ -19,3 +20,4 @@ its field, with the user's input kept.
 from portal.web.common import bp  # noqa: F401 (the app registers it)
 # the views, one module per resource (they register on ``bp``)
 from portal.web import cluster, data, images, jobs, services, tokens  # noqa: F401
+from portal.web import builds  # noqa: F401  (Dockerfile builds, linked from the images page)

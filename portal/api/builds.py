@@ -1,0 +1,117 @@
+"""Dockerfile builds: start one from a context tar, list, show, the log (offset or live), cancel."""
+from __future__ import annotations
+
+import codecs
+import threading
+
+from flask import Response, current_app, g, request, stream_with_context
+from sqlmodel import Session
+
+from portal.api.operations import answer, int_arg, operation, owners
+from portal.db_session import backend, box, db, settings
+from portal.errors import ValidationError
+from portal.logs import tail as logtail
+from portal.logs.follow import follow_log
+from portal.logs.stream import sse
+from portal.models import ImageBuild, User
+from portal.models.builds import BuildList, BuildPublic
+from portal.services import image_builds
+
+_TAR_TYPES = ("application/x-tar", "application/tar", "application/gzip", "application/x-gzip",
+              "application/octet-stream")
+
+
+def _public(b: ImageBuild) -> BuildPublic:
+    return BuildPublic.of(b, owners([b]).get(b.user_id))
+
+
+@operation("POST", "/images/build", "build a Dockerfile in a Slurm job as the caller and push it "
+           "(body: the context as a tar, Content-Type application/x-tar)", {202: BuildPublic},
+           (400, 404, 413, 422, 503), media=("application/json",), query={
+               "tag": {"type": "string", "description": "REGISTRY/REPOSITORY:TAG to push"},
+               "dockerfile": {"type": "string", "description": "the Dockerfile's path in the context (default Dockerfile)"}})
+def start_build():
+    if request.mimetype not in _TAR_TYPES:
+        raise ValidationError("body", "send the build context as a tar with Content-Type: application/x-tar "
+                                      "(tar -cf - -C CONTEXT . | curl --data-binary @- ...)")
+    request.max_content_length = (settings().image_build_context_limit_mb << 20) + (1 << 20)
+    build = image_builds.start_build(db(), settings(), backend(), box(), g.user, request.stream,
+                                     request.args.get("tag", ""), request.args.get("dockerfile") or "Dockerfile")
+    return answer(BuildPublic.of(build, g.user.name), 202, {"Location": "/api/v1/images/builds/%d" % build.id})
+
+
+@operation("GET", "/images/builds", "the caller's builds, newest first (admins: all)", {200: BuildList}, (503,))
+def list_builds():
+    rows = image_builds.list_builds(db(), settings(), backend(), g.user)
+    names = owners(rows)
+    return answer(BuildList(builds=[BuildPublic.of(b, names.get(b.user_id)) for b in rows]))
+
+
+@operation("GET", "/images/builds/<int:build_id>", "one build", {200: BuildPublic}, (404, 503))
+def show_build(build_id: int):
+    build = image_builds.get_build(db(), g.user, build_id)
+    image_builds.refresh_builds(db(), settings(), backend(), [build])
+    return answer(_public(build))
+
+
+@operation("DELETE", "/images/builds/<int:build_id>", "cancel a build", {202: BuildPublic}, (404, 409, 503))
+def cancel_build(build_id: int):
+    build = image_builds.get_build(db(), g.user, build_id)
+    return answer(_public(image_builds.cancel_build(db(), settings(), backend(), g.user, build)), 202)
+
+
+@operation("GET", "/images/builds/<int:build_id>/log",
+           "the build's log (plain text from ?offset; ?follow=1: Server-Sent Events until the build has ended)",
+           {200: {"type": "string"}}, (404, 422, 503), media=("text/plain", "text/event-stream"), query={
+               "offset": {"type": "integer", "minimum": 0}, "follow": {"type": "string", "enum": ["0", "1"]}})
+def build_log(build_id: int):
+    build = image_builds.get_build(db(), g.user, build_id)
+    offset = int_arg("offset", 0, 0, 1 << 50)
+    if request.args.get("follow") in ("1", "true", "yes"):
+        last = request.headers.get("Last-Event-ID", "")
+        if last.isdigit():
+            offset = int(last)
+        if not build.log_path:
+            image_builds.read_log(settings(), db(), build, 0, 1)      # the NotFoundError it raises
+        app = current_app._get_current_object()
+        unix_user = db().get(User, build.user_id).unix_user
+        return Response(stream_with_context(_stream(app, build.id, unix_user, build.log_path, offset)),
+                        mimetype="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    chunk = image_builds.read_log(settings(), db(), build, offset)
+    return Response(chunk.data, mimetype="text/plain",
+                    headers={"X-Log-Offset": str(chunk.offset + len(chunk.data)), "Cache-Control": "no-store"})
+
+
+def _build_over(app, build_id: int) -> bool:
+    with Session(app.extensions["aiportal.engine"], expire_on_commit=False) as s:
+        build = s.get(ImageBuild, build_id)
+        if build is None:
+            return True
+        image_builds.refresh_builds(s, app.extensions["aiportal.settings"], app.extensions["aiportal.slurm"], [build])
+        return build.state.terminal
+
+
+def _stream(app, build_id: int, unix_user: str, path: str, offset: int, heartbeat_s: float = 2.0):
+    """SSE: ``log`` events (text, next offset as id), heartbeats, ``end`` once the build has
+    ended and its log is drained (as :mod:`portal.logs.stream` does for jobs)."""
+    target = logtail.target_for(app.extensions["aiportal.settings"], unix_user)
+    stop = threading.Event()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    yield "retry: 2000\n\n"
+    quiet = 0
+    chunks = follow_log(target, path, offset, heartbeat_s=heartbeat_s, stop=stop)
+    try:
+        for chunk in chunks:
+            if chunk.data:
+                quiet = 0
+                end = chunk.offset + len(chunk.data)
+                yield sse("log", {"text": decoder.decode(chunk.data), "offset": end}, end)
+                continue
+            yield ": heartbeat\n\n"
+            quiet += 1
+            if quiet >= 1 and _build_over(app, build_id):
+                yield sse("end", {"state": "ended"})
+                return
+    finally:
+        stop.set()
+        chunks.close()
