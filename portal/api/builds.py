@@ -27,7 +27,7 @@ def _public(b: ImageBuild) -> BuildPublic:
 
 @operation("POST", "/images/build", "build a Dockerfile in a Slurm job as the caller and push it "
            "(body: the context as a tar, Content-Type application/x-tar)", {202: BuildPublic},
-           (400, 404, 413, 422, 503), media=("application/json",), query={
+           (400, 404, 422, 503), query={
                "tag": {"type": "string", "description": "REGISTRY/REPOSITORY:TAG to push"},
                "dockerfile": {"type": "string", "description": "the Dockerfile's path in the context (default Dockerfile)"}})
 def start_build():
