@@ -48,6 +48,11 @@ def test_two_line_dockerfile_builds_pushes_and_runs(build_portal, tmp_path):
     build = build_json(bp, last_build_id(bp))
     assert build["state"] == "PUSHED" and build["pinned"] == pinned
     assert not Path(build_dir(bp, build["id"]), "auth.json").exists()      # the runner removed the credentials
+    listed = bp.cli("image", "builds")
+    assert listed.returncode == 0 and "PUSHED" in listed.stdout and "%s/alice/app:1" % host in listed.stdout
+    assert bp.cli("image", "builds", user="bob").stdout.count("\n") == 1       # the header only
+    log = bp.portal.get("/api/v1/images/builds/%d/log?offset=0" % build["id"], bp.portal.tokens["alice"]).decode()
+    assert "pushed %s" % pinned in log
     # the pushed image runs under apptainer (pulled with alice's account)
     sif = tmp_path / "app.sif"
     env = dict(os.environ, APPTAINER_DOCKER_USERNAME="alice", APPTAINER_DOCKER_PASSWORD=PASSWORDS["alice"])
