@@ -87,23 +87,35 @@ class ApptainerBuilder:
       ``oci:DIR:TAG`` as a path), then as an oci-archive;
     * definition: ``apptainer build`` in the definition's directory (relative %files);
     * SIF: copied as it is;
-    * docker:// (registry): refused, no registry is reachable from this site.
+    * docker:// (registry): pinned references only (``NAME@sha256:...``), pulled with
+      ``authfile`` (an authfile of the user's account; see :mod:`containers.registry`), over
+      plain HTTP for hosts in ``insecure``.
     """
 
     def __init__(self, cachedir: Path | None = None, tmpdir: Path | None = None,
                  timeout: float = DEFAULT_BUILD_TIMEOUT, apptainer: str = "apptainer",
-                 skopeo: str = "skopeo"):
+                 skopeo: str = "skopeo", authfile: Path | None = None, insecure: frozenset = frozenset()):
         self.cachedir = cachedir
         self.tmpdir = tmpdir
         self.timeout = timeout
         self.apptainer = apptainer
         self.skopeo = skopeo
+        self.authfile = authfile
+        self.insecure = frozenset(insecure)
 
     def __call__(self, ref: ImageRef, dest: Path) -> None:
         env = build_env(self.cachedir, self.tmpdir)
         if ref.kind is RefKind.DOCKER:
-            raise ImageRefError(ref.original, "registries are not reachable from this site; "
-                                              "use a docker-archive: or oci-archive: file")
+            if ref.digest is None:
+                raise ImageRefError(ref.original, "only pinned registry images are converted "
+                                                  "(docker://NAME@sha256:...)")
+            argv = build_argv(dest, str(ref), apptainer=self.apptainer)
+            extra = (["--authfile", str(self.authfile)] if self.authfile else []) + \
+                (["--no-https"] if ref.registry in self.insecure else [])
+            argv[2:2] = extra
+            log.info("pulling %s into %s", ref, dest)
+            run_command(argv, self.timeout, env=env)
+            return
         if ref.kind is RefKind.SIF:
             log.info("copying %s to %s", ref.path, dest)
             shutil.copyfile(ref.path, dest)

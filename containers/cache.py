@@ -16,7 +16,8 @@ Layout (flat: one directory holds a few hundred images comfortably)::
     ROOT/apptainer/cache, .../tmp        APPTAINER_CACHEDIR and APPTAINER_TMPDIR of conversions
 
 Digests (``sha256:HEX``) are :mod:`containers.digests`'s: an archive or SIF hashed whole, an OCI
-layout's manifest digest, a definition with the files it reads.
+layout's manifest digest, a definition with the files it reads; a registry image's is its
+manifest digest (the reference must be pinned, ``docker://NAME@sha256:...``).
 
 Users: directories are created 0755 and files 0644 by whoever converts. On the dev cluster
 conversions run as root (the portal) or, at a site, as a conversion service account; other
@@ -87,9 +88,10 @@ class SifCache:
         """``sha256:HEX`` for ``ref``; from the sidecar index when the files it reads are
         unchanged (same inode, size, mtime_ns, ctime_ns), else computed and recorded."""
         if ref.kind is RefKind.DOCKER:
-            raise ImageRefError(ref.original, "registries are not reachable from this site; "
-                                              "save the image to a docker-archive: or "
-                                              "oci-archive: file on the shared filesystem")
+            if ref.digest is None:
+                raise ImageRefError(ref.original, "a registry image is cached by its digest: resolve "
+                                                  "the tag first (docker://NAME@sha256:...)")
+            return ref.digest
         sources = source_files(ref)
         before = identity(sources)
         key = hashlib.sha256(json.dumps([str(ref), before]).encode()).hexdigest()

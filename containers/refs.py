@@ -4,8 +4,8 @@
 
 ============================================  ===============================================
 ``docker://NAME[:TAG][@sha256:HEX]``           a registry image (Docker reference grammar);
-                                               parsed, but registries are not reachable from
-                                               this site, so the cache refuses it
+                                               the portal pins it to a digest with the user's
+                                               registry account (containers.registry)
 ``docker-archive:/ABS/PATH.tar``               ``docker save`` / ``skopeo copy ... docker-archive:``
 ``oci-archive:/ABS/PATH.tar``                  ``skopeo copy ... oci-archive:``
 ``oci:/ABS/DIR[:TAG]``                         an OCI image layout directory (``umoci``, ``skopeo``)
@@ -27,12 +27,14 @@ from pathlib import Path
 from containers.errors import ImageRefError
 
 MAX_REF_LENGTH = 4096
+#: The registry of a docker:// name that names none (Docker's rule).
+DEFAULT_REGISTRY = "docker.io"
 
 
 class RefKind(enum.Enum):
     """Where an image comes from. The value is the reference scheme (or file type)."""
 
-    DOCKER = "docker"                  #: a registry (not reachable from this site)
+    DOCKER = "docker"                  #: an OCI/Docker registry (containers.registry)
     DOCKER_ARCHIVE = "docker-archive"  #: a tar written by ``docker save`` or skopeo
     OCI_ARCHIVE = "oci-archive"        #: a tar of an OCI image layout
     OCI_LAYOUT = "oci"                 #: an OCI image layout directory, optionally a tag in it
@@ -103,10 +105,51 @@ class ImageRef:
 
     @property
     def tag(self) -> str | None:
-        """The tag inside an OCI layout (``oci:/dir:TAG``), else None."""
+        """The tag inside an OCI layout (``oci:/dir:TAG``) or of a registry image, else None."""
         if self.kind is RefKind.OCI_LAYOUT and ":" in self.location:
             return self.location.split(":", 1)[1]
+        if self.kind is RefKind.DOCKER:
+            return _split_docker(self.location)[2]
         return None
+
+    # -- registry images (docker://) -------------------------------------------------------
+
+    def _docker(self) -> tuple[str, str, str | None, str | None]:
+        if self.kind is not RefKind.DOCKER:
+            raise ValueError("%s is not a registry reference" % self)
+        return _split_docker(self.location)
+
+    @property
+    def registry(self) -> str:
+        """The registry host (``HOST[:PORT]``); ``docker.io`` when the name has none."""
+        return self._docker()[0] or DEFAULT_REGISTRY
+
+    @property
+    def repository(self) -> str:
+        """The repository inside the registry (``library/NAME`` for Docker Hub's one-part names)."""
+        domain, remote, _, _ = self._docker()
+        if not domain and "/" not in remote:
+            return "library/" + remote
+        return remote
+
+    @property
+    def digest(self) -> str | None:
+        """``sha256:HEX`` when the reference is pinned (``NAME@sha256:...``), else None."""
+        return self._docker()[3]
+
+    @property
+    def reference(self) -> str:
+        """What the registry's manifest endpoint is asked for: the digest, else the tag
+        (``latest`` when none is given)."""
+        return self.digest or self.tag or "latest"
+
+    def pinned(self, digest: str) -> "ImageRef":
+        """``docker://HOST/REPO@DIGEST``: this image at one content digest, whatever its tag
+        points at later. The host is always written out."""
+        if not _DIGEST.fullmatch(digest or ""):
+            raise ValueError("not a sha256 digest: %r" % digest)
+        location = "%s/%s@%s" % (self.registry, self.repository, digest)
+        return ImageRef(RefKind.DOCKER, location, "docker://" + location)
 
 
 def parse_image_ref(text: str) -> ImageRef:
@@ -140,8 +183,7 @@ def parse_image_ref(text: str) -> ImageRef:
             raise ImageRefError(text, "unknown or unsupported scheme %r: not reachable from "
                                       "this site" % (scheme + "://"))
     if not re.search(r"\.(sif|def|tar)$", text) and _looks_like_docker_name(text):
-        raise ImageRefError(text, "no scheme: did you mean docker://%s (registries are not "
-                                  "reachable here) or an absolute path?" % text)
+        raise ImageRefError(text, "no scheme: did you mean docker://%s or an absolute path?" % text)
     raise ImageRefError(text, "relative paths and unknown schemes are not accepted; "
                               "give an absolute path")
 

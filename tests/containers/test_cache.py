@@ -98,7 +98,7 @@ def test_digest_of_files_is_their_sha256(cache, tmp_path, scheme, name):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("docker://python:3.11", "registries are not reachable from this site"),
+    ("docker://python:3.11", "resolve the tag first"),
     ("docker-archive:/nonexistent/x.tar", "no such file: /nonexistent/x.tar"),
     ("/nonexistent/x.sif", "no such file: /nonexistent/x.sif"),
     ("oci:/nonexistent", "no OCI layout directory at /nonexistent"),

@@ -5,6 +5,8 @@ Runs as bob (not an admin: drains are refused, never performed); revoking tokens
 so the run keeps its own token. "Schema-valid data is accepted" is not checked: the document
 gives shapes, while whether an image, a node type or a data location works on this site is
 the service's to say (422 with the field), e.g. an image path that does not exist."""
+import re
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -33,8 +35,6 @@ def test_document_lists_every_endpoint_of_the_api(app):
     routes = {(m, r.rule) for r in app.url_map.iter_rules() if r.rule.startswith("/api/v1")
               for m in r.methods - {"HEAD", "OPTIONS"}}
     # every route's template, with its converters written as OpenAPI parameters
-    as_openapi = {(m, r.replace("<path:rel>", "{rel}").replace("<int:token_id>", "{token_id}")
-                   .replace("<job_id>", "{job_id}").replace("<node>", "{node}").replace("<name>", "{name}"))
-                  for m, r in routes}
+    as_openapi = {(m, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", r)) for m, r in routes}
     # one output file (/outputs/{rel}) is a download, documented with its folder's listing
     assert {x for x in as_openapi - documented if "{rel}" not in x[1]} == set()
