@@ -142,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("image", help="convert images into the shared SIF cache, list it")
     isub = p.add_subparsers(dest="image_command", required=True)
     c = isub.add_parser("convert", help="convert REF to SIF (once per content digest); prints the SIF path")
-    c.add_argument("ref", help="docker-archive:/x.tar, oci-archive:/x.tar, oci:/layout:tag, /x.def, /x.sif")
+    c.add_argument("ref", help="docker://HOST/REPO@sha256:..., docker-archive:/x.tar, oci-archive:/x.tar, "
+                               "oci:/layout:tag, /x.def, /x.sif")
     c.add_argument("--cache", help="cache folder (default: image_cache from site.toml)")
+    c.add_argument("--authfile", metavar="FILE", help="registry account for docker:// (containers-auth.json); "
+                                                      "removed after the conversion")
     c.set_defaults(func=cmd_image_convert)
     c = isub.add_parser("list", help="cached images with sizes and last use")
     c.add_argument("--cache", help="cache folder (default: image_cache from site.toml)")

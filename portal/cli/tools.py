@@ -87,6 +87,7 @@ def _cached_image(ref: str) -> str:
 
 
 def cmd_image_convert(args) -> int:
+    from containers.builder import ApptainerBuilder
     from containers.cache import SifCache
     from containers.errors import ContainerError
     from containers.refs import parse_image_ref
@@ -96,11 +97,18 @@ def cmd_image_convert(args) -> int:
     if not os.access(cache_root, os.W_OK):
         raise CliError("the image cache %s is written only by %s (and root); submit jobs through the "
                        "portal, which converts images for you" % (cache_root, settings.image_builder_user))
+    cache = SifCache(cache_root)
+    authfile = Path(args.authfile) if getattr(args, "authfile", None) else None
+    builder = ApptainerBuilder(cache.apptainer_cachedir, cache.apptainer_tmpdir, authfile=authfile,
+                               insecure=frozenset(settings.registry_insecure))
     try:
-        sif = SifCache(cache_root).ensure(parse_image_ref(args.ref),
-                                          progress=lambda msg: print("[aiportal image] %s" % msg, file=sys.stderr))
+        sif = cache.ensure(parse_image_ref(args.ref), builder=builder,
+                           progress=lambda msg: print("[aiportal image] %s" % msg, file=sys.stderr))
     except ContainerError as e:
         raise CliError(str(e)) from e
+    finally:
+        if authfile is not None:            # the registry account: read once, never kept
+            authfile.unlink(missing_ok=True)
     print(sif)
     return 0
 
