@@ -5,6 +5,7 @@ the pages show the same code and status."""
 from __future__ import annotations
 
 from containers.errors import ContainerError, ImageRefError
+from containers.registry import RegistryAuthError, RegistryError, RegistryNotFound, RegistryUnavailable
 from inference.errors import InferenceError
 from slurm.errors import SlurmError, SpecError, SubmitError
 from storage.errors import StorageError
@@ -105,6 +106,10 @@ def error_status(e: Exception) -> tuple[str, int]:
         return e.code, 503
     if isinstance(e, StorageError):
         return e.code, STORAGE_STATUS.get(e.code, 400)
+    if isinstance(e, RegistryUnavailable):
+        return e.code, 503
+    if isinstance(e, RegistryError):
+        return e.code, 422 if isinstance(e, (RegistryAuthError, RegistryNotFound)) else 502
     if isinstance(e, ContainerError):
         return e.code, 500
     if isinstance(e, (InferenceError, PortalError)):

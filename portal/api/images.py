@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import g
 
 from portal.api.operations import answer, body, operation
-from portal.db_session import backend, db, settings
+from portal.db_session import backend, box, db, settings
 from portal.models.images import CacheEntryPublic, CacheList, ImageCreate, ImageList, ImagePublic
 from portal.services import images
 
@@ -15,10 +15,10 @@ def list_images():
     return answer(ImageList(images=[ImagePublic.of(i) for i in rows]))
 
 
-@operation("POST", "/images", "register an image (archives are converted by a Slurm job)", {201: ImagePublic},
-           (400, 422, 503), body=ImageCreate)
+@operation("POST", "/images", "register an image (archives and registry images are converted by a Slurm job)",
+           {201: ImagePublic}, (400, 403, 422, 503), body=ImageCreate)
 def register_image():
-    img = images.register_image(db(), settings(), backend(), g.user, body(ImageCreate).ref.strip())
+    img = images.register_image(db(), settings(), backend(), box(), g.user, body(ImageCreate).ref.strip())
     return answer(ImagePublic.of(img), 201)
 
 

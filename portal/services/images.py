@@ -14,6 +14,7 @@ import pwd
 import secrets
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +23,21 @@ from sqlmodel import select
 from containers.cache import SifCache
 from containers.errors import ImageRefError
 from containers.refs import ImageRef, RefKind, parse_image_ref
+from containers.registry import RegistryAuth, write_authfile
 from portal.errors import ValidationError
 from portal.models import Image, ImageState, utcnow
+from portal.services import registries
 from portal.settings import Settings
 from slurm.render import render_command_job
 
 log = logging.getLogger(__name__)
 
 # What the portal converts for users; definition files are built by admins (`aiportal image convert`).
-CONVERTIBLE = {RefKind.DOCKER_ARCHIVE: "docker-archive", RefKind.OCI_ARCHIVE: "oci-archive"}
+# Registry images are converted pinned (docker://HOST/REPO@sha256:...; registries.pin).
+CONVERTIBLE = {RefKind.DOCKER_ARCHIVE: "docker-archive", RefKind.OCI_ARCHIVE: "oci-archive",
+               RefKind.DOCKER: "docker"}
+#: an authfile left by a conversion job that never ran is removed after this long
+_STALE_AUTHFILE_S = 6 * 3600
 
 
 @dataclass(frozen=True)
@@ -78,11 +85,32 @@ def check_user_can_read(user: str, path: str) -> None:
         raise ImageRefError(path, "is not a file that Unix user %s can read" % user)
 
 
-def request_image(settings: Settings, backend, ref_text: str, user: str | None = None) -> ImageRequest:
+def _authfile(settings: Settings, auth: RegistryAuth, host: str) -> Path:
+    """The account a conversion job pulls with: a new 0600 file of the builder account's, which
+    ``aiportal image convert --authfile`` removes after use (never in the script or the log)."""
+    b = _builder(settings)
+    inbox = _builder_dir(settings, "incoming")
+    now = time.time()
+    for old in inbox.glob("auth-*.json"):          # jobs cancelled before they ran leave theirs
+        try:
+            if now - old.stat().st_mtime > _STALE_AUTHFILE_S:
+                old.unlink()
+        except OSError:
+            pass
+    path = inbox / ("auth-%s.json" % secrets.token_hex(16))
+    return write_authfile(path, {host: auth}, b.pw_uid, b.pw_gid)
+
+
+def request_image(settings: Settings, backend, ref_text: str, user: str | None = None,
+                  auth: RegistryAuth | None = None) -> ImageRequest:
     """Resolve ``ref_text`` to a SIF path; submit its conversion if it is not cached yet.
-    With ``user``, a file the reference names must be readable by that Unix user."""
+    With ``user``, a file the reference names must be readable by that Unix user. A registry
+    image must be pinned (``registries.pin``); ``auth`` is the account its conversion pulls with."""
     ref = parse_image_ref(ref_text)
-    if user is not None and ref.kind in CONVERTIBLE and os.geteuid() == 0:
+    if ref.kind is RefKind.DOCKER and ref.digest is None:
+        raise ImageRefError(ref_text, "a registry image runs pinned to a digest; the portal resolves the tag "
+                                      "when the job is submitted")
+    if user is not None and ref.kind in CONVERTIBLE and ref.kind is not RefKind.DOCKER and os.geteuid() == 0:
         check_user_can_read(user, str(ref.path))
     if ref.kind is RefKind.SIF:
         return ImageRequest(ref, Path(ref.path), "", None)
@@ -96,7 +124,8 @@ def request_image(settings: Settings, backend, ref_text: str, user: str | None =
         return ImageRequest(ref, sif, digest, None)
     hexd = digest.split(":", 1)[-1]
     pending = Path(settings.image_cache) / "incoming" / ("%s.job" % hexd)
-    source = _incoming(settings, digest, ref)
+    source = str(ref) if ref.kind is RefKind.DOCKER else "%s:%s" % (CONVERTIBLE[ref.kind],
+                                                                    _incoming(settings, digest, ref))
     with open(Path(settings.image_cache) / "incoming" / (".%s.submit.lock" % hexd), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if sif.exists():
@@ -108,9 +137,12 @@ def request_image(settings: Settings, backend, ref_text: str, user: str | None =
                 log.info("image %s: joining conversion job %s", digest, job)
                 return ImageRequest(ref, sif, digest, job)
         logs = _builder_dir(settings, "logs")
+        argv = [settings.stage_bin, "image", "convert", source]
+        if ref.kind is RefKind.DOCKER and auth is not None:
+            argv += ["--authfile", str(_authfile(settings, auth, ref.registry))]
         script = render_command_job(
             name="convert-%s" % hexd[:12], partition=settings.image_build_partition,
-            argv=[settings.stage_bin, "image", "convert", "%s:%s" % (CONVERTIBLE[ref.kind], source)],
+            argv=argv,
             log_path=str(logs / "convert-%j.out"), cpus=2, time_limit="01:00:00",
             comment="aiportal:image:%s" % digest)
         job = backend.submit(script, user=settings.image_builder_user)
@@ -121,16 +153,30 @@ def request_image(settings: Settings, backend, ref_text: str, user: str | None =
 
 # -- registered images (the portal's Images page and API) -------------------------------------
 
-def register_image(db, settings: Settings, backend, user, ref_text: str):
-    """Register an image for ``user``: a SIF is ready at once; an archive is converted by a
-    Slurm job (the image is CONVERTING until the reconciler sees the SIF)."""
+def pin_image(db, settings: Settings, box, user, ref_text: str, field: str = "image") -> tuple[str, RegistryAuth | None]:
+    """A registry reference pinned to its digest with the user's account, and that account
+    (see :func:`portal.services.registries.pin`: 422 naming ``field``, 403 for a cached image the
+    user cannot read, 503 when the registry is down); other references as they are, None."""
+    cache = SifCache(Path(settings.image_cache))
+    pinned = registries.pin(db, settings, box, user, ref_text, field, cached=lambda d: cache.path_for(d).is_file())
+    if pinned is None:
+        return ref_text, None
+    return str(pinned.ref), pinned.auth
+
+
+def register_image(db, settings: Settings, backend, box, user, ref_text: str):
+    """Register an image for ``user``: a SIF is ready at once; an archive or a registry image
+    (pinned to its digest first) is converted by a Slurm job (the image is CONVERTING until the
+    reconciler sees the SIF)."""
     if not ref_text:
-        raise ValidationError("ref", "give an image: /PATH.sif, docker-archive:/PATH.tar or oci-archive:/PATH.tar")
+        raise ValidationError("ref", "give an image: docker://REGISTRY/REPO:TAG, /PATH.sif, docker-archive:/PATH.tar "
+                                     "or oci-archive:/PATH.tar")
     if not user.unix_user:
         raise ValidationError("user", "account %r has no Unix user; images are registered by user accounts" % user.name)
     try:
         parse_image_ref(ref_text)
-        req = request_image(settings, backend, ref_text, user=user.unix_user)
+        ref_text, auth = pin_image(db, settings, box, user, ref_text, field="ref")
+        req = request_image(settings, backend, ref_text, user=user.unix_user, auth=auth)
     except ImageRefError as e:
         raise ValidationError("ref", str(e)) from None
     img = Image(user_id=user.id, ref=ref_text, digest=req.digest, sif_path=str(req.sif),

@@ -19,7 +19,7 @@ from containers.errors import ContainerError
 from portal.errors import ConflictError, NotFoundError, PortalError, ValidationError
 from portal.models import Event, EventKind, Job, Project, ProjectMember, User, utcnow
 from portal.models.jobs import JobCreate
-from portal.services import datasources, submit as submission
+from portal.services import datasources, images, submit as submission
 from portal.services.submit import Checked, Submission
 from portal.settings import Settings
 from slurm.errors import SlurmError
@@ -64,7 +64,11 @@ def submit_job(db: Session, settings: Settings, backend, box: SecretBox, user: U
     marks the stored job FAILED with Slurm's message and raises."""
     project = _project(db, user, create.project)
     sub = _submission(user, project)
-    checked = submission.check(settings, create, sub, datasources.sources_of(db, box, user))
+    submission.check_image(create.image)
+    pinned, auth = images.pin_image(db, settings, box, user, create.image)
+    if pinned != create.image:      # the job runs (and a resubmit reruns) this digest, whatever the tag does later
+        create = create.model_copy(update={"image": pinned})
+    checked = submission.check(settings, create, sub, datasources.sources_of(db, box, user), image_auth=auth)
     job = Job(id=sub.job_id, user_id=user.id, project_id=project.id if project else None, name=create.name,
               node_type=create.node_type, partition=checked.spec.partition, gpus=checked.spec.gpus,
               image=create.image, request_json=create.model_dump_json(),
@@ -119,8 +123,9 @@ def submit_again(db: Session, settings: Settings, backend, box: SecretBox, job: 
     log.info("job %s: stored but never submitted; submitting it now", job.id)
     try:
         create = JobCreate.of_job(job)
+        _, auth = images.pin_image(db, settings, box, user, create.image)
         checked = submission.check(settings, create, _submission(user, project, job.id),
-                                   datasources.sources_of(db, box, user))
+                                   datasources.sources_of(db, box, user), image_auth=auth)
     except (PortalError, StorageError, ContainerError, OSError) as e:
         _failed(db, job, e)
         raise

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 from containers.apptainer import job_exec_prefix
 from containers.errors import ContainerError
 from containers.refs import RefKind, parse_image_ref
+from containers.registry import RegistryAuth
 from portal.errors import ValidationError
 from portal.models.jobs import JobCreate
 from portal.services.images import CONVERTIBLE, request_image
@@ -56,6 +57,7 @@ class Checked:
     sub: Submission
     spec: JobSpec
     sources: Mapping[str, DataSource]
+    image_auth: RegistryAuth | None = None   #: the account a registry image's conversion pulls with
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,9 @@ def check_image(ref_text: str) -> None:
     except ContainerError as e:
         raise ValidationError("image", str(e)) from None
     if ref.kind is not RefKind.SIF and ref.kind not in CONVERTIBLE:
-        raise ValidationError("image", "%s: the portal runs .sif images and converts docker-archive: and "
-                                       "oci-archive: files; ask an admin to build other kinds with "
-                                       "`aiportal image convert`" % ref_text)
+        raise ValidationError("image", "%s: the portal runs registry images (docker://REGISTRY/REPO:TAG), .sif "
+                                       "images, and docker-archive: and oci-archive: files; ask an admin to "
+                                       "build other kinds with `aiportal image convert`" % ref_text)
 
 
 def build_spec(settings: Settings, job: JobCreate, sub: Submission, image: str | None = None) -> JobSpec:
@@ -112,13 +114,14 @@ def build_spec(settings: Settings, job: JobCreate, sub: Submission, image: str |
 
 
 def check(settings: Settings, job: JobCreate, sub: Submission, sources: Mapping[str, DataSource] | None = None,
-          roots: Sequence[str] | None = None) -> Checked:
+          roots: Sequence[str] | None = None, image_auth: RegistryAuth | None = None) -> Checked:
     """Every check a submission gets, each once: image syntax, the spec, each data location
-    (StorageError subclasses name the location and the fix)."""
+    (StorageError subclasses name the location and the fix). A registry image must already be
+    pinned to its digest (``images.pin_image``, which checks it with the user's account)."""
     check_image(job.image)
     spec = build_spec(settings, job, sub)
     needed = check_job_data(settings, sub.user, job.inputs, job.output, sources, roots)
-    return Checked(job, sub, spec, needed)
+    return Checked(job, sub, spec, needed, image_auth)
 
 
 def render_script(settings: Settings, job: JobCreate, sub: Submission) -> str:
@@ -148,7 +151,7 @@ def submit(settings: Settings, backend, checked: Checked) -> Submitted:
     """Submit a checked submission as its user: resolve the image (its conversion job first,
     when needed), prepare the job folder, write the credentials file, ``sbatch``."""
     sub = checked.sub
-    image = request_image(settings, backend, checked.job.image, user=sub.user)
+    image = request_image(settings, backend, checked.job.image, user=sub.user, auth=checked.image_auth)
     spec = replace(checked.spec, image=str(image.sif),
                    dependency="afterok:%s" % image.conversion_job if image.conversion_job else None)
     prepare_job_dir(settings, sub.user, sub.job_id)

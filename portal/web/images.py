@@ -6,6 +6,7 @@ from flask import flash, g, redirect, render_template, request, url_for
 from containers.errors import ContainerError
 from portal.auth import login_required
 from portal.db_session import backend as _backend
+from portal.db_session import box as _box
 from portal.db_session import db
 from portal.db_session import settings as _settings
 from portal.errors import PortalError, ValidationError
@@ -28,7 +29,7 @@ def images_page():
     if request.method == "POST":
         ref = request.form.get("ref", "").strip()
         try:
-            img = images.register_image(db(), settings, _backend(), g.user, ref)
+            img = images.register_image(db(), settings, _backend(), _box(), g.user, ref)
             flash("image registered: %s" % img.state.value, "info")
             return redirect(url_for("web.images_page"))
         except ValidationError as e:

@@ -118,7 +118,7 @@ def test_other_users_jobs_are_not_found(client, tokens, fake_backend):
 @pytest.mark.parametrize("body, field", [
     ({**JOB, "node_type": "9card"}, "node_type"),
     ({**JOB, "image": "relative.sif"}, "image"),
-    ({**JOB, "image": "docker://ubuntu:22.04"}, "image"),
+    ({**JOB, "image": "docker://Ubuntu:22.04"}, "image"),
     ({**JOB, "command": []}, "command"),
     ({**JOB, "command": "python3 'unclosed"}, "command"),
     ({**JOB, "time_limit": "forever"}, "time_limit"),
