@@ -11,8 +11,6 @@ push (read over SSH as the user, like logs: the folder is the user's).
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import pwd
@@ -21,7 +19,6 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,9 +27,11 @@ from sqlmodel import select
 from containers.build import (DIGEST_FILE, BuildContextError, BuildSpec, BuildTarget, check_dockerfile_path, check_member,
                               link_stays_inside, parse_build_tag)
 from containers.errors import ImageRefError
+from containers.registry import write_authfile
 from portal.errors import ConflictError, NotFoundError, ValidationError
 from portal.logs import tail as logtail
 from portal.models import BuildState, ImageBuild, utcnow
+from portal.services import registries
 from portal.services.submit import job_dir_for
 from portal.settings import Settings
 from slurm.render import render_command_job
@@ -56,50 +55,6 @@ def build_dir_for(settings: Settings, user: str, build_id: int) -> Path:
     return job_dir_for(settings, user, "build-%d" % build_id)
 
 
-def _auth_for(db, box, user, host: str):
-    """The user's account at ``host`` (``portal.services.registries.auth_for``), or None."""
-    try:
-        from portal.services import registries
-    except ImportError:        # until registries.py lands: the same table, read directly
-        return _stored_auth(db, box, user, host)
-    return registries.auth_for(db, box, user, host)
-
-
-def _stored_auth(db, box, user, host: str):
-    from portal.models import RegistryCredential
-    row = db.exec(select(RegistryCredential).where(RegistryCredential.user_id == user.id,
-                                                   RegistryCredential.host == host)).first()
-    if row is None:
-        return None
-    return _Auth(row.username, box.open(row.password_sealed, "the registry password of %s at %s" % (user.name, host)))
-
-
-@dataclass(frozen=True)
-class _Auth:
-    username: str
-    password: str
-
-
-def _write_authfile(path: Path, host: str, auth, uid: int, gid: int) -> None:
-    """The user's authfile (0600, theirs): ``containers.registry.write_authfile``."""
-    try:
-        from containers.registry import write_authfile
-    except ImportError:        # until containers/registry.py lands: the same file, written here
-        write_authfile = _write_authfile_here
-    write_authfile(path, {host: auth}, uid, gid)
-
-
-def _write_authfile_here(path: Path, auths: dict, uid: int, gid: int) -> None:
-    doc = {"auths": {h: {"auth": base64.b64encode(("%s:%s" % (a.username, a.password)).encode()).decode()}
-                     for h, a in auths.items()}}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchown(fd, uid, gid)
-        os.write(fd, json.dumps(doc).encode())
-    finally:
-        os.close(fd)
-
-
 # -- starting a build ---------------------------------------------------------------------------
 
 def check_tag(text: str) -> BuildTarget:
@@ -119,7 +74,7 @@ def start_build(db, settings: Settings, backend, box, user, upload: BinaryIO, ta
         dockerfile = check_dockerfile_path(dockerfile)
     except BuildContextError as e:
         raise ValidationError("dockerfile", str(e)) from None
-    auth = _auth_for(db, box, user, target.host)
+    auth = registries.auth_for(db, box, user, target.host)
     if auth is None:
         raise ValidationError("tag", "add your account for %s first: aiportal registry login %s"
                                      % (target.host, target.host))
@@ -151,7 +106,7 @@ def start_build(db, settings: Settings, backend, box, user, upload: BinaryIO, ta
                 with os.fdopen(sfd, "w") as f:
                     f.write(spec.to_json())
                 # through our fd: nothing the user does to the path meanwhile can redirect it
-                _write_authfile(Path("/proc/self/fd/%d" % fd) / AUTH_FILE, target.host, auth, pw.pw_uid, pw.pw_gid)
+                write_authfile(Path("/proc/self/fd/%d" % fd) / AUTH_FILE, {target.host: auth}, pw.pw_uid, pw.pw_gid)
                 _chown_tree(fd, pw.pw_uid, pw.pw_gid)
             finally:
                 os.close(fd)
