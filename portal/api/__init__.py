@@ -15,4 +15,4 @@ host unreachable); :func:`portal.errors.error_status` maps each error class.
 from portal.api.operations import OPERATIONS, bp  # noqa: F401 (the app registers bp; the document reads OPERATIONS)
 # the views, one module per resource (they register on ``bp`` and in OPERATIONS)
 from portal.api import account, cluster, datasources, images, jobs, services, tokens  # noqa: F401
-from portal.api import builds  # noqa: F401  (Dockerfile builds, under /images/build*)
+from portal.api import builds, registries  # noqa: F401  (Dockerfile builds, under /images/build*; accounts)

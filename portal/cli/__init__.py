@@ -15,6 +15,11 @@ Jobs, through the portal's JSON API (like any other client):
     aiportal cluster [--json]                    partitions and nodes
     aiportal token create [--name N] [--expires-days D] | list | revoke ID
                                                  the caller's own API tokens
+    aiportal registry login HOST --username U [--password-stdin] | list | logout HOST
+                                                 your registry accounts (checked, kept sealed)
+    aiportal image choices [--json] | check REF  images to pick; would REF run for you?
+    aiportal image build [-f Dockerfile] [CONTEXT] --tag REGISTRY/REPO:TAG
+                                                 build in a Slurm job as you, push to the registry
     aiportal service deploy NAME --image SIF --model URI [--model-file F] [--class C] [--version V]
                     [--replicas N | --min N --max N] [--target-inflight X] [--gpus N] [--wait]
     aiportal service list | show NAME | delete NAME
@@ -66,6 +71,7 @@ import os
 import sys
 
 from portal import __version__
+from portal.cli import registries
 from portal.cli.builds import cmd_build_run, cmd_image_build, cmd_image_build_cancel, cmd_image_builds
 from portal.cli.accounts import (_add_config, _add_password, cmd_project_add, cmd_token_create, cmd_token_list,
                                  cmd_token_revoke, cmd_user_add, cmd_user_disable, cmd_user_list, cmd_user_passwd)
@@ -169,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = isub.add_parser("build-run", help="(run by a build's Slurm job, as the user) buildah bud + push")
     c.add_argument("--dir", required=True, help="the build folder the portal prepared")
     c.set_defaults(func=cmd_build_run)
+    registries.add_parsers(sub, isub)
 
     p = sub.add_parser("stage", help="move data in or out of a job (run inside jobs)")
     p.add_argument("direction", choices=["in", "out"])

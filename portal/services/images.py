@@ -124,6 +124,7 @@ def request_image(settings: Settings, backend, ref_text: str, user: str | None =
         return ImageRequest(ref, sif, digest, None)
     hexd = digest.split(":", 1)[-1]
     pending = Path(settings.image_cache) / "incoming" / ("%s.job" % hexd)
+    _builder_dir(settings, "incoming")
     source = str(ref) if ref.kind is RefKind.DOCKER else "%s:%s" % (CONVERTIBLE[ref.kind],
                                                                     _incoming(settings, digest, ref))
     with open(Path(settings.image_cache) / "incoming" / (".%s.submit.lock" % hexd), "a") as lock:
@@ -238,3 +239,65 @@ def cache_entries(db, settings: Settings, user) -> list[dict]:
         entries = [e for e in entries if e.digest in mine]
     return [{"digest": e.digest, "path": str(e.path), "size_bytes": e.size_bytes, "last_used": e.last_used,
              "refs": list(e.refs) if user.is_admin else []} for e in entries]
+
+
+# -- what image fields offer, and a reference checked as it is typed ----------------------------
+
+def recent_images(db, user, limit: int = 10) -> list[str]:
+    """The images the user ran or registered last, newest first, each once."""
+    from portal.models import Job
+    seen: list[str] = []
+    rows = list(db.exec(select(Job.image).where(Job.user_id == user.id).order_by(Job.created_at.desc()).limit(200)))
+    rows += list(db.exec(select(Image.ref).where(Image.user_id == user.id).order_by(Image.created_at.desc()).limit(50)))
+    for ref in rows:
+        if ref and ref not in seen:
+            seen.append(ref)
+        if len(seen) >= limit:
+            break
+    return seen
+
+
+def choices(db, settings: Settings, box, user):
+    """The site's base images, the user's recent images, and what their registries hold."""
+    from portal.models.registries import ImageChoices, RepositoryPublic, SiteImagePublic
+    repos, problems = registries.browse(db, settings, box, user)
+    return ImageChoices(
+        site=[SiteImagePublic(name=s.name, ref=s.ref, digest=s.digest, title=s.title, description=s.description,
+                              framework=s.framework) for s in registries.site_images(settings)],
+        recent=recent_images(db, user),
+        repositories=[RepositoryPublic(registry=r.registry, repository=r.repository, tags=list(r.tags),
+                                       refs=["docker://%s/%s:%s" % (r.registry, r.repository, t) for t in r.tags])
+                      for r in repos],
+        problems=problems)
+
+
+def check_ref(db, settings: Settings, box, user, ref_text: str):
+    """Whether ``ref_text`` would run for ``user``: its syntax, and for a registry image that the
+    user's account can read it now (and whether it is converted already)."""
+    from portal.models.registries import ImageCheck
+    from portal.errors import PortalError
+    try:
+        ref = parse_image_ref(ref_text)
+    except ImageRefError as e:
+        return ImageCheck(ref=ref_text, ok=False, message=e.reason)
+    if ref.kind is RefKind.DOCKER:
+        try:
+            pinned, _ = pin_image(db, settings, box, user, ref_text)
+        except PortalError as e:
+            return ImageCheck(ref=ref_text, ok=False, message=str(e))
+        cached = SifCache(Path(settings.image_cache)).path_for(parse_image_ref(pinned).digest).is_file()
+        return ImageCheck(ref=ref_text, ok=True, pinned=pinned, cached=cached,
+                          message="ready" if cached else "found; converted when the first job starts")
+    if ref.kind is RefKind.SIF:
+        if not Path(ref.location).is_file():
+            return ImageCheck(ref=ref_text, ok=False, message="%s does not exist" % ref.location)
+        if user.unix_user and os.geteuid() == 0:
+            try:
+                check_user_can_read(user.unix_user, ref.location)
+            except ImageRefError as e:
+                return ImageCheck(ref=ref_text, ok=False, message=e.reason)
+        return ImageCheck(ref=ref_text, ok=True, cached=True, message="ready")
+    if ref.kind in CONVERTIBLE:
+        return ImageCheck(ref=ref_text, ok=True, message="converted when the first job starts")
+    return ImageCheck(ref=ref_text, ok=False, message="the portal runs registry images, .sif files and "
+                                                      "docker-archive:/oci-archive: files")
