@@ -27,7 +27,7 @@ ENDPOINTS = [
     ("POST", "/api/v1/images/build"), ("GET", "/api/v1/images/builds"), ("GET", "/api/v1/images/builds/1"),
     ("DELETE", "/api/v1/images/builds/1"), ("GET", "/api/v1/images/builds/1/log"),
     ("GET", "/api/v1/registries"), ("POST", "/api/v1/registries"), ("DELETE", "/api/v1/registries/localhost:5000"),
-    ("GET", "/api/v1/images/choices"), ("GET", "/api/v1/images/check?ref=docker://localhost:5000/site/python:1"),
+    ("GET", "/api/v1/images/choices"), ("GET", "/api/v1/images/check"),
 ]
 
 
