@@ -74,6 +74,10 @@ class Settings:
     site_registry_password_file: str = "/etc/aiportal/secrets/registry_password_aiportal-site"
     #: registries spoken to over plain HTTP (no TLS); the others are verified with this bundle
     registry_insecure: tuple[str, ...] = ()
+    #: registries users may add accounts for and pull from, besides site_registry and the
+    #: registry_insecure hosts (e.g. ["docker.io"] at a site that lets users pull from Docker Hub);
+    #: the portal connects to no other host a user names
+    registries_allowed: tuple[str, ...] = ()
     registry_ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     registry_timeout_s: float = 10.0
     #: how long a user's right to read a cached private image is trusted before the registry is asked again

@@ -36,7 +36,7 @@ def image_choices():
 
 
 @operation("GET", "/images/check", "check an image reference as it is typed (exists, readable, cached)",
-           {200: ImageCheck}, (400,), query={"ref": {"type": "string", "description": "the reference"}})
+           {200: ImageCheck}, (422,), query={"ref": {"type": "string", "description": "the reference"}})
 def image_check():
     ref = request.args.get("ref", "")
     if not ref:

@@ -62,12 +62,27 @@ def normalise_host(text: str) -> str:
         raise ValidationError("registry", str(e)) from None
 
 
+def allowed_hosts(settings: Settings) -> list[str]:
+    return sorted({settings.site_registry.lower(), *(h.lower() for h in settings.registries_allowed),
+                   *(h.lower() for h in settings.registry_insecure)})
+
+
+def check_allowed(settings: Settings, host: str, field: str) -> str:
+    """``host`` when users may use it on this site; else a 422 naming ``field`` (the portal
+    never connects to a host a user names unless the site allows it)."""
+    allowed = allowed_hosts(settings)
+    if host.lower() not in allowed:
+        raise ValidationError(field, "registry %s is not one this site uses; allowed: %s (an admin adds others "
+                                     "with registries_allowed in site.toml)" % (host, ", ".join(allowed)))
+    return host
+
+
 # -- accounts -----------------------------------------------------------------------------------
 
 def login(db, settings: Settings, box, user, registry: str, username: str, password: str) -> RegistryCredential:
     """Check ``username``/``password`` at ``registry`` and store them sealed (replacing the
     user's earlier account there)."""
-    host = normalise_host(registry)
+    host = check_allowed(settings, normalise_host(registry), "registry")
     errors = {}
     if not username or len(username) > 255 or any(c.isspace() or not c.isprintable() for c in username):
         errors["username"] = "give the registry user name (printable, no spaces, at most 255 characters)"
@@ -249,6 +264,7 @@ def pin(db, settings: Settings, box, user, ref_text: str, field: str = "image",
     for site in site_images(settings):
         if ref_text in (site.ref, site.pinned) or str(ref) in (site.ref, site.pinned):
             return Pinned(parse_image_ref(site.pinned), _account(db, settings, box, user, ref))
+    check_allowed(settings, ref.registry, field)
     auth = _account(db, settings, box, user, ref)
     if ref.digest and _trusted(user.id, ref.digest):
         return Pinned(ref.pinned(ref.digest), auth)
@@ -282,7 +298,10 @@ def browse(db, settings: Settings, box, user, limit: int = 50) -> tuple[list[Rep
     """The repositories and tags the user can see in each registry they added; per registry
     that could not be listed, why (the form still works without them)."""
     out, problems = [], {}
+    allowed = allowed_hosts(settings)
     for row in accounts(db, user):
+        if row.host not in allowed:
+            continue
         auth = RegistryAuth(row.username, box.open(row.password_sealed, "the registry password at %s" % row.host))
         client = RegistryClient(row.host, auth, config(settings))
         try:

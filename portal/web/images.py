@@ -1,7 +1,7 @@
 """The images pages."""
 from __future__ import annotations
 
-from flask import flash, g, redirect, render_template, request, url_for
+from flask import flash, g, jsonify, redirect, render_template, request, url_for
 
 from containers.errors import ContainerError
 from portal.auth import login_required
@@ -10,7 +10,7 @@ from portal.db_session import box as _box
 from portal.db_session import db
 from portal.db_session import settings as _settings
 from portal.errors import PortalError, ValidationError
-from portal.services import images
+from portal.services import images, registries
 from slurm.errors import SlurmError
 from storage.errors import StorageError
 from portal.web.common import bp
@@ -47,5 +47,52 @@ def images_page():
     except (OSError, ContainerError) as e:
         cache = []
         top.append("cannot read the image cache: %s" % e)
-    return render_template("images.html", images=rows, cache=cache, ref=ref, errors=errors, top_errors=top,
-                           image_cache=settings.image_cache), 422 if errors or (top and request.method == "POST") else 200
+    return _render(rows, cache, ref=ref, errors=errors, top_errors=top), \
+        422 if errors or (top and request.method == "POST") else 200
+
+
+def _render(rows, cache, **kw):
+    settings = _settings()
+    kw.setdefault("errors", {})
+    kw.setdefault("top_errors", [])
+    kw.setdefault("login", {})
+    return render_template("images.html", images=rows, cache=cache, image_cache=settings.image_cache,
+                           site_images=registries.site_images(settings), accounts=registries.accounts(db(), g.user),
+                           **kw)
+
+
+@bp.route("/images/registries", methods=["POST"])
+@login_required
+def registry_login():
+    """Add (or replace) the user's account at a registry: checked against it first."""
+    form = {k: request.form.get(k, "").strip() for k in ("registry", "username")}
+    try:
+        registries.login(db(), _settings(), _box(), g.user, form["registry"], form["username"],
+                         request.form.get("password", ""))
+        flash("account for %s added (checked with the registry just now)" % form["registry"], "info")
+        return redirect(url_for("web.images_page"))
+    except ValidationError as e:
+        errors, top = {"login_" + k: v for k, v in e.errors.items()}, []
+    except PortalError as e:
+        errors, top = {}, [str(e)]
+    rows = images.stored_images(db(), g.user)
+    return _render(rows, images.cache_entries(db(), _settings(), g.user), errors=errors, top_errors=top,
+                   login=form), 422
+
+
+@bp.route("/images/registries/<host>/delete", methods=["POST"])
+@login_required
+def registry_logout(host: str):
+    registries.logout(db(), g.user, host)
+    flash("forgot your account at %s" % host, "info")
+    return redirect(url_for("web.images_page"))
+
+
+@bp.route("/images/check")
+@login_required
+def image_check():
+    """The job form checks the image field as it is typed (JSON; the page's session)."""
+    ref = request.args.get("ref", "").strip()
+    if not ref:
+        return jsonify({"ref": "", "ok": False, "message": "give an image"})
+    return jsonify(images.check_ref(db(), _settings(), _box(), g.user, ref).model_dump())

@@ -21,7 +21,7 @@ from portal.models.common import parse
 from portal.models.datasources import DataSourcePublic
 from portal.models.jobs import JobCreate
 from portal.logs.plot import render_plot_svg
-from portal.services import accounts, datasources, images, jobs, outputs
+from portal.services import accounts, datasources, images, jobs, outputs, registries
 from slurm.errors import SlurmError
 from slurm.states import TERMINAL, JobState
 import storage
@@ -80,7 +80,8 @@ def _job_form_context() -> dict:
     # the service partition's node type is for inference replicas, not training jobs
     training = [t for t in _settings().node_types.values() if t.partition != "infer"]
     return {"node_types": training, "ready_images": ready, "prefixes": prefixes,
-            "projects": accounts.projects_of(db(), user)}
+            "projects": accounts.projects_of(db(), user),
+            "site_images": registries.site_images(_settings()), "recent_images": images.recent_images(db(), user)}
 
 
 @bp.route("/jobs/new", methods=["GET", "POST"])
@@ -91,7 +92,8 @@ def new_job():
     settings = _settings()
     ctx = _job_form_context()
     if request.method == "GET":
-        form = {"time_limit": "01:00:00", "node_type": next(iter(settings.node_types), "")}
+        form = {"time_limit": "01:00:00", "node_type": next(iter(settings.node_types), ""),
+                "image": ctx["site_images"][0].ref if ctx["site_images"] else ""}
         if request.args.get("from"):
             form.update(JobCreate.of_job(jobs.get_job(db(), g.user, request.args["from"])).as_form())
         return render_template("job_new.html", form=form, errors={}, top_errors=[], script=None, **ctx)

@@ -18,6 +18,7 @@ from tests.portal.conftest import bearer
 from tests.registries import PASSWORDS, SITE, registry  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.portal
+DOWN = "127.0.0.1:9179"      # allowed, nothing listens there
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def reg_settings(settings, registry, tmp_path):
     pw_file = tmp_path / "site-pw"
     pw_file.write_text(SITE[1])
     registries.forget_access(0)
-    return dataclasses.replace(settings, **{"registry_insecure": (registry.host,), "image_cache": str(cache),
+    return dataclasses.replace(settings, **{"registry_insecure": (registry.host,), "registries_allowed": (DOWN,), "image_cache": str(cache),
                                        "site_registry": registry.host, "site_registry_user": SITE[0],
                                        "site_registry_password_file": str(pw_file),
                                        "site_images_file": str(site_file)})
@@ -74,9 +75,9 @@ def test_an_account_is_checked_then_kept_sealed(rclient, tokens, registry, engin
 
 def test_a_registry_that_is_down_is_a_503_and_nothing_is_stored(rclient, tokens, engine):
     r = rclient.post("/api/v1/registries", headers=bearer(tokens["alice"]),
-                     json={"registry": "127.0.0.1:9179", "username": "alice", "password": "x"})
+                     json={"registry": DOWN, "username": "alice", "password": "x"})
     assert r.status_code == 503 and "nothing was stored" in r.get_json()["message"]
-    r = rclient.post("/api/v1/jobs", headers=bearer(tokens["alice"]), json=job("docker://127.0.0.1:9179/a/b:1"))
+    r = rclient.post("/api/v1/jobs", headers=bearer(tokens["alice"]), json=job("docker://%s/a/b:1" % DOWN))
     assert r.status_code == 503
     with Session(engine) as db:
         assert list(db.exec(select(RegistryCredential))) == [] and list(db.exec(select(Job))) == []
@@ -176,3 +177,16 @@ def test_choices_and_checks(rclient, tokens, registry, reg_settings):
                       headers=bearer(tokens["alice"])).get_json()
     assert not bad["ok"] and "does not exist" in bad["message"]
     assert not rclient.get("/api/v1/images/check?ref=docker://Bad", headers=bearer(tokens["alice"])).get_json()["ok"]
+
+
+def test_the_portal_connects_to_no_registry_the_site_does_not_use(rclient, tokens, engine, fake_backend):
+    for ref in ("docker://ubuntu:22.04", "docker://10.1.2.3:80/x/y:1", "docker://metadata.internal/a:1"):
+        r = rclient.post("/api/v1/jobs", headers=bearer(tokens["alice"]), json=job(ref))
+        assert r.status_code == 422 and "not one this site uses" in r.get_json()["errors"]["image"], r.get_json()
+        check = rclient.get("/api/v1/images/check?ref=" + ref, headers=bearer(tokens["alice"])).get_json()
+        assert not check["ok"] and "not one this site uses" in check["message"]
+    r = rclient.post("/api/v1/registries", headers=bearer(tokens["alice"]),
+                     json={"registry": "169.254.169.254", "username": "a", "password": "b"})
+    assert r.status_code == 422 and "registry" in r.get_json()["errors"]
+    with Session(engine) as db:
+        assert list(db.exec(select(Job))) == [] and list(db.exec(select(RegistryCredential))) == []
