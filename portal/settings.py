@@ -179,7 +179,11 @@ class Settings:
             read.append(str(site))
         path = path or environ.get("AIPORTAL_CONFIG") or DEFAULT_CONFIG
         p = Path(path)
-        if p.exists() and (require_secrets or os.access(p, os.R_OK)):
+        try:
+            exists = p.exists()
+        except PermissionError:         # a folder the caller cannot look into (jobs of other users)
+            exists = require_secrets
+        if exists and (require_secrets or os.access(p, os.R_OK)):
             own = _read_toml(p)
             health.update(_health_table(own, p))
             values.update(own)

@@ -61,6 +61,16 @@ def _builder_dir(settings: Settings, name: str) -> Path:
     return d
 
 
+def _give_to_builder(settings: Settings, what) -> None:
+    """Nothing in the cache is root's: the portal's bookkeeping files are the builder account's."""
+    if os.geteuid() == 0:
+        b = _builder(settings)
+        if isinstance(what, int):
+            os.fchown(what, b.pw_uid, b.pw_gid)
+        else:
+            os.chown(what, b.pw_uid, b.pw_gid)
+
+
 def _incoming(settings: Settings, digest: str, ref: ImageRef) -> Path:
     """A copy of the user's archive the builder account can read (users' folders are private)."""
     hexd = digest.split(":", 1)[-1]
@@ -128,6 +138,7 @@ def request_image(settings: Settings, backend, ref_text: str, user: str | None =
     source = str(ref) if ref.kind is RefKind.DOCKER else "%s:%s" % (CONVERTIBLE[ref.kind],
                                                                     _incoming(settings, digest, ref))
     with open(Path(settings.image_cache) / "incoming" / (".%s.submit.lock" % hexd), "a") as lock:
+        _give_to_builder(settings, lock.fileno())
         fcntl.flock(lock, fcntl.LOCK_EX)
         if sif.exists():
             return ImageRequest(ref, sif, digest, None)
@@ -138,7 +149,7 @@ def request_image(settings: Settings, backend, ref_text: str, user: str | None =
                 log.info("image %s: joining conversion job %s", digest, job)
                 return ImageRequest(ref, sif, digest, job)
         logs = _builder_dir(settings, "logs")
-        argv = [settings.stage_bin, "image", "convert", source]
+        argv = [settings.stage_bin, "image", "convert", source, "--cache", str(settings.image_cache)]
         if ref.kind is RefKind.DOCKER and auth is not None:
             argv += ["--authfile", str(_authfile(settings, auth, ref.registry))]
         script = render_command_job(
@@ -148,6 +159,7 @@ def request_image(settings: Settings, backend, ref_text: str, user: str | None =
             comment="aiportal:image:%s" % digest)
         job = backend.submit(script, user=settings.image_builder_user)
         pending.write_text(job + "\n")
+        _give_to_builder(settings, pending)
         log.info("image %s: conversion job %s submitted", digest, job)
         return ImageRequest(ref, sif, digest, job)
 
