@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import g
 
 from portal.api.operations import answer, body, operation, owners
-from portal.db_session import box, db, settings
+from portal.db_session import backend, box, db, settings
 from portal.models.services import ServiceCreate, ServiceList, ServicePublic, ServiceScale, ServiceUpdate
 from portal.services import inference
 
@@ -27,7 +27,7 @@ def list_services():
            {201: ServicePublic}, (400, 403, 409, 422, 503), body=ServiceCreate)
 def deploy_service():
     """Its replicas are submitted by the controller within a cycle."""
-    svc = inference.deploy(db(), settings(), box(), g.user, body(ServiceCreate))
+    svc = inference.deploy(db(), settings(), box(), g.user, body(ServiceCreate), backend())
     return _out(svc, 201, {"Location": "/api/v1/services/%s" % svc.name})
 
 
@@ -45,7 +45,7 @@ def scale_service(name: str):
 @operation("POST", "/services/<name>/update", "a new version: rolling update (one replica at a time), or gray "
            "release with a weight", {202: ServicePublic}, (400, 403, 404, 409, 422, 503), body=ServiceUpdate)
 def update_service(name: str):
-    return _out(inference.update(db(), settings(), box(), g.user, name, body(ServiceUpdate)), 202)
+    return _out(inference.update(db(), settings(), box(), g.user, name, body(ServiceUpdate), backend()), 202)
 
 
 @operation("DELETE", "/services/<name>", "delete a service (its replicas are stopped)", {202: ServicePublic}, (404,))

@@ -109,8 +109,28 @@ def _check_runs_here(db: Session, settings: Settings, box: SecretBox, user: User
 
 # -- use cases -------------------------------------------------------------------------------
 
-def deploy(db: Session, settings: Settings, box: SecretBox, user: User, create: ServiceCreate) -> Service:
-    name, spec, policy = parse_deploy(create.model_dump(exclude_unset=True))
+def _registry_image(db: Session, settings: Settings, box: SecretBox, user: User, body: dict, backend) -> dict:
+    """A ``docker://`` image becomes the SIF of its digest (pinned with the owner's account).
+    One that is not converted yet gets its conversion job, and a 409 to deploy again when ready."""
+    image = body.get("image")
+    if not (isinstance(image, str) and image.startswith("docker://")):
+        return body
+    from portal.services import images
+    pinned, auth = images.pin_image(db, settings, box, user, image)
+    if backend is None:
+        raise ValidationError("image", "registry images are deployed through the API, the CLI or the page")
+    req = images.request_image(settings, backend, pinned, user=user.unix_user, auth=auth)
+    if req.conversion_job:
+        raise ConflictError("image %s (%s) is being converted to a SIF by Slurm job %s (small images: seconds; "
+                            "large: minutes); deploy again when `aiportal image check %s` says ready"
+                            % (image, pinned, req.conversion_job, image))
+    return {**body, "image": str(req.sif)}
+
+
+def deploy(db: Session, settings: Settings, box: SecretBox, user: User, create: ServiceCreate,
+           backend=None) -> Service:
+    body = _registry_image(db, settings, box, user, create.model_dump(exclude_unset=True), backend)
+    name, spec, policy = parse_deploy(body)
     if db.exec(select(Service).where(Service.name == name)).first() is not None:
         raise ConflictError("a service named %r exists (service names are the URL /service/NAME, unique on "
                             "the site); pick another name, or `aiportal service update %s`" % (name, name))
@@ -173,7 +193,8 @@ def scale(db: Session, user: User, name: str, change: ServiceScale) -> Service:
     return svc
 
 
-def update(db: Session, settings: Settings, box: SecretBox, user: User, name: str, change: ServiceUpdate) -> Service:
+def update(db: Session, settings: Settings, box: SecretBox, user: User, name: str, change: ServiceUpdate,
+           backend=None) -> Service:
     """Start a new version: a rolling update to the spec with the fields given changed, or with
     ``weight`` (1-99) a gray release that runs it beside the current one for that share of the
     requests. ``weight`` alone changes a gray release under way: 100 rolls it out, 0 stops it."""
@@ -182,7 +203,7 @@ def update(db: Session, settings: Settings, box: SecretBox, user: User, name: st
     if not isinstance(body, Mapping) or not body:
         raise ValidationError("body", "give the fields to change, e.g. version and model (and weight for a gray "
                                       "release)")
-    body = dict(body)
+    body = _registry_image(db, settings, box, db.get(User, svc.user_id), dict(body), backend)
     weight = body.pop("weight", None)
     if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100):
         raise ValidationError("weight", "the share of requests for the new version: a whole number 0-100")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import flash, g, redirect, render_template, request, url_for
 
 from portal.auth import login_required
+from portal.db_session import backend as _backend
 from portal.db_session import box as _box
 from portal.db_session import db
 from portal.db_session import settings as _settings
@@ -60,7 +61,8 @@ def services_page():
 def service_deploy():
     form = {k: request.form.get(k, "") for k in SERVICE_FIELDS}
     try:
-        svc = inference.deploy(db(), _settings(), _box(), g.user, parse(ServiceCreate, _service_body(form)))
+        svc = inference.deploy(db(), _settings(), _box(), g.user, parse(ServiceCreate, _service_body(form)),
+                               _backend())
     except ValidationError as e:
         db().rollback()
         return _render_services(form, *by_field(e, SERVICE_FIELDS), 422)
@@ -80,7 +82,8 @@ def service_action(name: str, action: str):
             svc = inference.scale(db(), g.user, name, parse(ServiceScale, _service_body(form)))
             flash("service %s: %d-%d replicas" % (name, svc.min_replicas, svc.max_replicas), "info")
         elif action == "update":
-            inference.update(db(), _settings(), _box(), g.user, name, parse(ServiceUpdate, _service_body(form)))
+            inference.update(db(), _settings(), _box(), g.user, name, parse(ServiceUpdate, _service_body(form)),
+                             _backend())
             flash("service %s: rolling update started" % name, "info")
         elif action == "delete":
             inference.delete(db(), g.user, name)

@@ -190,3 +190,16 @@ def test_the_portal_connects_to_no_registry_the_site_does_not_use(rclient, token
     assert r.status_code == 422 and "registry" in r.get_json()["errors"]
     with Session(engine) as db:
         assert list(db.exec(select(Job))) == [] and list(db.exec(select(RegistryCredential))) == []
+
+
+def test_a_service_from_a_registry_image_waits_for_its_conversion(rclient, tokens, registry, fake_backend):
+    assert login(rclient, tokens, registry).status_code == 201
+    r = rclient.post("/api/v1/services", headers=bearer(tokens["alice"]),
+                     json={"name": "reg-svc", "image": "docker://%s/site/base:1" % registry.host,
+                           "model": "/srv/aiportal/shared/users/alice/models/none"})
+    assert r.status_code == 409 and "being converted" in r.get_json()["message"], r.get_json()
+    (convert, builder), = fake_backend.submitted
+    assert "image convert docker://%s/site/base@sha256:" % registry.host in convert
+    r = rclient.post("/api/v1/services", headers=bearer(tokens["alice"]),
+                     json={"name": "reg-svc", "image": "docker://%s/site/base:nope" % registry.host, "model": "/x"})
+    assert r.status_code == 422 and "image" in r.get_json()["errors"]
