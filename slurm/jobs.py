@@ -14,9 +14,10 @@ SEP = "\x1f"
 # one squeue call per cycle of the reconciler (``queue``) and of the health monitor
 # (``recovery_jobs``). Long field names, because the -o letters have no restart count, requeue
 # flag or begin time. JobArrayID is ``%i`` (``ID`` or ``ID_N``); -O's JobID is an array task's
-# own job id, or the array's for every task not started yet.
+# own job id, or the array's for every task not started yet. Dependency is what the job waits on,
+# each with its state (``afterok:655(failed),afterany:656(unfulfilled)``; ``?`` between them: any).
 SQUEUE_FIELDS = ("JobArrayID", "StateCompact", "Reason", "NodeList", "RestartCnt", "Requeue", "UserName",
-                 "Comment", "EligibleTime", "Name", "StdOut")
+                 "Comment", "EligibleTime", "Name", "StdOut", "Dependency")
 # sacct -n -X -P --delimiter SEP -o FIELDS (sacct has no restart count: see parse_sacct)
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "User", "Comment", "Reason", "JobName")
 
@@ -37,6 +38,8 @@ class JobStatus:
     restarts: int | None = None
     #: the --output path as squeue shows it (patterns like %x not expanded: expand_output_path)
     stdout: str = ""
+    #: what it waits on, as squeue shows it (``afterok:655(failed)``; see failed_dependencies); "" for none
+    dependency: str = ""
 
     def to_dict(self) -> dict:
         return {"job_id": self.job_id, "state": self.state.value, "reason": self.reason,
@@ -126,6 +129,7 @@ class _SqueueRow(NamedTuple):
     eligible: str       #: as Slurm printed it (only the monitor needs it as a time)
     name: str
     stdout: str
+    dependency: str
 
 
 def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
@@ -141,20 +145,22 @@ def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
         if len(cols) != n_fields:
             raise SlurmParseError(line, "expected %d squeue fields (%s), got %d: run squeue with --Format "
                                   "slurm.jobs.squeue_format()" % (n_fields, ",".join(SQUEUE_FIELDS), len(cols)))
-        jid, state, reason, nodes, restarts, requeue, user, comment, eligible, name, stdout = (c.strip() for c in cols)
+        jid, state, reason, nodes, restarts, requeue, user, comment, eligible, name, stdout, dependency = (
+            c.strip() for c in cols)
         try:
             n = int(restarts or 0)
         except ValueError as e:
             raise SlurmParseError(line, "restart count %r is not a number" % restarts) from e
         yield _SqueueRow(jid, parse_job_state(state), _clean(reason), _clean(nodes), n,
-                         requeue not in ("0", "no", "No"), user, _clean(comment), eligible, name, _clean(stdout))
+                         requeue not in ("0", "no", "No"), user, _clean(comment), eligible, name, _clean(stdout),
+                         _clean(dependency))
 
 
 def parse_squeue(text: str) -> dict[str, JobStatus]:
     """squeue's answer as job statuses (with Slurm's restart count), by job id (``ID_N`` for an
     array task)."""
     return {r.job_id: JobStatus(r.job_id, r.state, r.reason, r.nodes, user=r.user, comment=r.comment, name=r.name,
-                                restarts=r.restarts, stdout=r.stdout)
+                                restarts=r.restarts, stdout=r.stdout, dependency=r.dependency)
             for r in _squeue_rows(text)}
 
 
@@ -163,6 +169,32 @@ def parse_squeue_recovery(text: str) -> dict[str, QueuedJob]:
     return {r.job_id: QueuedJob(r.job_id, r.state, r.reason, r.nodes, r.restarts, r.requeue, r.user, r.comment,
                                 _slurm_time(r.eligible), r.name)
             for r in _squeue_rows(text)}
+
+
+#: one dependency as squeue shows it: TYPE:JOB[_TASK|_*][+MINUTES][:JOB...](STATE), or singleton(STATE)
+_DEPENDENCY = re.compile(r"(?P<type>[a-z_]+)(?P<jobs>(?::[0-9]+(?:_(?:[0-9]+|\*))?(?:\+[0-9]+)?)*)\((?P<state>[a-z_]+)\)")
+
+
+def failed_dependencies(dependency: str) -> tuple[str, ...]:
+    """The jobs whose end means a job can never start, from squeue's Dependency field: those
+    marked ``(failed)`` where all must hold (``,``), or all of them where any one would do
+    (``?``) and every one failed; () while it can still start. Array jobs by their id (``655``).
+
+    >>> failed_dependencies("afterok:655(failed),afterany:656(unfulfilled)")
+    ('655',)
+    """
+    text = _clean(dependency)
+    parts = [p.strip() for p in re.split(r"[,?]", text) if p.strip()]
+    failed = [m for m in (_DEPENDENCY.fullmatch(p) for p in parts) if m and m.group("state") == "failed"]
+    if "?" in text and len(failed) != len(parts):
+        return ()
+    out: list[str] = []
+    for m in failed:
+        for job in m.group("jobs").split(":")[1:]:
+            base = re.split(r"[_+]", job, maxsplit=1)[0]
+            if base not in out:
+                out.append(base)
+    return tuple(out)
 
 
 _OUTPUT_PATTERN = re.compile(r"%(\d*)([%AajJNnstux])|%")

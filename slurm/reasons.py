@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-__all__ = ["Category", "Reason", "REASONS", "explain"]
+__all__ = ["Category", "Reason", "REASONS", "explain", "dependency_failed"]
 
 
 class Category(enum.Enum):
@@ -54,7 +54,8 @@ _PLAIN: tuple[tuple[str, Category, str], ...] = (
     ("Resources", _C.RESOURCES, "waiting for a free node of this type"),
     ("Dependency", _C.DEPENDENCY, "waiting for the job it depends on (e.g. its image conversion) to finish"),
     ("DependencyNeverSatisfied", _C.DEPENDENCY,
-     "the job it depends on failed or was cancelled, so this job can never start: cancel it and submit again"),
+     "a job it depends on ended without success, so this job can never start: the portal cancels it; "
+     "fix what failed and submit again"),
     ("BeginTime", _C.QUEUE,
      "waiting for its start time (a job requeued after a node failure waits about two minutes here)"),
     ("JobHeldUser", _C.HELD, "held by its owner: release it (`scontrol release JOBID`) to let it start"),
@@ -284,12 +285,39 @@ REASONS: Mapping[str, Reason] = MappingProxyType({r.code: r for r in _TABLE.valu
 _PHRASE_ROWS = tuple((p.casefold(), Reason(p, s, c)) for p, c, s in _PHRASES)
 
 
+# -- a job that can never start because a job it depends on failed ---------------------------------
+
+_DEPENDENCY_FAILED = "a job it depends on "
+#: the longest reason a job stores (its column's size)
+MAX_REASON = 1024
+
+
+def dependency_failed(job_id: str, why: str = "", what: str = "") -> str:
+    """Why a job whose dependency can never be met was ended (Slurm's DependencyNeverSatisfied),
+    in words: ``a job it depends on (655) ended without success: FAILED with exit code 1``.
+
+    ``job_id`` is that job ("" where Slurm did not say which), ``what`` names it where it is known
+    (``its image conversion``), ``why`` says how it ended (for a conversion, the conversion's own
+    error). At most :data:`MAX_REASON` characters: ``why`` is cut to fit. :func:`explain` reads
+    the result back as DependencyNeverSatisfied."""
+    named = "(%s%s) " % (job_id, ", " + what if what else "") if job_id else ""
+    head = "%s%sended without success" % (_DEPENDENCY_FAILED, named)
+    why = " ".join(why.split())
+    if not why:
+        return head[:MAX_REASON]
+    room = MAX_REASON - len(head) - 2
+    if len(why) > room:
+        why = why[:max(0, room - 3)].rstrip() + "..."
+    return "%s: %s" % (head, why)
+
+
 def explain(text: str | None) -> Reason:
     """What Slurm's reason ``text`` (squeue ``%r``, scontrol ``Reason=``) means.
 
     Accepts the forms Slurm prints: ``Resources``, ``(Resources)``, any case, ``None`` or empty
     (no reason), a code with details after a comma (``ReqNodeNotAvail, UnavailableNodes:g1n1``,
-    kept in :attr:`Reason.detail`) and slurmctld's own sentences (``launch failed requeued held``).
+    kept in :attr:`Reason.detail`), slurmctld's own sentences (``launch failed requeued held``) and
+    :func:`dependency_failed`'s (its sentence is the text itself).
     Anything else comes back as ``Reason(text, "Slurm says: <text>", Category.OTHER)``.
     """
     s = " ".join((text or "").split())
@@ -297,6 +325,8 @@ def explain(text: str | None) -> Reason:
         s = s[1:-1].strip()
     if not s:
         return _TABLE["none"]
+    if s.startswith(_DEPENDENCY_FAILED):       # dependency_failed's words: already the sentence
+        return Reason("DependencyNeverSatisfied", s, Category.DEPENDENCY)
     folded = s.casefold()
     if folded in _TABLE:
         return _TABLE[folded]

@@ -12,6 +12,9 @@ the queue; never one call per job. Then, from the pure :func:`plan`:
   portal died between ``sbatch`` and storing the id: no duplicate), and submit again those
   Slurm never got once ``submit_grace_s`` has passed (no loss);
 - add jobs that users submitted with plain ``sbatch`` under their Unix account, as external;
+- end jobs that can never start (Slurm's DependencyNeverSatisfied: a job they depend on, e.g. the
+  conversion of their image, ended without success): cancelled in Slurm at once and recorded
+  FAILED with the reason in words, for a conversion its own error (:mod:`portal.services.conversions`);
 - then run the inference services' controller step on the same squeue answer
   (:class:`portal.daemons.controller.ServiceController`).
 """
@@ -30,8 +33,11 @@ from sqlmodel import Session, select
 from portal.daemons.loop import run_loop
 from portal.models import Event, EventKind, Job, User, utcnow
 from portal.models.jobs import reason_sentence
+from portal.services.conversions import dependency_reason
 from portal.services.job_data import finish_job_data
-from slurm.jobs import JobStatus
+from slurm.errors import SlurmError
+from slurm.jobs import JobStatus, failed_dependencies
+from slurm.reasons import dependency_failed, explain
 from slurm.render import COMMENT_PREFIX
 from slurm.states import TERMINAL, JobState
 
@@ -49,6 +55,16 @@ class Observed:
     signal: int | None = None
     #: Slurm's restart count (an array's: its tasks' together); None where Slurm did not say
     restarts: int | None = None
+    #: what it waits on, as squeue shows it (``afterok:655(failed)``)
+    dependency: str = ""
+
+
+@dataclass(frozen=True)
+class Doomed:
+    """A job that can never start: a job it depends on ended without success."""
+
+    failed: tuple[str, ...]     #: the Slurm jobs that failed it, as far as squeue says (may be empty)
+    live: bool                  #: still in Slurm's queue, waiting: to be cancelled
 
 
 @dataclass
@@ -59,6 +75,7 @@ class Plan:
     lost: list[str] = field(default_factory=list)                   #: Slurm forgot them
     external: list[JobStatus] = field(default_factory=list)         #: new plain-sbatch jobs
     external_arrays: set[str] = field(default_factory=set)          #: ... of them array jobs
+    doomed: dict[str, Doomed] = field(default_factory=dict)         #: portal job id -> why it can never start
 
 
 _RUN_ORDER = [JobState.RUNNING, JobState.COMPLETING, JobState.CONFIGURING, JobState.STAGE_OUT,
@@ -84,16 +101,16 @@ def fold(tasks: Iterable[JobStatus]) -> Observed | None:
         return None
     if len(tasks) == 1:
         t = tasks[0]
-        return Observed(t.state, t.reason, t.nodes, t.exit_code, t.signal, t.restarts)
+        return Observed(t.state, t.reason, t.nodes, t.exit_code, t.signal, t.restarts, t.dependency)
     nodes = ",".join(sorted({t.nodes for t in tasks if t.nodes}))
     restarts = restarts_of(tasks)
     for state in _RUN_ORDER:
         hit = [t for t in tasks if t.state is state]
         if hit:
-            return Observed(state, hit[0].reason, nodes, restarts=restarts)
+            return Observed(state, hit[0].reason, nodes, restarts=restarts, dependency=hit[0].dependency)
     live = [t for t in tasks if not t.state.terminal]
     if live:
-        return Observed(live[0].state, live[0].reason, nodes, restarts=restarts)
+        return Observed(live[0].state, live[0].reason, nodes, restarts=restarts, dependency=live[0].dependency)
     bad = [t for t in tasks if t.state is not JobState.COMPLETED]
     if not bad:
         return Observed(JobState.COMPLETED, "", nodes, 0, 0, restarts)
@@ -133,6 +150,33 @@ def records_of(slurm_id: str, table: Mapping[str, JobStatus] | Records) -> list[
     return (table if isinstance(table, Records) else Records(table)).of(slurm_id)
 
 
+NEVER_SATISFIED = "DependencyNeverSatisfied"
+
+
+def doomed(obs: Observed) -> Doomed | None:
+    """Whether a job can never start because a job it depends on ended without success: squeue
+    marks that dependency ``(failed)``, or Slurm's reason is DependencyNeverSatisfied (a job
+    Slurm, or another reconciler, already cancelled for it: ``live`` False). None otherwise."""
+    failed = failed_dependencies(obs.dependency)
+    if not (failed or explain(obs.reason).code == NEVER_SATISFIED):
+        return None
+    if obs.state is JobState.PENDING:
+        return Doomed(failed, live=True)
+    if obs.state is JobState.CANCELLED:
+        return Doomed(failed, live=False)
+    return None
+
+
+def _ended_record(records: list[JobStatus]) -> JobStatus | None:
+    """How a job ended, from its records (an array: its first task that did not complete); None
+    while it has not ended or where nothing is known."""
+    ended = [r for r in records if r.state.terminal]
+    if not ended or len(ended) != len(records):
+        return None
+    bad = sorted((r for r in ended if r.state is not JobState.COMPLETED), key=lambda r: r.job_id)
+    return bad[0] if bad else ended[0]
+
+
 def portal_id_of(status: JobStatus) -> str | None:
     c = status.comment
     return c[len(COMMENT_PREFIX):] if c.startswith(COMMENT_PREFIX) and len(c) == len(COMMENT_PREFIX) + 36 else None
@@ -157,7 +201,7 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
             continue
         if not job.slurm_job_id:
             continue
-        obs = fold(live.of(job.slurm_job_id))
+        queued = obs = fold(live.of(job.slurm_job_id))
         if obs is None or obs.state.terminal:
             # gone from the queue, or finished (squeue keeps those a while, without exit codes)
             ended = fold(done.of(job.slurm_job_id))
@@ -166,6 +210,11 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
             obs = ended or obs
         if obs is None:
             out.lost.append(job.id)
+            continue
+        # squeue's record too: sacct keeps neither the dependency nor Slurm's last reason for it
+        never = doomed(obs) or (doomed(queued) if queued is not None else None)
+        if never is not None:
+            out.doomed[job.id] = never
             continue
         if (obs.state, obs.reason, obs.nodes) != (job.state, job.reason, job.nodes) or (
                 obs.state.terminal and obs.exit_code != job.exit_code) or restarted(job, obs):
@@ -360,6 +409,7 @@ class Reconciler:
             known = self._known_slurm_ids(db, queue)
             p = plan(jobs, queue, accounting, known, set(users), now, self.settings.submit_grace_s)
             by_id = {j.id: j for j in jobs}
+            stats.slurm_calls += self._end_doomed(p, by_id, live, Records(accounting))
             apply(db, by_id, p, now)
             add_external(db, p.external, users, now, p.external_arrays)
             db.commit()
@@ -372,6 +422,42 @@ class Reconciler:
             log.exception("services step failed; retrying next cycle")
         stats.seconds = time.monotonic() - t0
         return stats
+
+    def _end_doomed(self, p: Plan, jobs: dict[str, Job], live: Records, done: Records) -> int:
+        """Jobs that can never start: cancel each in Slurm and put it among the plan's updates as
+        FAILED, with the reason in words (:func:`portal.services.conversions.dependency_reason`:
+        for an image conversion, its own error). How the failed jobs ended comes from accounting
+        (one sacct call for all of them, only when some are not in this cycle's answers); a job
+        scancel refuses stays as it is until the next cycle. Returns the Slurm calls made."""
+        if not p.doomed:
+            return 0
+        firsts = {d.failed[0] for d in p.doomed.values() if d.failed}
+        calls = 0
+        missing = sorted(f for f in firsts if not _ended_record(done.of(f)))
+        if missing:
+            try:
+                done = Records({**done.exact, **self.backend.accounting(missing)})
+            except SlurmError as e:
+                log.warning("cannot ask accounting how jobs %s ended: %s", ",".join(missing), e)
+            calls += 1
+        reasons: dict[str, str] = {"": dependency_failed("")}     # one log read per failed job
+        for dep in sorted(firsts):
+            record = _ended_record(done.of(dep)) or _ended_record(live.of(dep))
+            reasons[dep] = dependency_reason(self.settings, dep, record)
+        for job_id, d in p.doomed.items():
+            job = jobs[job_id]
+            reason = reasons[d.failed[0] if d.failed else ""]
+            if d.live:
+                try:
+                    self.backend.cancel(job.slurm_job_id)
+                except SlurmError as e:
+                    log.warning("job %s (Slurm %s) can never start, but scancel failed (trying again next "
+                                "cycle): %s", job.id, job.slurm_job_id, e)
+                    continue
+                calls += 1
+            log.info("job %s (Slurm %s) can never start, cancelled: %s", job.id, job.slurm_job_id, reason)
+            p.updates[job_id] = Observed(JobState.FAILED, reason)
+        return calls
 
     def _known_slurm_ids(self, db: Session, queue: Mapping[str, JobStatus]) -> set[str]:
         bases = sorted({k.split("_")[0] for k in queue})

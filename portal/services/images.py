@@ -202,7 +202,9 @@ def register_image(db, settings: Settings, backend, box, user, ref_text: str):
 
 def refresh_images(db, settings: Settings, backend) -> int:
     """CONVERTING images whose SIF appeared become READY; those whose conversion job ended
-    without one become FAILED (with the job's state). One Slurm call for all of them."""
+    without one become FAILED, with the conversion's own error from its log (or the job's state).
+    One Slurm call for all of them."""
+    from portal.services.conversions import conversion_log, ended_words, read_conversion_error
     rows = list(db.exec(select(Image).where(Image.state == ImageState.CONVERTING)))
     if not rows:
         return 0
@@ -217,8 +219,9 @@ def refresh_images(db, settings: Settings, backend) -> int:
             if st is None or not st.state.terminal:
                 continue
             img.state = ImageState.FAILED
-            img.message = ("conversion job %s ended %s without an image; see %s/logs/convert-%s.out"
-                           % (img.conversion_job_id, st.state.value, settings.image_cache, img.conversion_job_id))
+            why = read_conversion_error(settings, img.conversion_job_id) or "ended %s without an image" % ended_words(st)
+            img.message = ("conversion job %s failed: %s (log: %s)"
+                           % (img.conversion_job_id, why, conversion_log(settings, img.conversion_job_id)))[:2000]
         img.updated_at = utcnow()
         db.add(img)
         changed += 1

@@ -57,6 +57,13 @@ def test_a_body_that_is_not_an_object_is_refused(body):
     (JobState.FAILED, "submission failed: sbatch: error: x", "submission failed: sbatch: error: x", None),
     (JobState.FAILED, "NonZeroExitCode", "its command exited with a non-zero exit code: see its log "
                                          "[NonZeroExitCode]", "failure"),
+    # a job the reconciler ended because a job it depends on failed (slurm.reasons.dependency_failed)
+    (JobState.FAILED, "a job it depends on (655, its image conversion) ended without success: unexpected EOF",
+     "a job it depends on (655, its image conversion) ended without success: unexpected EOF "
+     "[DependencyNeverSatisfied]", "dependency"),
+    (JobState.PENDING, "DependencyNeverSatisfied", "a job it depends on ended without success, so this job can "
+     "never start: the portal cancels it; fix what failed and submit again [DependencyNeverSatisfied]",
+     "dependency"),
 ])
 def test_reasons_in_words(state, reason, text, category):
     assert reason_sentence(state, reason) == (text, category)

@@ -7,7 +7,7 @@ import pytest
 from sqlmodel import Session, select
 
 from portal.models import Event, EventKind, Job, User
-from portal.daemons.reconcile import Observed, Reconciler, fold, plan
+from portal.daemons.reconcile import Doomed, Observed, Reconciler, fold, plan
 from portal.models.jobs import JobCreate
 from portal.services import jobs as jobsvc
 from slurm.backend import SlurmCli
@@ -91,6 +91,40 @@ def test_plan_no_update_when_slurm_counts_no_more_restarts(stored, counted):
     assert not p.updates
 
 
+def D(jid, state, reason="", dependency="", nodes="", code=None, user="alice", comment=""):
+    return JobStatus(jid, JobState(state), reason, nodes, code, 0 if code is not None else None, user, comment,
+                     dependency=dependency)
+
+
+@pytest.mark.parametrize("job, queue, acct, want", [
+    # Slurm's reason, and the dependency squeue marks failed (as the dev cluster shows them)
+    (J("PENDING", reason="Dependency"), {"10": D("10", "PENDING", "DependencyNeverSatisfied", "afterok:7(failed)")},
+     {}, Doomed(("7",), live=True)),
+    # the dependency is marked failed before the scheduler changed the reason
+    (J("PENDING", reason="Dependency"), {"10": D("10", "PENDING", "Dependency", "afterok:7(failed)")},
+     {}, Doomed(("7",), live=True)),
+    # the reason alone (no dependency shown)
+    (J("PENDING", reason="Priority"), {"10": D("10", "PENDING", "DependencyNeverSatisfied")}, {}, Doomed((), True)),
+    # cancelled already (by Slurm or another reconciler): squeue's record says why, sacct's does not
+    (J("PENDING", reason="Dependency"), {"10": D("10", "CANCELLED", "DependencyNeverSatisfied", "afterok:7(failed)")},
+     {"10": D("10", "CANCELLED", "Dependency")}, Doomed(("7",), live=False)),
+    (J("PENDING", reason="Dependency"), {}, {"10": D("10", "CANCELLED", "DependencyNeverSatisfied")},
+     Doomed((), live=False)),
+    # still waiting, or any one would do and one is still to come: not doomed
+    (J("PENDING", reason="Dependency"), {"10": D("10", "PENDING", "Dependency", "afterok:7(unfulfilled)")}, {}, None),
+    (J("PENDING", reason="Dependency"),
+     {"10": D("10", "PENDING", "Dependency", "afterok:7(failed)?afterok:8(unfulfilled)")}, {}, None),
+    # ran (its dependency was met), or ended otherwise
+    (J("PENDING"), {"10": D("10", "RUNNING", "None", "afterok:7(fulfilled)", nodes="g1n1")}, {}, None),
+    (J("RUNNING", nodes="g1n1"), {}, {"10": D("10", "CANCELLED", "None", code=0)}, None),
+])
+def test_plan_finds_jobs_that_can_never_start(job, queue, acct, want):
+    p = plan([job], queue, acct, {"10"}, {"alice"}, NOW, 120)
+    assert p.doomed.get(job.id) == want
+    if want is not None:
+        assert job.id not in p.updates
+
+
 def test_plan_forgotten_job_is_lost():
     p = plan([J("RUNNING")], {}, {}, {"10"}, {"alice"}, NOW, 120)
     assert p.lost == [UUID]
@@ -121,10 +155,10 @@ def test_plan_external_jobs_are_those_of_portal_users_without_a_portal_comment()
 # -- cycles on recorded Slurm output --------------------------------------------------------------
 
 def Q(jid, state, restarts, nodes="", reason="None", user="alice", comment="(null)", name="train",
-      stdout="/tmp/slurm-%j.out"):
+      stdout="/tmp/slurm-%j.out", dependency="(null)"):
     """One line of ``squeue --noheader --array --states=all --Format <squeue_format()>``."""
     return "".join(c + SEP for c in (jid, state, reason, nodes, str(restarts), "1", user, comment, "N/A", name,
-                                     stdout))
+                                     stdout, dependency))
 
 
 class Recorded(SlurmCli):
@@ -138,7 +172,10 @@ class Recorded(SlurmCli):
 
     def _call(self, argv, stdin=None, error=None):
         self.argvs.append(argv)
-        return self.answers[argv[0]].pop(0)
+        answer = self.answers[argv[0]].pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
 
 def _cycles(engine, settings, job_state, answers, events=()):
@@ -231,6 +268,86 @@ def test_without_a_count_from_slurm_a_requeue_is_inferred_from_the_transition(en
         kinds = [e.kind for e in db.exec(select(Event).where(Event.job_id == job.id).order_by(Event.id))]
         assert db.get(Job, job.id).restarts == 1
     assert kinds == [EventKind.REQUEUED, EventKind.STATE]
+
+
+def _waiting(engine, users, slurm_ids, external=False):
+    """Store portal jobs pending on Slurm jobs ``slurm_ids`` (waiting on a dependency)."""
+    with Session(engine, expire_on_commit=False) as db:
+        jobs = [Job(user_id=users["alice"].id, name="t", state=JobState.PENDING, slurm_job_id=sid, reason="Dependency",
+                    external=external) for sid in slurm_ids]
+        db.add_all(jobs)
+        db.commit()
+    return [j.id for j in jobs]
+
+
+def _conversion_settings(settings, tmp_path, log=None):
+    from dataclasses import replace
+    (tmp_path / "cache" / "logs").mkdir(parents=True)
+    if log is not None:
+        (tmp_path / "cache" / "logs" / "convert-700.out").write_text(log)
+    return replace(settings, image_cache=str(tmp_path / "cache"))
+
+
+CONVERSION_COMMENT = "aiportal:image:sha256:" + "ab" * 32
+FAILED_CONVERSION_SACCT = SEP.join(["700", "FAILED", "2:0", "g1n1", "aiportal-img", CONVERSION_COMMENT,
+                                    "NonZeroExitCode", "convert-abababababab"])
+
+
+def test_a_failed_conversion_fails_every_job_waiting_on_it_at_once_with_its_error(engine, users, settings, tmp_path):
+    from portal.models.jobs import JobPublic
+    from tests.portal.test_conversions import BAD_ARCHIVE
+    settings = _conversion_settings(settings, tmp_path, BAD_ARCHIVE)
+    ids = _waiting(engine, users, ["4242", "4243"])
+    squeue = "\n".join([Q("4242", "PD", 0, reason="DependencyNeverSatisfied", dependency="afterok:700(failed)"),
+                        Q("4243", "PD", 0, reason="DependencyNeverSatisfied", dependency="afterok:700(failed)"),
+                        Q("700", "F", 0, "g1n1", reason="NonZeroExitCode", user="aiportal-img",
+                          comment=CONVERSION_COMMENT)])
+    backend = Recorded({"squeue": [squeue], "sacct": [FAILED_CONVERSION_SACCT], "scancel": ["", ""]})
+    stats = Reconciler(engine, backend, settings).cycle()
+    assert [a[0] for a in backend.argvs] == ["squeue", "sacct", "scancel", "scancel"]
+    assert backend.argvs[1][-1] == "700" and {a[-1] for a in backend.argvs[2:]} == {"4242", "4243"}
+    assert stats.updated == 2 and stats.slurm_calls == 4
+    reason = ("a job it depends on (700, its image conversion) ended without success: While performing build: "
+              "conveyor failed to get: error reading the docker archive file: unexpected EOF")
+    with Session(engine) as db:
+        for job_id in ids:
+            job = db.get(Job, job_id)
+            assert (job.state, job.reason) == (JobState.FAILED, reason) and job.ended_at
+            public = JobPublic.of(job)
+            assert public.reason_text == reason + " [DependencyNeverSatisfied]"
+            assert public.reason_category == "dependency"
+            last = db.exec(select(Event).where(Event.job_id == job_id).order_by(Event.id.desc())).first()
+            assert (last.kind, last.state, last.message) == (EventKind.FINISHED, JobState.FAILED, "FAILED: " + reason)
+
+
+def test_a_plain_job_whose_dependency_failed_ends_failed_with_how_that_job_ended(engine, users, settings, tmp_path):
+    settings = _conversion_settings(settings, tmp_path)
+    [job_id] = _waiting(engine, users, ["4242"], external=True)
+    squeue = Q("4242", "PD", 0, reason="DependencyNeverSatisfied", dependency="afterok:650(failed)")
+    failed = SEP.join(["650", "FAILED", "1:0", "g1n1", "alice", "", "NonZeroExitCode", "first"])
+    backend = Recorded({"squeue": [squeue], "sacct": [failed], "scancel": [""]})
+    Reconciler(engine, backend, settings).cycle()
+    with Session(engine) as db:
+        job = db.get(Job, job_id)
+        assert (job.state, job.reason) == (JobState.FAILED,
+                                           "a job it depends on (650) ended without success: FAILED with exit code 1")
+
+
+def test_a_job_scancel_refuses_is_tried_again_next_cycle(engine, users, settings, tmp_path):
+    from slurm.errors import SlurmCommandError
+    settings = _conversion_settings(settings, tmp_path)
+    [job_id] = _waiting(engine, users, ["4242"])
+    squeue = Q("4242", "PD", 0, reason="DependencyNeverSatisfied", dependency="afterok:650(failed)")
+    failed = SEP.join(["650", "FAILED", "1:0", "g1n1", "alice", "", "NonZeroExitCode", "first"])
+    refused = SlurmCommandError(["scancel", "4242"], 1, "", "scancel: error: Unable to contact slurm controller")
+    backend = Recorded({"squeue": [squeue, squeue], "sacct": [failed, failed], "scancel": [refused, ""]})
+    rec = Reconciler(engine, backend, settings)
+    rec.cycle()
+    with Session(engine) as db:
+        assert db.get(Job, job_id).state is JobState.PENDING
+    rec.cycle()
+    with Session(engine) as db:
+        assert db.get(Job, job_id).state is JobState.FAILED
 
 
 # -- against the real cluster --------------------------------------------------------------------
@@ -423,3 +540,35 @@ def test_a_requeue_never_seen_pending_is_counted_from_slurm(settings, engine, us
     rec.cycle()
     with Session(engine) as db:
         assert len(db.exec(select(Event).where(Event.job_id == job.id, Event.kind == EventKind.REQUEUED)).all()) == 1
+
+
+@pytest.mark.slurm
+def test_a_plain_job_waiting_on_a_job_that_fails_ends_failed_not_pending(settings, engine, users, real_backend,
+                                                                         cleanup_jobs):
+    """``sbatch --dependency=afterok:FIRST`` where FIRST fails: Slurm would keep the second job
+    pending for ever (DependencyNeverSatisfied); the reconciler cancels it and records it FAILED,
+    saying which job it waited on and how that one ended."""
+    import subprocess
+
+    def sbatch(*args):
+        out = subprocess.run(["runuser", "-u", JOB_USER, "--", "sbatch", "--parsable", "--partition", "gpu-1card",
+                              "--output", "/dev/null", "--chdir", "/tmp", "--time", "5", *args],
+                             capture_output=True, text=True, check=True, timeout=30)
+        jid = out.stdout.strip().split(";")[0]
+        cleanup_jobs.append(jid)
+        return jid
+    first = sbatch("--job-name", "fails", "--wrap", "exit 3")
+    second = sbatch("--job-name", "waits", "--dependency=afterok:%s" % first, "--wrap", "true")
+    rec = Reconciler(engine, real_backend, settings)
+    deadline = time.monotonic() + 120
+    while True:
+        rec.cycle()
+        with Session(engine) as db:
+            job = db.exec(select(Job).where(Job.slurm_job_id == second)).first()
+        if job is not None and job.state.terminal:
+            break
+        assert time.monotonic() < deadline, "job %s still %s" % (second, job and (job.state, job.reason))
+        time.sleep(0.5)
+    assert job.external and job.state is JobState.FAILED
+    assert job.reason == "a job it depends on (%s) ended without success: FAILED with exit code 3" % first
+    assert real_backend.statuses([second])[second].state is JobState.CANCELLED

@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from slurm.errors import SlurmParseError
-from slurm.jobs import (SEP, SQUEUE_FIELDS, expand_output_path, parse_exit_code, parse_sacct, parse_squeue,
+from slurm.jobs import (SEP, SQUEUE_FIELDS, expand_output_path, failed_dependencies, parse_exit_code, parse_sacct, parse_squeue,
                         squeue_format)
 from slurm.states import TERMINAL, JobState, parse_job_state
 
@@ -43,19 +43,23 @@ def Q(*cols):
 
 
 # ``squeue --noheader --array --states=all --Format <squeue_format()>`` (fields: JobArrayID
-# StateCompact Reason NodeList RestartCnt Requeue UserName Comment EligibleTime Name StdOut); the
-# last two lines from the dev cluster (Slurm 22.05, StdOut added from another run): 1323 was
-# requeued once, then completed; squeue shows an --output pattern as given
+# StateCompact Reason NodeList RestartCnt Requeue UserName Comment EligibleTime Name StdOut
+# Dependency); the last two lines from the dev cluster (Slurm 22.05, StdOut and Dependency added
+# from other runs): 1323 was requeued once, then completed; squeue shows an --output pattern as
+# given, and "(null)" for no dependency
 RECORDED = "\n".join([
     Q("12", "R", "None", "g1n2", "1", "1", "alice", "aiportal:u1", "2026-11-27T11:52:32", "train",
-      "/srv/aiportal/shared/users/alice/jobs/u1/logs/slurm-12.out"),
-    Q("13_2", "PD", "Dependency", "", "0", "0", "bob", "(null)", "Unknown", "my sweep, lr=1e-3", "/home/bob/%A_%a.log"),
-    Q("14", "PD", "launch failed requeued held", "", "3", "1", "carol", "(null)", "N/A", "x", "/dev/null"),
+      "/srv/aiportal/shared/users/alice/jobs/u1/logs/slurm-12.out", "(null)"),
+    Q("13_2", "PD", "Dependency", "", "0", "0", "bob", "(null)", "Unknown", "my sweep, lr=1e-3", "/home/bob/%A_%a.log",
+      "afterok:12(unfulfilled)"),
+    Q("14", "PD", "launch failed requeued held", "", "3", "1", "carol", "(null)", "N/A", "x", "/dev/null", "(null)"),
+    Q("657", "PD", "DependencyNeverSatisfied", "", "0", "1", "alice", "(null)", "Unknown", "wrap", "/dev/null",
+      "afterok:655(failed),afterok:656(unfulfilled),afterany:656(unfulfilled)"),
     "1323\x1fCD\x1fNone\x1fg1n1\x1f1\x1f1\x1falice\x1faiportal:5b2348eb-6b21-4548-8fee-94a537975d2a"
     "\x1f2026-11-27T14:12:11\x1fcifar10-1card\x1f/srv/aiportal/shared/users/alice/jobs/5b2348eb/logs/slurm-1323.out"
-    "\x1f",
+    "\x1f(null)\x1f",
     "1336\x1fCA\x1fJobHeldUser\x1f\x1f0\x1f1\x1falice\x1f(null)\x1fN/A\x1fby-hand\x1f"
-    "/srv/aiportal/shared/users/alice/logs-%x-%j.txt\x1f",
+    "/srv/aiportal/shared/users/alice/logs-%x-%j.txt\x1f(null)\x1f",
 ]) + "\n"
 
 
@@ -66,7 +70,7 @@ def test_squeue_format_is_long_names_unpadded_each_followed_by_sep():
 
 def test_parse_squeue():
     got = parse_squeue(RECORDED)
-    assert list(got) == ["12", "13_2", "14", "1323", "1336"]
+    assert list(got) == ["12", "13_2", "14", "657", "1323", "1336"]
     a = got["12"]
     assert (a.state, a.reason, a.nodes, a.user, a.comment, a.name, a.restarts) == (
         JobState.RUNNING, "", "g1n2", "alice", "aiportal:u1", "train", 1)
@@ -76,6 +80,10 @@ def test_parse_squeue():
 @pytest.mark.parametrize("jid, field, value", [
     ("13_2", "name", "my sweep, lr=1e-3"),                  # spaces and a comma: whole
     ("14", "reason", "launch failed requeued held"),
+    ("657", "reason", "DependencyNeverSatisfied"),
+    ("657", "dependency", "afterok:655(failed),afterok:656(unfulfilled),afterany:656(unfulfilled)"),
+    ("13_2", "dependency", "afterok:12(unfulfilled)"),
+    ("1323", "dependency", ""),
     ("14", "state", JobState.PENDING),
     ("14", "restarts", 3),
     ("1323", "state", JobState.COMPLETED),
@@ -95,13 +103,31 @@ def test_parse_squeue_fields(jid, field, value):
 
 
 @pytest.mark.parametrize("line, match", [
-    (Q("12", "R", "None", "g1n1", "x", "1", "alice", "", "N/A", "t", "/x"), "restart count 'x' is not a number"),
-    (L("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train"), "expected 11 squeue fields"),
-    (Q("12", "R"), "expected 11 squeue fields"),
+    (Q("12", "R", "None", "g1n1", "x", "1", "alice", "", "N/A", "t", "/x", ""), "restart count 'x' is not a number"),
+    (L("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train"), "expected 12 squeue fields"),
+    (Q("12", "R"), "expected 12 squeue fields"),
 ])
 def test_parse_squeue_refuses_other_output(line, match):
     with pytest.raises(SlurmParseError, match=match):
         parse_squeue(line)
+
+
+@pytest.mark.parametrize("text, failed", [
+    ("", ()), ("(null)", ()),
+    ("afterok:645(unfulfilled)", ()),
+    ("afterok:645(failed)", ("645",)),                                   # the dev cluster, after 645 failed
+    ("afterok:655(failed),afterok:656(unfulfilled),afterany:656(unfulfilled)", ("655",)),   # all must hold
+    ("afterok:1(failed),afternotok:2(failed)", ("1", "2")),
+    ("afterok:1:2(failed)", ("1", "2")),
+    ("afterok:77_*(failed)", ("77",)), ("afterok:77_3(failed)", ("77",)),  # array jobs by their id
+    ("after:5+10(failed)", ("5",)),
+    ("afterok:1(failed)?afterok:2(unfulfilled)", ()),                    # any one would do: not yet
+    ("afterok:1(failed)?afterany:2(failed)", ("1", "2")),
+    ("singleton(unfulfilled)", ()),
+    ("afterok:9(fulfilled)", ()),
+])
+def test_failed_dependencies(text, failed):
+    assert failed_dependencies(text) == failed
 
 
 def test_parse_sacct_last_run_wins():
@@ -119,7 +145,7 @@ def test_exit_code(text, expected):
 
 
 def test_bad_lines():
-    with pytest.raises(SlurmParseError, match="expected 11 squeue fields"):
+    with pytest.raises(SlurmParseError, match="expected 12 squeue fields"):
         parse_squeue("12 RUNNING")
     with pytest.raises(SlurmParseError, match="CODE:SIGNAL"):
         parse_exit_code("x:y")
@@ -134,8 +160,8 @@ def test_recovery_queue_parse():
     import datetime as dt
 
     from slurm.jobs import parse_squeue_recovery
-    line = Q("952", "PD", "BeginTime", "", "1", "1", "alice", "(null)", "2026-11-27T11:52:32", "train", "/x/952.out")
-    line2 = Q("953", "R", "None", "g1n1", "0", "0", "bob", "aiportal:x", "N/A", "serve it", "/x/953.out")
+    line = Q("952", "PD", "BeginTime", "", "1", "1", "alice", "(null)", "2026-11-27T11:52:32", "train", "/x/952.out", "(null)")
+    line2 = Q("953", "R", "None", "g1n1", "0", "0", "bob", "aiportal:x", "N/A", "serve it", "/x/953.out", "(null)")
     got = parse_squeue_recovery(line + "\n" + line2 + "\n")
     a, b = got["952"], got["953"]
     assert (a.name, b.name) == ("train", "serve it")

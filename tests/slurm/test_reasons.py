@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from slurm.reasons import REASONS, Category, Reason, explain
+from slurm.reasons import MAX_REASON, REASONS, Category, Reason, dependency_failed, explain
 
 NONE = Reason("None", "no reason given: the job is running, or the scheduler has not looked at it yet", Category.NONE)
 RESOURCES = Reason("Resources", "waiting for a free node of this type", Category.RESOURCES)
@@ -24,8 +24,8 @@ REQ_NODE = "the nodes it needs are down, drained or reserved: waits until they a
     ("Dependency", Reason("Dependency", "waiting for the job it depends on (e.g. its image conversion) to finish",
                           Category.DEPENDENCY)),
     ("(DependencyNeverSatisfied)", Reason(
-        "DependencyNeverSatisfied", "the job it depends on failed or was cancelled, so this job can never start: "
-        "cancel it and submit again", Category.DEPENDENCY)),
+        "DependencyNeverSatisfied", "a job it depends on ended without success, so this job can never start: the "
+        "portal cancels it; fix what failed and submit again", Category.DEPENDENCY)),
     ("BeginTime", Reason("BeginTime", "waiting for its start time (a job requeued after a node failure waits about "
                          "two minutes here)", Category.QUEUE)),
     ("JobHeldUser", Reason("JobHeldUser", "held by its owner: release it (`scontrol release JOBID`) to let it start",
@@ -202,3 +202,32 @@ def test_real_squeue_reasons_are_explained(slurm):
     assert (got[admin.id].code, got[admin.id].category) == ("JobHeldAdmin", Category.HELD)
     assert (got[dep.id].code, got[dep.id].category) == ("Dependency", Category.DEPENDENCY)
     assert (got[later.id].code, got[later.id].category) == ("BeginTime", Category.QUEUE)
+
+
+@pytest.mark.parametrize("args, text", [
+    (("655",), "a job it depends on (655) ended without success"),
+    (("655", "FAILED with exit code 1"), "a job it depends on (655) ended without success: FAILED with exit code 1"),
+    (("655", "CANCELLED"), "a job it depends on (655) ended without success: CANCELLED"),
+    (("655", "While performing build: conveyor failed to get: unexpected EOF", "its image conversion"),
+     "a job it depends on (655, its image conversion) ended without success: While performing build: conveyor "
+     "failed to get: unexpected EOF"),
+    (("655", "  two\nlines  "), "a job it depends on (655) ended without success: two lines"),
+    (("",), "a job it depends on ended without success"),
+])
+def test_dependency_failed_words(args, text):
+    assert dependency_failed(*args) == text
+
+
+def test_dependency_failed_reads_back_as_its_own_sentence_in_the_dependency_category():
+    text = dependency_failed("655", "FATAL stuff", "its image conversion")
+    assert explain(text) == Reason("DependencyNeverSatisfied", text, Category.DEPENDENCY)
+    assert explain(dependency_failed("")).code == "DependencyNeverSatisfied"
+
+
+@pytest.mark.parametrize("length", [MAX_REASON - 80, MAX_REASON, MAX_REASON + 1, 5000])
+def test_dependency_failed_fits_the_reason_column(length):
+    text = dependency_failed("655", "x" * length, "its image conversion")
+    assert len(text) <= MAX_REASON
+    assert text.startswith("a job it depends on (655, its image conversion) ended without success: xxx")
+    assert text.endswith("...") == (len("a job it depends on (655, its image conversion) ended without success: ")
+                                    + length > MAX_REASON)
