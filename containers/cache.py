@@ -19,10 +19,12 @@ Digests (``sha256:HEX``) are :mod:`containers.digests`'s: an archive or SIF hash
 layout's manifest digest, a definition with the files it reads; a registry image's is its
 manifest digest (the reference must be pinned, ``docker://NAME@sha256:...``).
 
-Users: directories are created 0755 and files 0644 by whoever converts. On the dev cluster
-conversions run as root (the portal) or, at a site, as a conversion service account; other
-users (job users, ``alice``) only read: :meth:`SifCache.lookup` works for them (it hashes when
-it cannot write the index and skips the last-use marker), :meth:`SifCache.ensure` does not.
+Users: directories are created 0755 and files 0644 by whoever converts: the image builder
+account (``aiportal-img``), which owns the cache; ``aiportal image convert`` run as root runs
+the conversion as that account. Root only reads here, but an index record it writes is given to
+the cache root's owner. Other users (job users, ``alice``) only read: :meth:`SifCache.lookup`
+works for them (it hashes when it cannot write the index and skips the last-use marker),
+:meth:`SifCache.ensure` does not.
 """
 from __future__ import annotations
 
@@ -136,8 +138,10 @@ class SifCache:
         return None
 
     def ensure(self, ref: ImageRef, builder: Builder | None = None,
-               progress: Progress | None = None) -> Path:
-        """The SIF for ``ref``, converting it first if no process has yet.
+               progress: Progress | None = None, digest: str | None = None) -> Path:
+        """The SIF for ``ref``, converting it first if no process has yet. With ``digest``,
+        the entry is that digest's (a SIF root built from a definition, handed over by
+        ``aiportal image convert``), not ``ref``'s own.
 
         One conversion per digest across processes and users: an exclusive flock on
         ``HEX.lock``; whoever gets it second finds the SIF and returns it. The builder writes
@@ -146,7 +150,8 @@ class SifCache:
         file and raises (:class:`~containers.errors.ImageBuildError` from the default builder).
         """
         say = progress or (lambda message: None)
-        digest = self.digest_of(ref, progress=say)
+        if digest is None:
+            digest = self.digest_of(ref, progress=say)
         final = self.path_for(digest)
         if final.is_file():
             self._mark_used(digest)
@@ -352,6 +357,9 @@ class SifCache:
                 self._make_dirs()
             tmp.write_text(json.dumps(record))
             os.chmod(tmp, 0o644)
+            if os.geteuid() == 0:           # root (the portal) writes the index for the cache's owner
+                owner = self.root.stat()
+                os.chown(tmp, owner.st_uid, owner.st_gid)
             os.replace(tmp, path)
         except (OSError, CacheError) as e:
             log.debug("cannot record the digest of %s: %s", record["ref"], e)

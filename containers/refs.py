@@ -269,3 +269,24 @@ def _looks_like_docker_name(text: str) -> bool:
     except ImageRefError:
         return False
     return True
+
+
+def absolute_ref(text: str, cwd: str) -> str:
+    """``text`` with a relative path made absolute against ``cwd`` (the caller's folder, for the
+    command line): ``containers/x.def``, ``./x.sif``, ``docker-archive:img.tar``,
+    ``oci:layout:TAG``. Other text comes back as it is, for :func:`parse_image_ref` to judge.
+    Pure: no file is looked at."""
+    if not isinstance(text, str) or not text or text.startswith("/"):
+        return text
+    scheme, sep, rest = text.partition(":")
+    if sep and scheme in _SCHEMES:
+        if not rest or rest.startswith("/"):
+            return text
+        return "%s:%s" % (scheme, _join(cwd, rest))
+    if not sep and re.search(r"\.(sif|def)$", text):
+        return _join(cwd, text)
+    return text
+
+
+def _join(cwd: str, path: str) -> str:
+    return posixpath.normpath(posixpath.join(cwd, path))

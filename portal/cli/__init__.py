@@ -35,6 +35,7 @@ On the node, from the public site settings (/etc/aiportal/site.toml):
                     [--time T] [--name N] [--env K=V]... -- CMD [ARG...]
                                                  print the exact batch script, to edit and sbatch
     aiportal image convert REF                   convert to SIF in the shared cache; prints the path
+                                                 (as root or the image builder account; root converts as that account)
     aiportal image list [--json]                 cached images, sizes, last use
     aiportal image build [-f Dockerfile] [CONTEXT] --tag REGISTRY/REPO:TAG [--detach]
                                                  build in a Slurm job as you, push; prints REPO@sha256:...
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache", help="cache folder (default: image_cache from site.toml)")
     c.add_argument("--authfile", metavar="FILE", help="registry account for docker:// (containers-auth.json); "
                                                       "removed after the conversion")
+    c.add_argument("--as-digest", metavar="DIGEST", help=argparse.SUPPRESS)  # root's .def builds, handed over
     c.set_defaults(func=cmd_image_convert)
     c = isub.add_parser("list", help="cached images with sizes and last use")
     c.add_argument("--cache", help="cache folder (default: image_cache from site.toml)")

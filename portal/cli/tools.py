@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from portal.cli.client import CliError, _api, _command_of, _parse_env, _print_json
+from portal.cli.convert import cmd_image_convert  # noqa: F401 -- `aiportal image convert` lives there
 
 
 
@@ -84,33 +85,6 @@ def _cached_image(ref: str) -> str:
     if hit is None:
         raise CliError("image %s is not converted yet; run `aiportal image convert %s` first" % (ref, ref))
     return str(hit)
-
-
-def cmd_image_convert(args) -> int:
-    from containers.builder import ApptainerBuilder
-    from containers.cache import SifCache
-    from containers.errors import ContainerError
-    from containers.refs import parse_image_ref
-    logging.basicConfig(level=logging.INFO, format="[aiportal image] %(message)s")
-    settings = _site_settings()
-    cache_root = Path(args.cache or settings.image_cache)
-    if not os.access(cache_root, os.W_OK):
-        raise CliError("the image cache %s is written only by %s (and root); submit jobs through the "
-                       "portal, which converts images for you" % (cache_root, settings.image_builder_user))
-    cache = SifCache(cache_root)
-    authfile = Path(args.authfile) if getattr(args, "authfile", None) else None
-    builder = ApptainerBuilder(cache.apptainer_cachedir, cache.apptainer_tmpdir, authfile=authfile,
-                               insecure=frozenset(settings.registry_insecure))
-    try:
-        sif = cache.ensure(parse_image_ref(args.ref), builder=builder,
-                           progress=lambda msg: print("[aiportal image] %s" % msg, file=sys.stderr))
-    except ContainerError as e:
-        raise CliError(str(e)) from e
-    finally:
-        if authfile is not None:            # the registry account: read once, never kept
-            authfile.unlink(missing_ok=True)
-    print(sif)
-    return 0
 
 
 def cmd_image_list(args) -> int:

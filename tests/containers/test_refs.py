@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from containers.errors import ACCEPTED_FORMS, ContainerError, ImageBuildError, ImageRefError
-from containers.refs import ImageRef, RefKind, parse_image_ref
+from containers.refs import ImageRef, RefKind, absolute_ref, parse_image_ref
 
 D = "sha256:" + "ab" * 32
 
@@ -149,3 +149,21 @@ def test_image_build_error_message(argv, returncode, stdout, stderr, expected):
 def test_image_build_error_adds_hint():
     e = ImageBuildError(["b"], 2, "", "FATAL: x\n", hint="is it installed?")
     assert str(e) == "`b` exited 2: FATAL: x (is it installed?)"
+
+
+@pytest.mark.parametrize("text, absolute", [
+    # relative paths, resolved in the caller's folder (the command line)
+    ("containers/definitions/tensorflow.def", "/work/co/containers/definitions/tensorflow.def"),
+    ("./x.sif", "/work/co/x.sif"),
+    ("../other/x.def", "/work/other/x.def"),
+    ("docker-archive:img/py.tar", "docker-archive:/work/co/img/py.tar"),
+    ("oci-archive:./py-oci.tar", "oci-archive:/work/co/py-oci.tar"),
+    ("oci:layout:v1", "oci:/work/co/layout:v1"),
+    # absolute, or not a path: as given, for parse_image_ref to judge
+    ("/srv/x.def", "/srv/x.def"), ("/srv/../x.def", "/srv/../x.def"),
+    ("docker-archive:/srv/py.tar", "docker-archive:/srv/py.tar"),
+    ("docker://python:3.11", "docker://python:3.11"), ("python:3.11", "python:3.11"),
+    ("x.tar", "x.tar"), ("docker-archive:", "docker-archive:"), ("", ""),
+])
+def test_absolute_ref(text, absolute):
+    assert absolute_ref(text, "/work/co") == absolute
