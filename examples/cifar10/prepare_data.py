@@ -32,6 +32,7 @@ import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -270,6 +271,32 @@ def dataset_tree(dest: Path, workdir: Path) -> Path:
     return workdir
 
 
+def png(pixels: bytes, scale: int = 1) -> bytes:
+    """A CIFAR-10 image (planar RGB) as a PNG file (standard library only), ``scale`` times larger."""
+    size = IMAGE_SIZE * scale
+    rows = b"".join(b"\x00" + bytes(c for x in range(size) for c in pixel(pixels, x // scale, y // scale))
+                    for y in range(size))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (len(data).to_bytes(4, "big") + kind + data
+                + (zlib.crc32(kind + data) & 0xFFFFFFFF).to_bytes(4, "big"))
+    header = size.to_bytes(4, "big") * 2 + bytes((8, 2, 0, 0, 0))      # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def write_samples(dataset: Path, dest: Path, count: int = 4) -> list[Path]:
+    """The first ``count`` test images as ``dest/I-LABEL.png`` (96x96), to send to a served model."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, (label, pixels) in enumerate(read_batch(dataset / FOLDER / "test_batch.bin")):
+        if i >= count:
+            break
+        path = dest / ("%d-%s.png" % (i, LABELS[label]))
+        path.write_bytes(png(pixels, scale=3))
+        out.append(path)
+    return out
+
+
 def stage_code(workdir: Path) -> Path:
     """A folder with the training program and the model class (what the job runs)."""
     here = Path(__file__).resolve().parent
@@ -300,6 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--upload-code", metavar="S3_URI", help="upload train.py and model.py to s3://BUCKET/PREFIX")
     p.add_argument("--credentials", help="data-source file for the uploads (JSON, mode 0600)")
     p.add_argument("--aiportal", default=None, help="the aiportal command (default: from PATH)")
+    p.add_argument("--samples", metavar="DIR", type=Path,
+                   help="also write the first test images as DIR/I-LABEL.png (to send to a served model)")
     args = p.parse_args(argv)
     if (args.upload or args.upload_code) and not args.credentials:
         p.error("--upload and --upload-code need --credentials FILE")
@@ -319,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                 files = extract_archive(fetch_archive(args.archive, Path(tmp)), args.dest,
                                         verify_md5=not args.no_verify)
         print("%s: %d batch files, %d records" % (args.dest / FOLDER, len(files), len(files) * RECORDS_PER_FILE))
+        if args.samples:
+            print("samples: %s" % " ".join(str(p) for p in write_samples(args.dest, args.samples)))
         aiportal = args.aiportal or default_aiportal()
         if args.upload:
             with tempfile.TemporaryDirectory(prefix="cifar10-upload-", dir=args.dest) as tmp:

@@ -197,3 +197,21 @@ def test_command_line_writes_the_dataset(tmp_path, capsys):
     assert pd.main(["--synthetic", "--dest", str(tmp_path), "--train-files", "1", "--upload", "s3://b/p",
                     "--credentials", "c", "--aiportal", str(tmp_path / "no-aiportal")]) == 1
     assert "pass --aiportal PATH" in capsys.readouterr().err
+
+
+def test_samples_are_pngs_of_the_test_images(prepare_data, tmp_path):
+    import struct
+    import zlib
+    prepare_data.write_synthetic(tmp_path, seed=0, train_files=1)
+    paths = prepare_data.write_samples(tmp_path, tmp_path / "samples", count=2)
+    records = list(prepare_data.read_batch(tmp_path / "cifar-10-batches-bin" / "test_batch.bin"))[:2]
+    assert [p.name for p in paths] == ["%d-%s.png" % (i, prepare_data.LABELS[r[0]]) for i, r in enumerate(records)]
+    data = paths[0].read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    assert (width, height, depth, colour) == (96, 96, 8, 2)
+    idat_len = struct.unpack(">I", data[33:37])[0]
+    rows = zlib.decompress(data[41:41 + idat_len])
+    # pixel (x=5, y=7) of the record is the 3x3 block at (15..17, 21..23)
+    row = rows[(21) * (1 + 96 * 3):][1:]
+    assert tuple(row[15 * 3:15 * 3 + 3]) == prepare_data.pixel(records[0][1], 5, 7)
