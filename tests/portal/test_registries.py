@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 from sqlmodel import Session, select
@@ -24,18 +25,21 @@ DOWN = "127.0.0.1:9179"      # allowed, nothing listens there
 @pytest.fixture
 def reg_settings(settings, registry, tmp_path):
     import pwd
-    cache = tmp_path / "cache"
-    cache.mkdir()
+    import shutil
+    import tempfile
+    cache = Path(tempfile.mkdtemp(prefix="aiportal-test-cache-", dir="/var/tmp"))   # the builder account reads it
+    os.chmod(cache, 0o755)
     b = pwd.getpwnam(settings.image_builder_user)
     os.chown(cache, b.pw_uid, b.pw_gid)
     site_file = tmp_path / "site-images.json"
     pw_file = tmp_path / "site-pw"
     pw_file.write_text(SITE[1])
     registries.forget_access(0)
-    return dataclasses.replace(settings, **{"registry_insecure": (registry.host,), "registries_allowed": (DOWN,), "image_cache": str(cache),
+    yield dataclasses.replace(settings, **{"registry_insecure": (registry.host,), "registries_allowed": (DOWN,), "image_cache": str(cache),
                                        "site_registry": registry.host, "site_registry_user": SITE[0],
                                        "site_registry_password_file": str(pw_file),
                                        "site_images_file": str(site_file)})
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture
@@ -203,3 +207,57 @@ def test_a_service_from_a_registry_image_waits_for_its_conversion(rclient, token
     r = rclient.post("/api/v1/services", headers=bearer(tokens["alice"]),
                      json={"name": "reg-svc", "image": "docker://%s/site/base:nope" % registry.host, "model": "/x"})
     assert r.status_code == 422 and "image" in r.get_json()["errors"]
+
+
+@pytest.mark.parametrize("ref", [
+    "docker://{host}/site/base:1;rm -rf /", "docker://{host}/site/base:$(id)", "docker://{host}/../etc/passwd:1",
+    "docker://{host}/Site/Base:1", "docker://{host}/site/base:" + "x" * 200, "docker://{host}/site/base@sha256:abc",
+    "docker://{host}/site/base:1 --authfile /etc/shadow", "docker://{host}/site/base:`id`"])
+def test_hostile_references_are_refused_before_anything_happens(rclient, tokens, registry, engine, fake_backend, ref):
+    mark = registry.mark()
+    r = rclient.post("/api/v1/jobs", headers=bearer(tokens["alice"]), json=job(ref.format(host=registry.host)))
+    assert r.status_code == 422 and "image" in r.get_json()["errors"], r.get_json()
+    with Session(engine) as db:
+        assert list(db.exec(select(Job))) == []
+    assert fake_backend.submitted == [] and registry.log.read_bytes()[mark:].count(b"/manifests/") == 0
+
+
+def test_a_tag_moved_after_submission_does_not_change_what_the_job_runs(
+        rclient, tokens, registry, fake_backend, reg_settings, tmp_path):
+    """The conversion pulls the digest the submission pinned, whatever the tag points at by then."""
+    import subprocess
+    from tests.conftest import run
+    assert login(rclient, tokens, registry).status_code == 201
+    repo = "alice/moving-%s" % os.urandom(3).hex()
+    creds = ["--creds", "alice:%s" % PASSWORDS["alice"]]
+    run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false", "--src-creds", "%s:%s" % SITE,
+         *[c.replace("--creds", "--dest-creds") for c in creds],
+         "docker://%s/site/base:1" % registry.host, "docker://%s/%s:1" % (registry.host, repo)], timeout=120)
+    r = rclient.post("/api/v1/jobs", headers=bearer(tokens["alice"]), json=job("docker://%s/%s:1" % (registry.host, repo)))
+    assert r.status_code == 201, r.get_json()
+    pinned = r.get_json()["image"]
+    # the tag moves: a new image with /marker is pushed under it
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "marker").write_text("moved\n")
+    (ctx / "Dockerfile").write_text("FROM %s/site/base:1\nCOPY marker /marker\n" % registry.host)
+    b = ["buildah", "--storage-driver", "vfs", "--root", str(tmp_path / "bs"), "--runroot", str(tmp_path / "bsr")]
+    run(b + ["bud", "--isolation", "chroot", "--tls-verify=false", "--creds", "%s:%s" % SITE,
+             "-t", "%s/%s:1" % (registry.host, repo), str(ctx)], timeout=180)
+    run(b + ["push", "--tls-verify=false", *creds, "%s/%s:1" % (registry.host, repo)], timeout=120)
+    check = rclient.get("/api/v1/images/check?ref=docker://%s/%s:1" % (registry.host, repo),
+                        headers=bearer(tokens["alice"])).get_json()
+    assert check["pinned"] != pinned
+    # the conversion job the submission made, run now: it converts the pinned image, without /marker
+    convert = fake_backend.submitted[0][0]
+    argv = re.search(r"^exec (\S+) image convert (.*)$", convert, re.M)
+    args = argv.group(2).replace("'", "").split()
+    res = subprocess.run([str(Path(__file__).resolve().parents[1] / "builds" / "aiportal-checkout"), "image", "convert",
+                          *args], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, AIPORTAL_REGISTRY_INSECURE='["%s"]' % registry.host))
+    assert res.returncode == 0, res.stderr
+    sif = res.stdout.strip().splitlines()[-1]
+    assert pinned.rsplit("@sha256:", 1)[1] in sif
+    out = subprocess.run(["apptainer", "exec", sif, "/bin/busybox", "sh", "-c", "cat /marker 2>/dev/null || echo none"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "none", out
