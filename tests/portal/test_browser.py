@@ -81,6 +81,7 @@ def test_train_from_the_browser_with_live_log_and_plot(live_portal, base_image, 
 
     # the form, as a person fills it in
     d.find_element(By.ID, "name").send_keys("browser-test")
+    d.find_element(By.ID, "image").clear()         # the form starts on the site's first base image
     d.find_element(By.ID, "image").send_keys(str(base_image))
     d.find_element(By.ID, "node_type-1card").click()
     d.find_element(By.ID, "command").send_keys(TRAIN)
