@@ -49,7 +49,9 @@ def cmd_script(args) -> int:
     from storage.errors import StorageError
     command = _command_of(args, "script")
     image = args.image
-    if not image.startswith("/") or not image.endswith(".sif"):
+    if image.startswith("docker://"):
+        image = _registry_image(args, image)
+    elif not image.startswith("/") or not image.endswith(".sif"):
         image = _cached_image(args.image)
     try:
         job = parse(JobCreate, {"image": image, "node_type": args.node_type, "command": list(command),
@@ -70,6 +72,20 @@ def cmd_script(args) -> int:
     print("# before sbatch, create the job's log folder: mkdir -p %s"
           % shlex.quote(str(job_dir_for(settings, sub.user, sub.job_id) / "logs")), file=sys.stderr)
     return 0
+
+
+def _registry_image(args, ref: str) -> str:
+    """The cached SIF of a registry image, pinned and checked with your account by the portal
+    (``GET /api/v1/images/check``): a script runs the digest the portal would run."""
+    import urllib.parse
+    ans = _api(args, "GET", "/images/check?ref=%s" % urllib.parse.quote(ref, safe=""))
+    if not ans["ok"]:
+        raise CliError("%s: %s" % (ref, ans["message"]))
+    if not ans["cached"]:
+        raise CliError("%s (%s) is not converted yet: submit a job with it once through the portal "
+                       "(`aiportal submit --image %s ...`) or register it on the Images page, then run this again"
+                       % (ref, ans["pinned"], ref))
+    return ans["sif"]
 
 
 def _cached_image(ref: str) -> str:

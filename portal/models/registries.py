@@ -72,4 +72,5 @@ class ImageCheck(SQLModel):
     ok: bool
     pinned: str | None = Field(default=None, description="the reference at its digest, when it is a registry image")
     cached: bool = Field(default=False, description="converted already: a job starts without a conversion")
+    sif: str | None = Field(default=None, description="the SIF a job runs, once converted")
     message: str = ""

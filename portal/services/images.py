@@ -300,8 +300,9 @@ def check_ref(db, settings: Settings, box, user, ref_text: str):
             pinned, _ = pin_image(db, settings, box, user, ref_text)
         except PortalError as e:
             return ImageCheck(ref=ref_text, ok=False, message=str(e))
-        cached = SifCache(Path(settings.image_cache)).path_for(parse_image_ref(pinned).digest).is_file()
-        return ImageCheck(ref=ref_text, ok=True, pinned=pinned, cached=cached,
+        sif = SifCache(Path(settings.image_cache)).path_for(parse_image_ref(pinned).digest)
+        cached = sif.is_file()
+        return ImageCheck(ref=ref_text, ok=True, pinned=pinned, cached=cached, sif=str(sif) if cached else None,
                           message="ready" if cached else "found; converted when the first job starts")
     if ref.kind is RefKind.SIF:
         if not Path(ref.location).is_file():
@@ -311,7 +312,7 @@ def check_ref(db, settings: Settings, box, user, ref_text: str):
                 check_user_can_read(user.unix_user, ref.location)
             except ImageRefError as e:
                 return ImageCheck(ref=ref_text, ok=False, message=e.reason)
-        return ImageCheck(ref=ref_text, ok=True, cached=True, message="ready")
+        return ImageCheck(ref=ref_text, ok=True, cached=True, sif=ref.location, message="ready")
     if ref.kind in CONVERTIBLE:
         return ImageCheck(ref=ref_text, ok=True, message="converted when the first job starts")
     return ImageCheck(ref=ref_text, ok=False, message="the portal runs registry images, .sif files and "

@@ -71,3 +71,13 @@ def test_a_job_by_tag_is_pinned_converted_once_and_run(reg_portal, registry):
     done = wait_state(portal, token, second["id"], timeout=180)
     assert done["state"] == "COMPLETED", done
     assert "--dependency" not in (done.get("script") or "")
+
+    # a power user's script runs the same digest: the cached SIF the portal would run
+    env = dict(os.environ, AIPORTAL_URL=portal.url, AIPORTAL_TOKEN=token)
+    res = subprocess.run([str(BUILDS / "aiportal-checkout"), "script", "--image", job["image"], "--node-type", "1card",
+                          "--", "true"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert str(sif) in res.stdout
+    res = subprocess.run([str(BUILDS / "aiportal-checkout"), "script", "--image", job["image"] + "-nope",
+                          "--node-type", "1card", "--", "true"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode != 0 and "does not exist" in res.stderr
