@@ -53,11 +53,13 @@ def _builder(settings: Settings) -> pwd.struct_passwd:
 
 
 def _builder_dir(settings: Settings, name: str) -> Path:
-    """A folder of the image cache, owned by the builder account (created if missing)."""
+    """A folder of the image cache, the builder account's alone (created if missing): incoming/
+    holds copies of users' archives and registry authfiles, logs/ the conversions' logs."""
     b = _builder(settings)
     d = Path(settings.image_cache) / name
-    d.mkdir(mode=0o755, exist_ok=True)
+    d.mkdir(mode=0o700, exist_ok=True)
     os.chown(d, b.pw_uid, b.pw_gid)
+    os.chmod(d, 0o700)
     return d
 
 
@@ -81,7 +83,7 @@ def _incoming(settings: Settings, digest: str, ref: ImageRef) -> Path:
         tmp = inbox / (".%s.%d.%s.partial" % (hexd, os.getpid(), secrets.token_hex(4)))
         shutil.copyfile(ref.path, tmp)
         os.chown(tmp, b.pw_uid, b.pw_gid)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o600)
         os.replace(tmp, dest)
     return dest
 
