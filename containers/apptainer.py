@@ -156,14 +156,25 @@ def health_probe_argv(sif, apptainer: str = "apptainer") -> list[str]:
 
 
 def build_argv(dest, source_ref_string: str, zstd: bool = True, force: bool = True,
-               apptainer: str = "apptainer") -> list[str]:
+               apptainer: str = "apptainer",
+               build_args: Iterable[tuple[str, str]] = ()) -> list[str]:
     """``apptainer build DEST SOURCE``; SOURCE as apptainer reads it (``docker-archive:/x.tar``,
-    ``oci-archive:/x.tar``, ``/x.def``, ``/x.sif``). ``zstd`` compresses with zstd level 3."""
+    ``oci-archive:/x.tar``, ``/x.def``, ``/x.sif``). ``zstd`` compresses with zstd level 3.
+    ``build_args`` fill a definition's ``%arguments`` (``--build-arg KEY=VALUE``); apptainer
+    splits the flag's value at commas, so a value with ``,`` is refused."""
     argv = [apptainer, "build"]
     if force:
         argv.append("--force")
     if zstd:
         argv += ["--mksquashfs-args", ZSTD_MKSQUASHFS_ARGS]
+    for key, value in build_args:
+        if not isinstance(key, str) or not _ENV_KEY.fullmatch(key):
+            raise ValueError("build argument name %r is not an identifier ([A-Za-z_][A-Za-z0-9_]*)" % (key,))
+        value = _arg(value, "build argument %s" % key)
+        if "," in value or "\n" in value:
+            raise ValueError("build argument %s=%r: apptainer splits --build-arg at commas and "
+                             "lines; pin one version instead (e.g. torch==2.5.1)" % (key, value))
+        argv += ["--build-arg", "%s=%s" % (key, value)]
     return argv + [_image_path(dest), _arg(source_ref_string, "source")]
 
 
