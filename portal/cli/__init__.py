@@ -58,6 +58,7 @@ On the portal host, as root, straight on the database (portal.toml, --config):
     aiportal token create --user NAME [--name N] [--expires-days D]   prints only the token
     aiportal token list --user NAME | revoke ID --user NAME
     aiportal project add NAME [--slurm-account A] [--member USER]... [--exists-ok]
+    aiportal image publish-site --catalogue FILE [--only NAME]...   the site's base images (site_images role)
 
 Passwords are read from a file or stdin, never from the command line, and never printed.
 
@@ -72,7 +73,7 @@ import os
 import sys
 
 from portal import __version__
-from portal.cli import registries
+from portal.cli import registries, site_images
 from portal.cli.builds import cmd_build_run, cmd_image_build, cmd_image_build_cancel, cmd_image_builds
 from portal.cli.accounts import (_add_config, _add_password, cmd_project_add, cmd_token_create, cmd_token_list,
                                  cmd_token_revoke, cmd_user_add, cmd_user_disable, cmd_user_list, cmd_user_passwd)
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dir", required=True, help="the build folder the portal prepared")
     c.set_defaults(func=cmd_build_run)
     registries.add_parsers(sub, isub)
+    site_images.add_publish_site_parser(isub)
 
     p = sub.add_parser("stage", help="move data in or out of a job (run inside jobs)")
     p.add_argument("direction", choices=["in", "out"])
