@@ -324,7 +324,9 @@ class SifCache:
                 raise CacheError(d, "cannot create it (%s); conversions run as the cache's "
                                     "owner (root or the conversion service account)"
                                  % e.strerror) from e
-            os.chmod(d, 0o755)
+            # the images and the index cannot be listed by other users: a SIF is read by its
+            # digest, which the portal hands out only after checking the user may read it
+            os.chmod(d, 0o711 if d in (self.images, self.refs_dir) else 0o755)
 
     def _mark_used(self, digest: str, create: bool = False) -> None:
         path = self._used_path(digest)

@@ -257,9 +257,10 @@ def test_modes_under_a_restrictive_umask(cache, archive):
         path = cache.ensure(ref_of(archive))
     finally:
         os.umask(old)
-    for d in (cache.root, cache.images, cache.refs_dir, cache.apptainer_cachedir,
-              cache.apptainer_tmpdir):
+    for d in (cache.root, cache.apptainer_cachedir, cache.apptainer_tmpdir):
         assert d.stat().st_mode & 0o777 == 0o755, d
+    for d in (cache.images, cache.refs_dir):        # read by digest, not listed
+        assert d.stat().st_mode & 0o777 == 0o711, d
     assert path.stat().st_mode & 0o777 == 0o644
     for record in cache.refs_dir.iterdir():
         assert record.stat().st_mode & 0o777 == 0o644
