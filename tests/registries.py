@@ -4,6 +4,7 @@ uploaded, and a small base image ``site/base:1`` (busybox on scratch, 2 MB) push
 account. Import the ``registry`` fixture from here (session scope: started once per run)."""
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ class Registry:
     host: str              #: 127.0.0.1:PORT
     root: Path
     log: Path
+    proc: subprocess.Popen | None = None
 
     def mark(self) -> int:
         """Where the access log is now (count uploads after it)."""
@@ -60,13 +62,14 @@ class Registry:
         return (self.root / "data/docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data").stat().st_size
 
 
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory):
+@contextlib.contextmanager
+def running_registry(root: Path, ports=range(9160, 9170), push_base: bool = True):
+    """A registry in ``root`` on the first free port of ``ports``, with the accounts and (with
+    ``push_base``) ``site/base:1``; stopped by pid when the block ends. ``.proc`` is its process."""
     why = _missing()
     if why:
         pytest.skip(why)
-    root = tmp_path_factory.mktemp("registry")
-    port = free_port(range(9160, 9170))
+    port = free_port(ports)
     accounts = dict(PASSWORDS, **{SITE[0]: SITE[1]})
     (root / "htpasswd").write_text("".join("%s:%s\n" % (u, bcrypt.hashpw(p.encode(), bcrypt.gensalt(5)).decode())
                                            for u, p in accounts.items()))
@@ -78,6 +81,7 @@ def registry(tmp_path_factory):
         proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=out,
                                 stderr=subprocess.STDOUT)
     reg = Registry("127.0.0.1:%d" % port, root, log)
+    reg.proc = proc
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -89,10 +93,17 @@ def registry(tmp_path_factory):
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise AssertionError("docker-registry did not start:\n%s" % log.read_text())
                 time.sleep(0.2)
-        _push_base(reg, root)
+        if push_base:
+            _push_base(reg, root)
         yield reg
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    with running_registry(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg
 
 
 def _push_base(reg: Registry, root: Path) -> None:

@@ -81,3 +81,41 @@ def test_a_job_by_tag_is_pinned_converted_once_and_run(reg_portal, registry):
     res = subprocess.run([str(BUILDS / "aiportal-checkout"), "script", "--image", job["image"] + "-nope",
                           "--node-type", "1card", "--", "true"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode != 0 and "does not exist" in res.stderr
+
+
+def test_a_registry_that_goes_down_before_the_pull_fails_the_job_with_the_pull_error(tmp_path_factory):
+    """The registry answers when the job is submitted (the tag is pinned) and is gone when the
+    conversion pulls: the conversion fails, the job ends FAILED with the conversion's own error,
+    and nothing is left in the cache (no SIF, no partial file, no authfile)."""
+    from tests.registries import running_registry
+    cache = Path("/srv/aiportal/shared/images/test-cache-%s" % uuid.uuid4().hex[:12])
+    cache.mkdir(mode=0o755)
+    b = pwd.getpwnam("aiportal-img")
+    os.chown(cache, b.pw_uid, b.pw_gid)
+    try:
+        with running_registry(tmp_path_factory.mktemp("down-registry"), ports=range(9165, 9170)) as reg:
+            portal = start_test_portal(tmp_path_factory.mktemp("down-portal"), users=(("alice", "alice", False),),
+                                       reconcile=True, config_lines=(
+                                           'registry_insecure = ["%s"]' % reg.host, 'image_cache = "%s"' % cache,
+                                           'stage_bin = "%s"' % (BUILDS / "aiportal-checkout")))
+            try:
+                token = portal.tokens["alice"]
+                status, ans = api_call(portal, "POST", "/registries", token,
+                                       {"registry": reg.host, "username": "alice", "password": PASSWORDS["alice"]})
+                assert status == 201, ans
+                status, job = api_call(portal, "POST", "/jobs", token, {
+                    "image": "docker://%s/site/base:1" % reg.host, "node_type": "1card", "name": "reg-down",
+                    "command": ["/bin/busybox", "true"], "time_limit": "00:05:00"})
+                assert status == 201, job
+                reg.proc.kill()            # gone before the conversion job gets to its pull
+                reg.proc.wait(timeout=10)
+                done = wait_state(portal, token, job["id"], timeout=180)
+            finally:
+                portal.stop()
+    finally:
+        leftovers = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()
+                           and not p.match("logs/*") and not p.name.endswith((".lock", ".job")))
+        shutil.rmtree(cache, ignore_errors=True)
+    assert done["state"] == "FAILED", done
+    assert "image conversion" in done["reason"] and "connection refused" in done["reason"].lower(), done["reason"]
+    assert leftovers == [], leftovers
