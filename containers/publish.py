@@ -57,6 +57,11 @@ NAMESPACE = "site"
 FORMAT = "aiportal-site-images/1"
 #: the image config label that carries the definition key the image was built from
 KEY_LABEL = "org.aiportal.definition.sha256"
+#: the image config label that says how the image was laid out; a new value publishes again
+#: (2: the layer has its history entry, which builds FROM the image need: buildah refuses a
+#: base whose history lists fewer layers than it has)
+LAYOUT_LABEL = "org.aiportal.layout"
+LAYOUT_VERSION = "2"
 #: host files a definition copies in only for the build (and removes): not part of its key
 BUILD_ONLY_FILES = frozenset({"/etc/ssl/certs/ca-certificates.crt"})
 #: variables apptainer itself sets in ``apptainer exec --cleanenv``: not the image's environment
@@ -227,7 +232,7 @@ def image_env(env0: str) -> tuple[str, ...]:
 
 def image_labels(labels_json: str, key: str, version: str) -> tuple[tuple[str, str], ...]:
     """The definition's ``org.opencontainers.image.*`` labels (``.singularity.d/labels.json``
-    of the image), plus ``org.opencontainers.image.version`` and :data:`KEY_LABEL`."""
+    of the image), plus ``org.opencontainers.image.version``, :data:`KEY_LABEL` and :data:`LAYOUT_LABEL`."""
     try:
         labels = json.loads(labels_json or "{}")
     except ValueError:
@@ -236,6 +241,7 @@ def image_labels(labels_json: str, key: str, version: str) -> tuple[tuple[str, s
            if isinstance(k, str) and k.startswith("org.opencontainers.image.")}
     out["org.opencontainers.image.version"] = version
     out[KEY_LABEL] = key
+    out[LAYOUT_LABEL] = LAYOUT_VERSION
     return tuple(sorted(out.items()))
 
 
@@ -255,7 +261,7 @@ def oci_layout_argvs(layout: Path, tag: str, rootfs: Path, config: ImageConfig,
     return [
         [umoci, "init", "--layout", str(layout)],
         [umoci, "new", "--image", image],
-        [umoci, "insert", "--no-history", "--image", image, str(rootfs), "/"],
+        [umoci, "insert", "--history.created_by", "aiportal image publish-site", "--image", image, str(rootfs), "/"],
         configure,
     ]
 
@@ -334,9 +340,10 @@ class Plan:
 
 def plan(sif_exists: bool, remote: RemoteImage | None, key: str) -> Plan:
     """Build when the SIF of ``key`` is missing; publish when it is (re)built, or the registry
-    has no image under the tag, or one built from another definition key."""
+    has no image under the tag, or one built from another definition key or laid out otherwise."""
     build = not sif_exists
-    publish = build or remote is None or remote.labels.get(KEY_LABEL) != key
+    publish = build or remote is None or remote.labels.get(KEY_LABEL) != key \
+        or remote.labels.get(LAYOUT_LABEL) != LAYOUT_VERSION
     return Plan(build, publish)
 
 

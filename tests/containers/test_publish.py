@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from containers.apptainer import build_argv
-from containers.publish import (FORMAT, KEY_LABEL, ImageConfig, Plan, PublishedImage, PublishError, RegistryAccess,
+from containers.publish import (FORMAT, KEY_LABEL, LAYOUT_LABEL, LAYOUT_VERSION, ImageConfig, Plan, PublishedImage,
+                                PublishError, RegistryAccess,
                                 RemoteImage, SiteImage, definition_files, definition_key, image_env, image_labels,
                                 inspect_result, oci_layout_argvs, parse_catalogue, plan, sif_name, site_images_document,
                                 skopeo_inspect_argv, skopeo_push_argv, stale_sifs, write_atomic)
@@ -151,9 +152,10 @@ def test_image_labels():
     labels = json.dumps({"org.opencontainers.image.title": "aiportal pytorch",
                          "org.label-schema.build-date": "Sunday_6_December", "x": "y"})
     assert image_labels(labels, KEY, "1.13") == (
-        (KEY_LABEL, KEY), ("org.opencontainers.image.title", "aiportal pytorch"),
+        (KEY_LABEL, KEY), (LAYOUT_LABEL, LAYOUT_VERSION), ("org.opencontainers.image.title", "aiportal pytorch"),
         ("org.opencontainers.image.version", "1.13"))
-    assert image_labels("not json", KEY, "1") == ((KEY_LABEL, KEY), ("org.opencontainers.image.version", "1"))
+    assert image_labels("not json", KEY, "1") == ((KEY_LABEL, KEY), (LAYOUT_LABEL, LAYOUT_VERSION),
+                                                  ("org.opencontainers.image.version", "1"))
 
 
 def test_oci_layout_argvs():
@@ -161,7 +163,8 @@ def test_oci_layout_argvs():
     assert oci_layout_argvs(Path("/w/oci"), "2.21", Path("/w/rootfs"), config) == [
         ["umoci", "init", "--layout", "/w/oci"],
         ["umoci", "new", "--image", "/w/oci:2.21"],
-        ["umoci", "insert", "--no-history", "--image", "/w/oci:2.21", "/w/rootfs", "/"],
+        ["umoci", "insert", "--history.created_by", "aiportal image publish-site", "--image", "/w/oci:2.21",
+         "/w/rootfs", "/"],
         ["umoci", "config", "--image", "/w/oci:2.21", "--clear=config.env", "--clear=config.cmd",
          "--clear=config.entrypoint", "--config.workingdir", "/", "--config.env", "PATH=/opt/venv/bin:/usr/bin",
          "--config.cmd", "python3", "--config.label", "a.b=c d"],
@@ -224,7 +227,7 @@ def test_inspect_result_raises_on_other_failures(code, out, err, fragment):
     assert fragment in str(e.value)
 
 
-SAME = RemoteImage("sha256:" + "a" * 64, {KEY_LABEL: KEY})
+SAME = RemoteImage("sha256:" + "a" * 64, {KEY_LABEL: KEY, LAYOUT_LABEL: LAYOUT_VERSION})
 
 
 @pytest.mark.parametrize("sif_exists, remote, expected", [
@@ -233,6 +236,7 @@ SAME = RemoteImage("sha256:" + "a" * 64, {KEY_LABEL: KEY})
     (True, None, Plan(build=False, publish=True)),                        # registry lost it
     (True, RemoteImage(SAME.digest, {KEY_LABEL: "cd" * 32}), Plan(False, True)),   # definition changed
     (True, RemoteImage(SAME.digest, {}), Plan(False, True)),              # someone else pushed the tag
+    (True, RemoteImage(SAME.digest, {KEY_LABEL: KEY}), Plan(False, True)),   # laid out by an older version
     (False, None, Plan(build=True, publish=True)),                        # cold
 ])
 def test_plan(sif_exists, remote, expected):
