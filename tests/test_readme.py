@@ -75,3 +75,6 @@ def test_readme_commands_work_as_written(path: Path):
     if path.name == "README.md" and path.parent == REPO:
         assert "hello from a GPU node" in res.stdout + res.stderr
         assert "hello from my own image" in res.stdout + res.stderr
+    if path.parent.name == "cifar10":       # the served model's answer to curl -T 0-ship.png
+        labels = "airplane|automobile|bird|cat|deer|dog|frog|horse|ship|truck"
+        assert re.search(r'^"?(%s)"?$|"(%s)"' % (labels, labels), res.stdout, re.M), res.stdout[-3000:]
