@@ -11,5 +11,7 @@ A leaf package: it imports nothing else of aiportal.
 - :mod:`containers.builder`: the adapter that runs apptainer/skopeo/umoci.
 - :mod:`containers.definition`: a small reader of definition files.
 - :mod:`containers.errors`: ``ContainerError`` and its subclasses.
-- ``definitions/``: image definitions (base image, TensorFlow).
+- :mod:`containers.publish`: the site's base images, from definitions to the site registry
+  (``site/NAME:TAG``) and the SIF cache.
+- ``definitions/``: image definitions (base image, TensorFlow, PyTorch).
 """

@@ -74,6 +74,8 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _FRAMEWORK = re.compile(r"[a-z][a-z0-9-]*")
 _ARG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SIF_NAME = re.compile(r"(?P<stem>.+)-(?P<key>[0-9a-f]{16})\.sif")
+#: the OCI conversion's work folders: WORK_PREFIX + PID-NAME-random
+WORK_PREFIX = "aiportal-site-image-"
 _UNKNOWN = ("manifest unknown", "name unknown", "repository name not known")
 DEFAULT_TIMEOUT = 1800.0
 
@@ -189,6 +191,12 @@ def definition_files(definition: Path) -> list[tuple[str, str]]:
 def sif_name(definition: Path, key: str) -> str:
     """``STEM-KEY16.sif``: the built image's file name in the base folder."""
     return "%s-%s.sif" % (Path(definition).stem, key[:16])
+
+
+def leftover_pid(name: str) -> int | None:
+    """The pid in a work folder's name (``aiportal-site-image-PID-NAME-XXXX``), else None."""
+    m = re.fullmatch(re.escape(WORK_PREFIX) + r"([0-9]{1,10})-.+", name)
+    return int(m.group(1)) if m else None
 
 
 def stale_sifs(names: Iterable[str], definition: Path, current: str) -> list[str]:
@@ -436,6 +444,7 @@ class SitePublisher:
         report = Report()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         with self._run_lock(), self._login() as access:
+            self._remove_leftovers()
             changes: list[list[str]] = [[] for _ in images]
             with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
                 futures = [pool.submit(self._one, image, access, changes[n])
@@ -505,7 +514,7 @@ class SitePublisher:
         t0 = time.monotonic()
         self.say("%s: publishing %s as docker://%s" % (image.name, sif.name, ref))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="site-image-%s-" % image.name, dir=self.workdir))
+        tmp = Path(tempfile.mkdtemp(prefix="%s%d-%s-" % (WORK_PREFIX, os.getpid(), image.name), dir=self.workdir))
         try:
             env = build_env()
             rootfs, layout = tmp / "rootfs", tmp / "oci"
@@ -541,6 +550,18 @@ class SitePublisher:
 
     def _seed_here(self, digest: str, sif: Path) -> Path:
         return self.cache.ensure(parse_image_ref(str(sif)), digest=digest)
+
+    def _remove_leftovers(self) -> None:
+        """What runs that died left: partial SIFs in the base folder (only one run at a time
+        holds its lock) and OCI work folders of processes that are gone."""
+        for partial in self.base_dir.glob(".*.partial"):
+            log.info("removing %s, left by a run that died", partial)
+            partial.unlink(missing_ok=True)
+        for folder in self.workdir.glob(WORK_PREFIX + "*") if self.workdir.is_dir() else ():
+            pid = leftover_pid(folder.name)
+            if pid is not None and not _alive(pid):
+                log.info("removing %s, left by a run that died", folder)
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _remove_stale(self, image: SiteImage, sif: Path) -> None:
         for name in stale_sifs((p.name for p in self.base_dir.glob("*.sif")), image.definition, sif.name):
@@ -583,6 +604,16 @@ class SitePublisher:
             yield RegistryAccess(authfile, tls_verify=not self.insecure, cert_dir=cert_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_file(path: Path) -> None:

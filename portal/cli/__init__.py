@@ -58,7 +58,7 @@ On the portal host, as root, straight on the database (portal.toml, --config):
     aiportal token create --user NAME [--name N] [--expires-days D]   prints only the token
     aiportal token list --user NAME | revoke ID --user NAME
     aiportal project add NAME [--slurm-account A] [--member USER]... [--exists-ok]
-    aiportal image publish-site --catalogue FILE [--only NAME]...   the site's base images (site_images role)
+    aiportal image publish-site --catalogue FILE   the site's base images (role site_images)
 
 Passwords are read from a file or stdin, never from the command line, and never printed.
 

@@ -61,12 +61,6 @@ def cmd_image_publish_site(args) -> int:
         raise CliError("cannot read the catalogue %s: %s" % (args.catalogue, e.strerror)) from e
     except ValueError as e:
         raise CliError("%s: %s" % (args.catalogue, e)) from e
-    if args.only:
-        unknown = sorted(set(args.only) - {i.name for i in catalogue})
-        if unknown:
-            raise CliError("--only %s: not in the catalogue (%s)" % (", ".join(unknown),
-                                                                      ", ".join(i.name for i in catalogue)))
-        catalogue = tuple(i for i in catalogue if i.name in args.only)
     registry = args.registry or settings.site_registry
     cache_root = Path(args.cache or settings.image_cache)
     publisher = SitePublisher(
@@ -98,8 +92,6 @@ def add_publish_site_parser(isub) -> None:
                    help="JSON list of images: name, definition, tag, title, description, framework, build_args, cmd")
     c.add_argument("--definitions", metavar="DIR", help="where relative definitions are (default: the installed "
                                                          "containers/definitions)")
-    c.add_argument("--only", action="append", metavar="NAME", help="only this image (repeatable; the images file "
-                                                                   "then lists only these)")
     c.add_argument("--jobs", type=int, default=3, help="images built and published at once (default 3)")
     c.add_argument("--registry", help="HOST[:PORT] (default: site_registry)")
     c.add_argument("--insecure", action="store_true", help="plain HTTP (default: when registry_insecure names it)")

@@ -3,6 +3,7 @@ skopeo/umoci argv, the plan and site-images.json (read back by the portal's own 
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import yaml
 from containers.apptainer import build_argv
 from containers.publish import (FORMAT, KEY_LABEL, LAYOUT_LABEL, LAYOUT_VERSION, ImageConfig, Plan, PublishedImage,
                                 PublishError, RegistryAccess,
-                                RemoteImage, SiteImage, definition_files, definition_key, image_env, image_labels,
-                                inspect_result, oci_layout_argvs, parse_catalogue, plan, sif_name, site_images_document,
+                                RemoteImage, SiteImage, SitePublisher, definition_files, definition_key, image_env, image_labels,
+                                inspect_result, leftover_pid, oci_layout_argvs, parse_catalogue, plan, sif_name, site_images_document,
                                 skopeo_inspect_argv, skopeo_push_argv, stale_sifs, write_atomic)
 from tests.conftest import REPO
 
@@ -279,3 +280,34 @@ def test_write_atomic(tmp_path):
     assert write_atomic(path, "two\n") is True
     assert path.read_text() == "two\n" and path.stat().st_ino != ino
     assert sorted(os.listdir(tmp_path)) == ["site-images.json"]
+
+
+@pytest.mark.parametrize("name, pid", [
+    ("aiportal-site-image-123-python-abc", 123),
+    ("aiportal-site-image-9-py-torch-x_y", 9),
+    ("aiportal-site-image--python-abc", None),
+    ("aiportal-site-image-12a-python", None),
+    ("site-image-123-python-abc", None),
+])
+def test_leftover_pid(name, pid):
+    assert leftover_pid(name) == pid
+
+
+def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    from containers.cache import SifCache
+    base, work = tmp_path / "base", tmp_path / "work"
+    base.mkdir()
+    work.mkdir()
+    (base / ".pytorch-0123456789abcdef.sif.77.partial").write_text("half")
+    (base / "pytorch-0123456789abcdef.sif").write_text("whole")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = proc.pid
+    (work / ("aiportal-site-image-%d-tensorflow-x" % dead)).mkdir()
+    (work / ("aiportal-site-image-%d-python-y" % os.getpid())).mkdir()
+    (work / "unrelated").mkdir()
+    publisher = SitePublisher(registry="h:1", user="u", password_file=tmp_path / "pw", cache=SifCache(tmp_path / "c"),
+                              base_dir=base, workdir=work)
+    publisher._remove_leftovers()
+    assert sorted(p.name for p in base.iterdir()) == ["pytorch-0123456789abcdef.sif"]
+    assert sorted(p.name for p in work.iterdir()) == ["aiportal-site-image-%d-python-y" % os.getpid(), "unrelated"]
