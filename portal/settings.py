@@ -86,6 +86,8 @@ class Settings:
     #: the node-local buildah storage of each user ({user} filled in; 0700, the user's own; under a
     #: sticky world-writable folder such as /var/tmp, so users create their own): vfs on NFS is slow
     image_build_storage: str = "/var/tmp/aiportal-build-{user}"
+    #: buildah's storage driver: overlay (Linux >= 5.11, rootless; fast) or vfs (anywhere; slow)
+    image_build_storage_driver: str = "overlay"
     #: the aiportal command the build job runs (`aiportal image build-run`); "" = stage_bin
     image_build_bin: str = ""
     #: the uploaded context tar at most (MB), and the unpacked context

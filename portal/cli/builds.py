@@ -154,7 +154,7 @@ def run_build(folder: Path) -> int:
     spec = BuildSpec.from_json((folder / "build.json").read_text())
     user = pwd.getpwuid(os.getuid()).pw_name
     target = parse_build_tag(spec.tag)
-    storage = Storage(storage_dir(spec.storage, user))
+    storage = Storage(storage_dir(spec.storage, user), spec.storage_driver)
     limits = Limits(max_processes=spec.max_processes, max_file_bytes=spec.storage_limit_bytes,
                     storage_bytes=spec.storage_limit_bytes)
     deadline = time.monotonic() + spec.timeout_s

@@ -24,11 +24,11 @@ from typing import BinaryIO
 
 from sqlmodel import select
 
-from containers.build import (DIGEST_FILE, BuildContextError, BuildSpec, BuildTarget, check_dockerfile_path, check_member,
+from containers.build import (DIGEST_FILE, STORAGE_DRIVERS, BuildContextError, BuildSpec, BuildTarget, check_dockerfile_path, check_member,
                               link_stays_inside, parse_build_tag)
 from containers.errors import ImageRefError
 from containers.registry import write_authfile
-from portal.errors import ConflictError, NotFoundError, ValidationError
+from portal.errors import ConfigError, ConflictError, NotFoundError, ValidationError
 from portal.logs import tail as logtail
 from portal.models import BuildState, ImageBuild, utcnow
 from portal.services import registries
@@ -69,6 +69,9 @@ def start_build(db, settings: Settings, backend, box, user, upload: BinaryIO, ta
     """Check, unpack ``upload`` (a tar of the context), submit the build job as the user."""
     if not user.unix_user or user.unix_user == "root":
         raise ValidationError("user", "account %r has no Unix user; builds run as the user" % user.name)
+    if settings.image_build_storage_driver not in STORAGE_DRIVERS:
+        raise ConfigError("image_build_storage_driver = %r in site.toml: use one of %s"
+                          % (settings.image_build_storage_driver, ", ".join(STORAGE_DRIVERS)))
     target = check_tag(tag)
     try:
         dockerfile = check_dockerfile_path(dockerfile)
@@ -98,7 +101,9 @@ def start_build(db, settings: Settings, backend, box, user, upload: BinaryIO, ta
                 spec = BuildSpec(build_id=build.id, tag=target.name, dockerfile="%s/%s/%s" % (folder, CONTEXT_DIR, dockerfile),
                                  context="%s/%s" % (folder, CONTEXT_DIR), authfile="%s/%s" % (folder, AUTH_FILE),
                                  digestfile="%s/%s" % (folder, DIGEST_FILE),
-                                 storage=settings.image_build_storage, insecure=list(settings.registry_insecure),
+                                 storage=settings.image_build_storage,
+                                 storage_driver=settings.image_build_storage_driver,
+                                 insecure=list(settings.registry_insecure),
                                  storage_limit_bytes=settings.image_build_storage_limit_mb << 20,
                                  max_processes=settings.image_build_max_processes,
                                  timeout_s=settings.image_build_timeout_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from containers.build import (BuildContextError, Limits, Storage, bud_argv, check_dockerfile_path, check_member,
-                              link_stays_inside, parse_build_tag, push_argv, storage_dir)
+                              link_stays_inside, parse_build_tag, push_argv, storage_dir, wipe_argv)
 from containers.errors import ImageRefError
 
 
@@ -32,13 +32,23 @@ def test_argv():
     t = parse_build_tag("h:5000/alice/app:1")
     assert bud_argv(s, "/b/context/Dockerfile", t, "/b/context", "/b/auth.json", ("h:5000",), Limits(10, 20, 30)) == [
         "prlimit", "--nproc=10:10", "--fsize=20:20", "--",
-        "buildah", "--storage-driver", "vfs", "--root", s.root, "--runroot", s.runroot, "bud", "--isolation", "chroot",
+        "buildah", "--storage-driver", "overlay", "--root", s.root, "--runroot", s.runroot, "bud", "--isolation", "chroot",
         "--authfile", "/b/auth.json", "--tls-verify=false", "-f", "/b/context/Dockerfile", "-t", "h:5000/alice/app:1",
         "/b/context"]
     assert push_argv(s, t, "/b/auth.json", "/b/digest", ()) == [
-        "buildah", "--storage-driver", "vfs", "--root", s.root, "--runroot", s.runroot, "push", "--authfile",
+        "buildah", "--storage-driver", "overlay", "--root", s.root, "--runroot", s.runroot, "push", "--authfile",
         "/b/auth.json", "--digestfile", "/b/digest", "h:5000/alice/app:1", "docker://h:5000/alice/app:1"]
     assert t.pinned("sha256:ab") == "h:5000/alice/app@sha256:ab"
+
+
+def test_storage_drivers_have_stores_of_their_own():
+    assert Storage("/s").root == "/s/root-overlay"
+    assert Storage("/s", "vfs").root == "/s/root"          # where vfs builds have always been
+    assert bud_argv(Storage("/s", "vfs"), "/c/D", parse_build_tag("h:1/a/b:1"), "/c", "/a")[:3] == [
+        "buildah", "--storage-driver", "vfs"]
+    with pytest.raises(ValueError, match="overlay, vfs"):
+        Storage("/s", "btrfs")
+    assert wipe_argv(Storage("/s"))[-4:] == ["/s/root-overlay", "/s/root", "/s/runroot", "/s/tmp"]
 
 
 @pytest.mark.parametrize("template, user, ok", [
