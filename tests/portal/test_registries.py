@@ -261,3 +261,36 @@ def test_a_tag_moved_after_submission_does_not_change_what_the_job_runs(
     out = subprocess.run(["apptainer", "exec", sif, "/bin/busybox", "sh", "-c", "cat /marker 2>/dev/null || echo none"],
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "none", out
+
+
+def test_a_layer_whose_digest_does_not_match_fails_the_conversion_and_leaves_nothing(
+        rclient, tokens, fake_backend, reg_settings, tmp_path_factory):
+    """A registry that serves a layer whose bytes do not match its digest (corrupted storage):
+    the conversion refuses it, and the cache holds no SIF and no partial file afterwards."""
+    import subprocess
+    from tests.registries import running_registry
+    with running_registry(tmp_path_factory.mktemp("corrupt-registry"), ports=range(9165, 9170)) as reg:
+        settings = dataclasses.replace(reg_settings, registry_insecure=(*reg_settings.registry_insecure, reg.host))
+        from portal.app import create_app
+        client = create_app({"TESTING": True}, settings=settings, engine=rclient.application.extensions[
+            "aiportal.engine"], backend=fake_backend).test_client()
+        r = client.post("/api/v1/registries", headers=bearer(tokens["alice"]),
+                        json={"registry": reg.host, "username": "alice", "password": PASSWORDS["alice"]})
+        assert r.status_code == 201, r.get_json()
+        r = client.post("/api/v1/jobs", headers=bearer(tokens["alice"]), json=job("docker://%s/site/base:1" % reg.host))
+        assert r.status_code == 201, r.get_json()
+        blobs = sorted((reg.root / "data/docker/registry/v2/blobs/sha256").glob("*/*/data"),
+                       key=lambda p: p.stat().st_size)
+        layer = blobs[-1]                       # the busybox layer, the largest blob
+        data = bytearray(layer.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        layer.write_bytes(bytes(data))
+        convert = fake_backend.submitted[0][0]
+        args = re.search(r"^exec (\S+) image convert (.*)$", convert, re.M).group(2).replace("'", "").split()
+        res = subprocess.run([str(Path(__file__).resolve().parents[1] / "builds" / "aiportal-checkout"), "image",
+                              "convert", *args], capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, AIPORTAL_REGISTRY_INSECURE='["%s"]' % reg.host))
+    assert res.returncode != 0
+    assert "error verifying sha256 checksum" in res.stderr, res.stderr[-2000:]
+    cache = Path(settings.image_cache) / "sha256"
+    assert [p.name for p in cache.iterdir() if p.suffix in (".sif", ".partial") or "partial" in p.name] == []
