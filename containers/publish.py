@@ -43,7 +43,7 @@ from pathlib import Path
 
 from containers.apptainer import build_argv, exec_argv
 from containers.builder import build_env, run_command
-from containers.cache import SifCache
+from containers.cache import SifCache, _fsync
 from containers.digests import DIGEST_RE, file_sha256, source_files
 from containers.errors import ContainerError, ImageBuildError, ImageRefError
 from containers.refs import parse_image_ref
@@ -499,7 +499,7 @@ class SitePublisher:
         try:
             run_command(argv, self.timeout, env=build_env(), cwd=image.definition.parent,
                         hint="see the definition %s" % image.definition)
-            _fsync_file(partial)
+            _fsync(partial)
             os.chmod(partial, 0o644)
             os.rename(partial, sif)
             _fsync_dir(sif.parent)
@@ -616,13 +616,5 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)
+    _fsync(path)
