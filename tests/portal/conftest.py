@@ -300,10 +300,11 @@ def start_test_portal(base: Path, *, users=(("alice", "alice", False),), passwor
     try:
         log = base / "gunicorn.log"
         port = free_port()
-        portal.procs.append(subprocess.Popen(
-            [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class", "gthread",
-             "--threads", str(threads), "--workers", str(workers), "--error-logfile", str(log),
-             "portal.app:create_app()"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        with open(base / "portal.log", "wb") as out:     # the app's own log (tracebacks of 500s)
+            portal.procs.append(subprocess.Popen(
+                [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class", "gthread",
+                 "--threads", str(threads), "--workers", str(workers), "--error-logfile", str(log),
+                 "portal.app:create_app()"], env=env, stdout=out, stderr=subprocess.STDOUT))
         _wait_http("http://127.0.0.1:%d/healthz" % port, portal.procs[0], log)
         portal.url = portal.service_url = "http://127.0.0.1:%d" % port
         if reconcile:
