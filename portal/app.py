@@ -9,7 +9,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from portal import db as dbmod
-from portal.errors import HANDLED, RateLimitError, ValidationError, error_status
+from portal.errors import HANDLED, ValidationError, error_status
 from portal.settings import Settings
 from slurm.backend import SlurmCli
 from storage.credentials import SecretBox
@@ -65,7 +65,7 @@ def _error_handlers(app: Flask) -> None:
             body["errors"] = e.errors
         resp = jsonify(body)
         resp.status_code = status
-        if isinstance(e, RateLimitError):
+        if getattr(e, "retry_after", None) is not None:     # rate limits, a request still in flight
             resp.headers["Retry-After"] = str(e.retry_after)
         return resp
 

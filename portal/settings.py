@@ -60,6 +60,9 @@ class Settings:
     #: a job stored but not in Slurm after this long is submitted again by the reconciler
     submit_grace_s: float = 120.0
     reconcile_interval_s: float = 2.0
+    #: a create request with an Idempotency-Key still unanswered after this long is taken to have
+    #: died: a retry answers with what it stored, or runs it again (portal/services/idempotency.py)
+    idempotency_in_flight_s: float = 30.0
     stage_bin: str = "aiportal"
     image_cache: str = "/srv/aiportal/shared/images/cache"
     image_builder_user: str = "aiportal-img"

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from flask import Response, current_app, g, jsonify, request, stream_with_context
 
+from portal.api.idempotency import KEY_HEADER, Stored, idempotent
 from portal.api.operations import answer, body, int_arg, operation, owners
 from portal.db_session import backend, box, db, settings
 from portal.errors import ValidationError
 from portal.logs import stream as logstream
+from portal.models import Job
 from portal.models.jobs import EventPublic, JobCreate, JobDetail, JobPage, JobPublic
 from portal.services import accounts, jobs, outputs
 from slurm.states import JobState
@@ -36,10 +38,22 @@ def list_jobs():
                           jobs=[JobPublic.of(j, names.get(j.user_id)) for j in rows]))
 
 
-@operation("POST", "/jobs", "submit a training job", {201: JobPublic}, _WRITE_ERRORS, body=JobCreate)
-def submit_job():
-    job = jobs.submit_job(db(), settings(), backend(), box(), g.user, body(JobCreate))
+def _created(job: Job):
     return answer(JobPublic.of(job, g.user.name), 201, {"Location": "/api/v1/jobs/%s" % job.id})
+
+
+def _stored_job(job_id: str) -> Stored | None:
+    job = db().get(Job, job_id, populate_existing=True)
+    return None if job is None else Stored(_created(job), settled=job.state is not JobState.SUBMITTING)
+
+
+@operation("POST", "/jobs", "submit a training job", {201: JobPublic}, _WRITE_ERRORS, body=JobCreate,
+           headers=KEY_HEADER)
+def submit_job():
+    """With an ``Idempotency-Key``, a retry gets the first answer again, never a second job."""
+    create = body(JobCreate)
+    return idempotent(lambda job_id: _created(jobs.submit_job(db(), settings(), backend(), box(), g.user, create,
+                                                              job_id=job_id)), _stored_job)
 
 
 @operation("POST", "/scripts", "the exact batch script a submission renders to (nothing is submitted)",

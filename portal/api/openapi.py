@@ -68,6 +68,8 @@ def openapi_document() -> dict[str, Any]:
                   for name in _path_names(op.path)]
         params += [{"name": name, "in": "query", "required": False, "schema": dict(schema)}
                    for name, schema in op.query.items()]
+        params += [{"name": name, "in": "header", "required": False, "description": h["description"],
+                    "schema": dict(h["schema"])} for name, h in op.headers.items()]
         if params:
             entry["parameters"] = params
         if op.body is not None:

@@ -35,6 +35,8 @@ class Operation:
     body_required: bool = True
     #: query parameters and their JSON schemas; anything else is refused
     query: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: optional request headers the operation reads: name -> {"description", "schema"}
+    headers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: other media types of the success answer (e.g. text/plain for a log)
     media: tuple[str, ...] = ("application/json",)
     auth: bool = True

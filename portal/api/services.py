@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from flask import g
 
+from portal.api.idempotency import KEY_HEADER, Stored, idempotent
 from portal.api.operations import answer, body, operation, owners
 from portal.db_session import backend, box, db, settings
+from portal.models import Service
 from portal.models.services import ServiceCreate, ServiceList, ServicePublic, ServiceScale, ServiceUpdate
 from portal.services import inference
 
@@ -23,12 +25,24 @@ def list_services():
                                         for s in rows]))
 
 
-@operation("POST", "/services", "deploy a service: replicas on the infer partition behind POST|PUT /service/NAME",
-           {201: ServicePublic}, (400, 403, 409, 422, 503), body=ServiceCreate)
-def deploy_service():
-    """Its replicas are submitted by the controller within a cycle."""
-    svc = inference.deploy(db(), settings(), box(), g.user, body(ServiceCreate), backend())
+def _deployed(svc: Service):
     return _out(svc, 201, {"Location": "/api/v1/services/%s" % svc.name})
+
+
+def _stored_service(service_id: str) -> Stored | None:
+    svc = db().get(Service, service_id, populate_existing=True)
+    return None if svc is None else Stored(_deployed(svc))
+
+
+@operation("POST", "/services", "deploy a service: replicas on the infer partition behind POST|PUT /service/NAME",
+           {201: ServicePublic}, (400, 403, 409, 422, 503), body=ServiceCreate, headers=KEY_HEADER)
+def deploy_service():
+    """Its replicas are submitted by the controller within a cycle. With an ``Idempotency-Key``,
+    a retry gets the first answer again."""
+    create = body(ServiceCreate)
+    return idempotent(lambda service_id: _deployed(inference.deploy(db(), settings(), box(), g.user, create,
+                                                                    backend(), service_id=service_id)),
+                      _stored_service)
 
 
 @operation("GET", "/services/<name>", "a service and its replicas", {200: ServicePublic}, (404,))

@@ -4,9 +4,12 @@ Jobs, through the portal's JSON API (like any other client):
 
     aiportal submit --image SIF|REF --node-type 1card|4card [--input URI]... [--output URI]
                     [--time T] [--name N] [--env K=V]... [--gpus N] [--sweep NAME=V1,V2]...
-                    [--project P] [--follow] [--json] -- CMD [ARG...]
+                    [--project P] [--follow] [--json] [--idempotency-key KEY] [--retries N]
+                    -- CMD [ARG...]
                                                  submit; prints the job id (--follow: its log,
-                                                 then exits with the job's exit code)
+                                                 then exits with the job's exit code); sent with
+                                                 an Idempotency-Key, and again with the same key
+                                                 when the portal does not answer or answers 502/503
     aiportal jobs [--state S]... [--limit N] [--all-pages] [--json]
     aiportal show JOB [--json | --script]        one job and its timeline (or its batch script)
     aiportal logs [-f] JOB [--offset N] [--task T]
@@ -22,6 +25,7 @@ Jobs, through the portal's JSON API (like any other client):
                                                  build in a Slurm job as you, push to the registry
     aiportal service deploy NAME --image SIF --model URI [--model-file F] [--class C] [--version V]
                     [--replicas N | --min N --max N] [--target-inflight X] [--gpus N] [--wait]
+                    [--idempotency-key KEY] [--retries N]
     aiportal service list | show NAME | delete NAME
     aiportal service scale NAME (--replicas N | --min N --max N) [--target-inflight X]
     aiportal service update NAME [--model URI] [--image SIF] [--version V] ... [--weight PERCENT] [--wait]
@@ -79,7 +83,7 @@ from portal.cli.accounts import (_add_config, _add_password, cmd_project_add, cm
                                  cmd_token_revoke, cmd_user_add, cmd_user_disable, cmd_user_list, cmd_user_passwd)
 # the client side is also this package's API (tests, benches)
 from portal.cli.client import (DEFAULT_URL, ApiError, CliError, PortalUnreachable, SseEvent,  # noqa: F401
-                               SseParser, _api, follow_log)
+                               SseParser, _add_create_arguments, _api, create, follow_log)
 from portal.cli.daemons import (cmd_db_upgrade, cmd_fail_node, cmd_health_check, cmd_monitor, cmd_reconcile,
                                 cmd_router)
 from portal.cli.jobs import _add_job_arguments, cmd_cancel, cmd_jobs, cmd_logs, cmd_show, cmd_submit
@@ -110,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true",
                    help="follow the log until the job ends; exit with the job's exit code")
     p.add_argument("--json", action="store_true", help="print the API's JSON of the new job")
+    _add_create_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     p.set_defaults(func=cmd_submit)
 
@@ -284,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait", action="store_true", help="wait until the replicas are ready")
     c.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS")
     c.add_argument("--json", action="store_true", help="print the API's JSON")
+    _add_create_arguments(c)
     c.set_defaults(func=cmd_service_deploy)
     c = ssub.add_parser("list", help="your services")
     c.add_argument("--json", action="store_true")

@@ -3,6 +3,7 @@ stream (Server-Sent Events) and small output helpers."""
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import http.client
 import json
 import os
@@ -11,6 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +33,13 @@ class PortalUnreachable(CliError):
 
 
 class ApiError(CliError):
-    """The portal answered with an error: its status, code, message and invalid fields."""
+    """The portal answered with an error: its status, code, message and invalid fields (and
+    its ``Retry-After``, in seconds, when it sent one)."""
 
-    def __init__(self, status: int, code: str, message: str, errors: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, message: str, errors: dict[str, str] | None = None,
+                 retry_after: float | None = None):
         self.status, self.code, self.detail, self.errors = status, code, message, dict(errors or {})
+        self.retry_after = retry_after
         lines = [message]
         # a validation message usually says "field: why" for each field already; add the rest
         lines += ["  %s: %s" % (f, m) for f, m in self.errors.items() if "%s: %s" % (f, m) not in message]
@@ -92,7 +97,24 @@ def _error_from(url: str, e: urllib.error.HTTPError, token_source: str) -> ApiEr
     if e.code == 401:
         message = "the portal at %s refused the API token from %s: %s\n%s" % (
             url.split("/api/")[0], token_source, message, TOKEN_HELP)
-    return ApiError(e.code, code, message, errors if isinstance(errors, dict) else None)
+    return ApiError(e.code, code, message, errors if isinstance(errors, dict) else None,
+                    _retry_after(e.headers.get("Retry-After") if e.headers else None))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds: a number of seconds, or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
 
 
 def _api(args, method: str, path: str, body: dict | None = None, stream: bool = False,
@@ -135,6 +157,47 @@ def _api(args, method: str, path: str, body: dict | None = None, stream: bool = 
         return json.loads(raw)
     except ValueError as e:
         raise CliError("%s %s answered with something that is not JSON: %r" % (method, url, raw[:200])) from e
+
+
+#: a create request is sent again, with the same Idempotency-Key, after these answers (a proxy or
+#: the portal overloaded, Slurm unreachable), after no answer at all, and while the portal says the
+#: first request with the key is still being processed
+RETRY_STATUSES = (502, 503, 504)
+#: the longest wait between two tries, whatever Retry-After says
+RETRY_MAX_WAIT_S = 30.0
+
+
+def create(args, path: str, body: dict, what: str) -> dict:
+    """``POST /api/v1{path}`` for something that must be made once (a job, a service): sent with
+    an ``Idempotency-Key`` (``--idempotency-key``, else a fresh uuid4) and sent again with the same
+    key, up to ``--retries`` times, when there was no answer (refused, reset, timed out) or a
+    502/503/504, waiting what ``Retry-After`` says or 1, 2, 4, ... s. The portal answers a repeated
+    key with its first answer, so a retry never makes a second one. Each retry is said on stderr;
+    giving up says how to ask again with the same key."""
+    key = getattr(args, "idempotency_key", None) or str(uuid.uuid4())
+    tries = 1 + max(0, getattr(args, "retries", 4))
+    backoff = 1.0
+    for attempt in range(1, tries + 1):
+        try:
+            return _api(args, "POST", path, body, headers={"Idempotency-Key": key})
+        except ApiError as e:
+            if e.status not in RETRY_STATUSES and e.code != "idempotency_in_flight":
+                raise
+            last, wait = e, e.retry_after
+            reason = "answered %d %s: %s" % (e.status, e.code, (e.detail.splitlines() or [""])[0])
+        except PortalUnreachable as e:
+            last, wait = e, None
+            reason = str(e).splitlines()[0]
+        if attempt == tries:
+            raise CliError("POST %s: %s\ngave up after %d tries; nothing was made twice: to get this request's answer "
+                           "(or make the %s if the portal never stored it), run the same command again with "
+                           "--idempotency-key %s" % (path, reason, tries, what, key)) from last
+        wait = min(RETRY_MAX_WAIT_S, backoff if wait is None else wait)
+        backoff = min(RETRY_MAX_WAIT_S, backoff * 2)
+        print("aiportal: POST %s: %s; trying again in %.1f s with the same Idempotency-Key %s (try %d of %d)"
+              % (path, reason, wait, key, attempt + 1, tries), file=sys.stderr)
+        time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _print_json(value) -> None:
@@ -313,6 +376,16 @@ def _parse_env(items: list[str]) -> tuple[tuple[str, str], ...]:
             raise CliError("--env %r: write it as NAME=VALUE" % item)
         out.append((key, value))
     return tuple(out)
+
+
+def _add_create_arguments(p) -> None:
+    """The arguments of commands that make something through :func:`create`."""
+    p.add_argument("--idempotency-key", metavar="KEY",
+                   help="send this Idempotency-Key (default: a fresh uuid4); the same key again within 24 h gets "
+                        "the first answer, never a second job or service")
+    p.add_argument("--retries", type=int, default=4, metavar="N",
+                   help="send the request again, with the same key, up to N times when the portal does not answer "
+                        "or answers 502/503/504 (default 4)")
 
 
 def _command_of(args, verb: str) -> list[str]:

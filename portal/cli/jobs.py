@@ -11,7 +11,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from portal.cli.client import CliError, PortalUnreachable, _api, _command_of, _parse_env, _print_json, _when, follow_log
+from portal.cli.client import (CliError, PortalUnreachable, _api, _command_of, _parse_env, _print_json, _when, create,
+                               follow_log)
 
 
 
@@ -92,7 +93,7 @@ def cmd_submit(args) -> int:
             "name": args.name, "inputs": list(args.input), "output": args.output, "time_limit": args.time,
             "env": dict(_parse_env(args.env)), "gpus": args.gpus, "sweep": _job_sweep(args.sweep),
             "project": args.project}
-    job = _api(args, "POST", "/jobs", body)
+    job = create(args, "/jobs", body, "job")
     if args.json:
         _print_json(job)
     elif not args.follow:

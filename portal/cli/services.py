@@ -7,7 +7,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from portal.cli.client import CliError, _api, _print_json
+from portal.cli.client import CliError, _api, _print_json, create
 
 
 
@@ -71,7 +71,7 @@ def _wait_service(args, name: str, done, what: str) -> dict:
 
 def cmd_service_deploy(args) -> int:
     body = {"name": args.name, **_fields(args, _SPEC_ARGS), **_fields(args, _POLICY_ARGS)}
-    svc = _api(args, "POST", "/services", body)
+    svc = create(args, "/services", body, "service")
     if args.wait:
         svc = _wait_service(args, args.name, lambda s: s["ready_replicas"] >= max(1, s["desired_replicas"]) or (
             "failed" in (s.get("message") or "")), "ready replicas")

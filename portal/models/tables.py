@@ -1,7 +1,8 @@
 """The portal's database tables (SQLModel), and the data models the API speaks.
 
 Tables: users, projects (with members), API tokens (hashed), login failures (rate limit),
-jobs, events (a job's timeline; node events for the cluster page), images, data sources
+jobs, events (a job's timeline; node events for the cluster page), idempotency keys (the first
+answer to a create request, for its retries), images, data sources
 (keys sealed with the site's data key), inference services and their replicas. The schema is created and changed only by the Alembic
 migrations in ``portal/migrations``; a test checks that they match these classes.
 
@@ -160,6 +161,34 @@ class Job(SQLModel, table=True):
     @property
     def request(self) -> dict[str, Any]:
         return json.loads(self.request_json or "{}")
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """An ``Idempotency-Key`` a user sent with a create request (``POST /jobs``, ``POST
+    /services``): the first answer, replayed to every retry with the same key for 24 hours.
+
+    The row is committed before the request does anything, and reserves ``resource_id``, the id
+    the job or service it creates gets; so whatever happens to the request, a retry finds what
+    it made (or that it made nothing) and never makes a second one. ``status`` is null while
+    no answer was recorded: the request is in flight since ``claimed_at``, or died."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (sa.UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),)
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id")
+    #: as the client sent it (not a secret: it names a request, it grants nothing)
+    key: str = Field(max_length=255)
+    #: sha256 of the method, path and JSON body: the same key with another request is refused
+    request_sha256: str = Field(max_length=64)
+    #: the id of the job or service this request creates (reserved before it is stored)
+    resource_id: str = Field(default_factory=new_id, max_length=36)
+    #: when the request now running it began (a retry takes over once it is long past)
+    claimed_at: dt.datetime = Field(default_factory=utcnow)
+    status: int | None = None
+    answer_json: str | None = Field(default=None, sa_type=sa.Text)
+    location: str | None = Field(default=None, max_length=255)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    expires_at: dt.datetime = Field(index=True)
 
 
 class Event(SQLModel, table=True):

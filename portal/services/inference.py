@@ -24,7 +24,7 @@ from inference.errors import ServiceSpecError
 from inference.service import ScalePolicy, ServiceSpec, check_name, replica_job
 from portal.errors import ConflictError, NotFoundError, ValidationError
 from portal.models.services import ServiceCreate, ServiceScale, ServiceUpdate
-from portal.models import Service, ServiceReplica, ServiceState, User, utcnow
+from portal.models import Service, ServiceReplica, ServiceState, User, new_id, utcnow
 from portal.services import datasources
 from portal.services.job_data import check_job_data
 from portal.services.service_dirs import prepare_service_dir
@@ -128,14 +128,16 @@ def _registry_image(db: Session, settings: Settings, box: SecretBox, user: User,
 
 
 def deploy(db: Session, settings: Settings, box: SecretBox, user: User, create: ServiceCreate,
-           backend=None) -> Service:
+           backend=None, service_id: str | None = None) -> Service:
+    """Check and store a service (its replicas are the controller's). ``service_id``: the id an
+    ``Idempotency-Key`` reserved for it (default: a fresh uuid)."""
     body = _registry_image(db, settings, box, user, create.model_dump(exclude_unset=True), backend)
     name, spec, policy = parse_deploy(body)
     if db.exec(select(Service).where(Service.name == name)).first() is not None:
         raise ConflictError("a service named %r exists (service names are the URL /service/NAME, unique on "
                             "the site); pick another name, or `aiportal service update %s`" % (name, name))
     _check_runs_here(db, settings, box, user, spec)
-    svc = Service(user_id=user.id, name=name, spec_json=json.dumps(spec.to_json()),
+    svc = Service(id=service_id or new_id(), user_id=user.id, name=name, spec_json=json.dumps(spec.to_json()),
                   min_replicas=policy.min_replicas, max_replicas=policy.max_replicas,
                   desired=policy.min_replicas, target_inflight=float(policy.target_inflight),
                   scale_down_delay_s=float(policy.scale_down_delay_s),

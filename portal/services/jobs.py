@@ -57,13 +57,16 @@ def _event(db: Session, job: Job, kind: EventKind, message: str, state: JobState
                  node=(job.nodes or None) if kind is EventKind.STATE else None))
 
 
-def submit_job(db: Session, settings: Settings, backend, box: SecretBox, user: User, create: JobCreate) -> Job:
+def submit_job(db: Session, settings: Settings, backend, box: SecretBox, user: User, create: JobCreate,
+               job_id: str | None = None) -> Job:
     """Check, store (``SUBMITTING``, committed), submit, store the Slurm id.
 
     Bad input raises ValidationError/StorageError with nothing stored. A refused submission
-    marks the stored job FAILED with Slurm's message and raises."""
+    marks the stored job FAILED with Slurm's message and raises. ``job_id``: the id an
+    ``Idempotency-Key`` reserved for this job (default: a fresh uuid); it is the row's primary
+    key, so the job is stored at most once under it."""
     project = _project(db, user, create.project)
-    sub = _submission(user, project)
+    sub = _submission(user, project, job_id)
     submission.check_image(create.image)
     pinned, auth = images.pin_image(db, settings, box, user, create.image)
     if pinned != create.image:      # the job runs (and a resubmit reruns) this digest, whatever the tag does later
