@@ -277,6 +277,25 @@ def write_test_config(base: Path, *lines: str) -> Path:
     return config
 
 
+def start_gunicorn(base: Path, env: dict, port: int, workers: int = 2, threads: int = 16) -> subprocess.Popen:
+    """The portal's gunicorn (gthread, WORKERS x THREADS) on 127.0.0.1:PORT with ``env``'s
+    settings, once ``/healthz`` answers; the app's output is appended to ``base``/portal.log
+    (tracebacks of 500s), gunicorn's to ``base``/gunicorn.log. Also starts a portal again on its
+    port after a test killed it."""
+    log = base / "gunicorn.log"
+    with open(base / "portal.log", "ab") as out:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class", "gthread",
+             "--threads", str(threads), "--workers", str(workers), "--error-logfile", str(log),
+             "portal.app:create_app()"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_http("http://127.0.0.1:%d/healthz" % port, proc, log)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc
+
+
 def start_test_portal(base: Path, *, users=(("alice", "alice", False),), passwords: dict | None = None,
                       reconcile: bool = False, router: bool = False, workers: int = 2, threads: int = 16,
                       config_lines=()) -> LivePortal:
@@ -298,14 +317,8 @@ def start_test_portal(base: Path, *, users=(("alice", "alice", False),), passwor
         db.commit()
     portal = LivePortal("", config, engine, tokens, [], env=env)
     try:
-        log = base / "gunicorn.log"
         port = free_port()
-        with open(base / "portal.log", "wb") as out:     # the app's own log (tracebacks of 500s)
-            portal.procs.append(subprocess.Popen(
-                [str(VENV_BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--worker-class", "gthread",
-                 "--threads", str(threads), "--workers", str(workers), "--error-logfile", str(log),
-                 "portal.app:create_app()"], env=env, stdout=out, stderr=subprocess.STDOUT))
-        _wait_http("http://127.0.0.1:%d/healthz" % port, portal.procs[0], log)
+        portal.procs.append(start_gunicorn(base, env, port, workers, threads))
         portal.url = portal.service_url = "http://127.0.0.1:%d" % port
         if reconcile:
             with open(base / "reconcile.log", "w") as rlog:
