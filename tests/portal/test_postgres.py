@@ -101,3 +101,43 @@ def test_api_flows_on_postgres(pg_engine, settings):
     from portal.daemons.reconcile import Reconciler
     stats = Reconciler(pg_engine, backend, settings).cycle()
     assert stats.jobs == 1 and stats.slurm_calls == 1
+
+
+def test_idempotency_keys_on_postgres(pg_engine, settings, monkeypatch):
+    """One job per key, and a key whose request died before storing is taken over (the
+    compare-and-set on its timestamp) and run once under the id it reserved."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from portal.models import IdempotencyKey, utcnow
+    from portal.services import submit as submission
+    from tests.portal.test_idempotency import Killed
+    with Session(pg_engine, expire_on_commit=False) as db:
+        token = accounts.create_token(db, accounts.add_user(db, "alice", "alice"))[0]
+        db.commit()
+    backend = FakeBackend()
+    client = create_app({"TESTING": True}, settings=settings, engine=pg_engine, backend=backend).test_client()
+    headers = {**bearer(token), "Idempotency-Key": "pg-key-1"}
+    first = client.post("/api/v1/jobs", headers=headers, json=JOB)
+    again = client.post("/api/v1/jobs", headers=headers, json=JOB)
+    assert first.status_code == again.status_code == 201 and again.get_data() == first.get_data()
+    real = submission.check
+
+    def check_once(*a, **kw):
+        monkeypatch.setattr(submission, "check", real)
+        raise Killed()
+    monkeypatch.setattr(submission, "check", check_once)
+    headers = {**bearer(token), "Idempotency-Key": "pg-key-2"}
+    with pytest.raises(Killed):
+        client.post("/api/v1/jobs", headers=headers, json=JOB)
+    assert client.post("/api/v1/jobs", headers=headers, json=JOB).status_code == 409
+    with Session(pg_engine) as db:
+        db.exec(update(IdempotencyKey).values(claimed_at=utcnow() - dt.timedelta(hours=1)))
+        db.commit()
+        reserved = db.exec(select(IdempotencyKey).where(IdempotencyKey.key == "pg-key-2")).one().resource_id
+    r = client.post("/api/v1/jobs", headers=headers, json=JOB)
+    assert r.status_code == 201 and r.get_json()["id"] == reserved
+    assert len(backend.submitted) == 2
+    with Session(pg_engine) as db:
+        assert len(db.exec(select(Job)).all()) == 2
