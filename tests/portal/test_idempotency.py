@@ -9,6 +9,9 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import json
+import subprocess
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
@@ -17,7 +20,7 @@ from sqlmodel import Session, select
 
 from portal.models import IdempotencyKey, Job, Service, utcnow
 from portal.services import idempotency
-from tests.portal.conftest import api_call, bearer
+from tests.portal.conftest import _remove_job_folders, api_call, bearer
 
 SIF = "/srv/aiportal/shared/images/base/debian-python.sif"
 JOB = {"image": SIF, "node_type": "1card", "command": ["python3", "-c", "print(1)"]}
@@ -267,7 +270,6 @@ def test_concurrent_requests_with_one_key_make_one_job(live_portal, base_image):
             "time_limit": "1"}
 
     def send(_):
-        import urllib.request
         req = urllib.request.Request(live_portal.url + "/api/v1/jobs", data=json.dumps(body).encode(), method="POST",
                                      headers={"Authorization": "Bearer " + live_portal.tokens["alice"],
                                               "Content-Type": "application/json", "Idempotency-Key": key})
@@ -277,7 +279,6 @@ def test_concurrent_requests_with_one_key_make_one_job(live_portal, base_image):
         except urllib.error.HTTPError as e:
             with e:
                 return e.code, json.loads(e.read())
-    import urllib.error
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(send, range(8)))
     ids = {a["id"] for s, a in answers if s == 201}
@@ -296,7 +297,5 @@ def test_concurrent_requests_with_one_key_make_one_job(live_portal, base_image):
         with Session(live_portal.engine) as db:
             live = [j.slurm_job_id for j in db.exec(select(Job).where(Job.id.in_(ids))) if j.slurm_job_id]
         if live:
-            import subprocess
             subprocess.run(["scancel", *live], capture_output=True, timeout=60, check=False)
-        from tests.portal.conftest import _remove_job_folders
         _remove_job_folders(ids)
