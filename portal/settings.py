@@ -59,6 +59,8 @@ class Settings:
     slurm_timeout_s: float = 15.0
     #: a job stored but not in Slurm after this long is submitted again by the reconciler
     submit_grace_s: float = 120.0
+    #: a job stored while Slurm's controller did not answer is tried again this often
+    submit_retry_s: float = 10.0
     reconcile_interval_s: float = 2.0
     #: a create request with an Idempotency-Key still unanswered after this long is taken to have
     #: died: a retry answers with what it stored, or runs it again (portal/services/idempotency.py)

@@ -6,6 +6,7 @@ Every command goes through :meth:`SlurmCli._call`: an argv list (never a shell),
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shlex
@@ -19,7 +20,8 @@ from typing import Iterable
 
 from slurm.cluster import SEP, Node, Partition, parse_gres_used, parse_sinfo_nodes, sinfo_node_format
 from slurm.errors import SlurmCommandError, SubmitError
-from slurm.jobs import (SACCT_FIELDS, JobStatus, QueuedJob, parse_sacct, parse_squeue, parse_squeue_recovery,
+from slurm.jobs import (SACCT_FIELDS, JobStatus, QueuedJob, parse_sacct, parse_sacct_runs, parse_squeue,
+                        parse_squeue_recovery, slurm_time,
                         squeue_format)
 from slurm.states import JobState
 
@@ -59,6 +61,18 @@ class SlurmBackend:
     def array_statuses(self, job_id: str) -> dict[str, JobStatus]: raise NotImplementedError
     def queue(self) -> dict[str, JobStatus]: raise NotImplementedError
     def accounting(self, job_ids: Iterable[str]) -> dict[str, JobStatus]: raise NotImplementedError
+
+    def accounting_runs(self, job_ids: Iterable[str]) -> list[JobStatus]:
+        """Every accounting record of these ids, oldest first: each run of a requeued job, and
+        older jobs that had the same id (a controller restart that forgot jobs hands their ids
+        out again). Backends without that history give their one record per id."""
+        return list(self.accounting(job_ids).values())
+
+    def controller_started(self) -> "dt.datetime | None":
+        """When the controller last started (a job accepted before then may have been forgotten
+        by that restart); None where the backend cannot say."""
+        return None
+
     def cancel(self, job_id: str, user: str | None = None) -> None: raise NotImplementedError
     def requeue(self, job_id: str) -> None: raise NotImplementedError
     def drain(self, node: str, reason: str) -> None: raise NotImplementedError
@@ -158,6 +172,23 @@ class SlurmCli(SlurmBackend):
         """Accounting records of these jobs (array tasks as ``ID_N``): one sacct call."""
         wanted = [_check_job_id(j) for j in job_ids]
         return self._sacct(wanted) if wanted else {}
+
+    def accounting_runs(self, job_ids: Iterable[str]) -> list[JobStatus]:
+        """Every record of these ids (``sacct --duplicates``), in one call."""
+        wanted = [_check_job_id(j) for j in job_ids]
+        if not wanted:
+            return []
+        return parse_sacct_runs(self._call(["sacct", "--noheader", "--allocations", "--parsable2", "--duplicates",
+                                            "--delimiter", SEP, "--allusers", "--starttime", "now-30days",
+                                            "--format", ",".join(SACCT_FIELDS), "--jobs", ",".join(wanted)]))
+
+    def controller_started(self) -> dt.datetime | None:
+        """slurmctld's BOOT_TIME (``scontrol show config``)."""
+        for line in self._call(["scontrol", "show", "config"]).splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "BOOT_TIME":
+                return slurm_time(value)
+        return None
 
     def _squeue_all(self) -> dict[str, JobStatus]:
         """Every job Slurm still holds (array tasks one per line; finished ones too, for

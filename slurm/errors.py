@@ -28,6 +28,18 @@ class SlurmCommandError(SlurmError):
             msg += " (%s)" % hint
         super().__init__(msg)
 
+    @property
+    def controller_down(self) -> bool:
+        """The controller did not answer (or timed out): the request may be tried again later,
+        unlike a refusal (bad partition, too many GPUs)."""
+        text = (self.stderr or "").lower()
+        return self.returncode is None or any(p in text for p in _CONTROLLER_DOWN)
+
+
+#: what Slurm's commands print when the controller cannot be reached (nothing was decided)
+_CONTROLLER_DOWN = ("unable to contact slurm controller", "socket timed out", "temporarily unable to accept job",
+                    "connection refused", "zero bytes were transmitted or received", "slurm_persist_conn_open")
+
 
 class SlurmParseError(SlurmError):
     """Slurm printed something the parser does not understand."""

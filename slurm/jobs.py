@@ -17,9 +17,10 @@ SEP = "\x1f"
 # own job id, or the array's for every task not started yet. Dependency is what the job waits on,
 # each with its state (``afterok:655(failed),afterany:656(unfulfilled)``; ``?`` between them: any).
 SQUEUE_FIELDS = ("JobArrayID", "StateCompact", "Reason", "NodeList", "RestartCnt", "Requeue", "UserName",
-                 "Comment", "EligibleTime", "Name", "StdOut", "Dependency")
+                 "Comment", "EligibleTime", "Name", "StdOut", "Dependency", "SubmitTime", "StartTime")
 # sacct -n -X -P --delimiter SEP -o FIELDS (sacct has no restart count: see parse_sacct)
-SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "User", "Comment", "Reason", "JobName")
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "User", "Comment", "Reason", "JobName", "Submit", "Start",
+                "End")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,13 @@ class JobStatus:
     stdout: str = ""
     #: what it waits on, as squeue shows it (``afterok:655(failed)``; see failed_dependencies); "" for none
     dependency: str = ""
+    #: when Slurm accepted it: with the comment, what tells this job from a later one that got
+    #: the same id after a controller restart forgot it (None where the source does not say)
+    submitted: dt.datetime | None = None
+    #: when this run started (None: not yet, or not said; squeue's estimate for a pending job is dropped)
+    started: dt.datetime | None = None
+    #: when it ended (sacct only)
+    ended: dt.datetime | None = None
 
     def to_dict(self) -> dict:
         return {"job_id": self.job_id, "state": self.state.value, "reason": self.reason,
@@ -64,23 +72,32 @@ def parse_exit_code(text: str) -> tuple[int | None, int | None]:
         raise SlurmParseError(text, "exit code is not CODE:SIGNAL") from e
 
 
-def parse_sacct(text: str) -> dict[str, JobStatus]:
-    """One record per job (``-X``); a requeued job appears once per run: the last one wins.
+def parse_sacct_runs(text: str) -> list[JobStatus]:
+    """Every record, in sacct's order (``-X``: one per run of a job; with ``--duplicates`` also
+    those of older jobs that had the same id, told apart by comment and submit time).
 
     sacct has no restart count (no RestartCnt field; counting runs with ``--duplicates`` would
     also count older jobs whose id Slurm reused): ``restarts`` stays None here."""
-    out = {}
+    out = []
     for line in text.splitlines():
         if not line.strip():
             continue
         cols = line.split(SEP)
         if len(cols) != len(SACCT_FIELDS):
             raise SlurmParseError(line, "expected %d sacct fields, got %d" % (len(SACCT_FIELDS), len(cols)))
-        jid, state, exit_code, nodes, user, comment, reason, name = (c.strip() for c in cols)
+        jid, state, exit_code, nodes, user, comment, reason, name, submit, start, end = (c.strip() for c in cols)
         code, sig = parse_exit_code(exit_code)
-        out[jid] = JobStatus(jid, parse_job_state(state), _clean(reason), _clean(nodes), code, sig,
-                             user, _clean(comment), name)
+        st = parse_job_state(state)
+        # a completed job's Reason is the last one it waited for (Dependency, Priority): not news
+        out.append(JobStatus(jid, st, "" if st is JobState.COMPLETED else _clean(reason), _clean(nodes), code, sig,
+                             user, _clean(comment), name, submitted=slurm_time(submit), started=slurm_time(start),
+                             ended=slurm_time(end)))
     return out
+
+
+def parse_sacct(text: str) -> dict[str, JobStatus]:
+    """One record per job id: a requeued job appears once per run, the last one wins."""
+    return {r.job_id: r for r in parse_sacct_runs(text)}
 
 
 def squeue_format() -> str:
@@ -108,7 +125,7 @@ class QueuedJob:
     name: str = ""
 
 
-def _slurm_time(text: str) -> dt.datetime | None:
+def slurm_time(text: str) -> dt.datetime | None:
     """Slurm's local ``YYYY-MM-DDTHH:MM:SS`` (or N/A, Unknown, None) as an aware datetime."""
     text = text.strip()
     try:
@@ -130,6 +147,8 @@ class _SqueueRow(NamedTuple):
     name: str
     stdout: str
     dependency: str
+    submitted: dt.datetime | None
+    started: dt.datetime | None
 
 
 def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
@@ -145,29 +164,33 @@ def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
         if len(cols) != n_fields:
             raise SlurmParseError(line, "expected %d squeue fields (%s), got %d: run squeue with --Format "
                                   "slurm.jobs.squeue_format()" % (n_fields, ",".join(SQUEUE_FIELDS), len(cols)))
-        jid, state, reason, nodes, restarts, requeue, user, comment, eligible, name, stdout, dependency = (
-            c.strip() for c in cols)
+        jid, state, reason, nodes, restarts, requeue, user, comment, eligible, name, stdout, dependency, submit, \
+            start = (c.strip() for c in cols)
         try:
             n = int(restarts or 0)
         except ValueError as e:
             raise SlurmParseError(line, "restart count %r is not a number" % restarts) from e
-        yield _SqueueRow(jid, parse_job_state(state), _clean(reason), _clean(nodes), n,
+        st = parse_job_state(state)
+        yield _SqueueRow(jid, st, _clean(reason), _clean(nodes), n,
                          requeue not in ("0", "no", "No"), user, _clean(comment), eligible, name, _clean(stdout),
-                         _clean(dependency))
+                         _clean(dependency), slurm_time(submit),
+                         # a pending job's StartTime is Slurm's estimate, not a start
+                         None if st in (JobState.PENDING, JobState.REQUEUED, JobState.REQUEUE_HOLD) else slurm_time(start))
 
 
 def parse_squeue(text: str) -> dict[str, JobStatus]:
     """squeue's answer as job statuses (with Slurm's restart count), by job id (``ID_N`` for an
     array task)."""
     return {r.job_id: JobStatus(r.job_id, r.state, r.reason, r.nodes, user=r.user, comment=r.comment, name=r.name,
-                                restarts=r.restarts, stdout=r.stdout, dependency=r.dependency)
+                                restarts=r.restarts, stdout=r.stdout, dependency=r.dependency, submitted=r.submitted,
+                                started=r.started)
             for r in _squeue_rows(text)}
 
 
 def parse_squeue_recovery(text: str) -> dict[str, QueuedJob]:
     """squeue's answer as the health monitor needs it (requeue flag, begin time), by job id."""
     return {r.job_id: QueuedJob(r.job_id, r.state, r.reason, r.nodes, r.restarts, r.requeue, r.user, r.comment,
-                                _slurm_time(r.eligible), r.name)
+                                slurm_time(r.eligible), r.name)
             for r in _squeue_rows(text)}
 
 

@@ -57,6 +57,9 @@ class Observed:
     restarts: int | None = None
     #: what it waits on, as squeue shows it (``afterok:655(failed)``)
     dependency: str = ""
+    #: Slurm's own times of this run (None where not said)
+    started: dt.datetime | None = None
+    ended: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,10 @@ class Plan:
     updates: dict[str, Observed] = field(default_factory=dict)      #: portal job id -> new status
     adopt: dict[str, str] = field(default_factory=dict)             #: portal job id -> Slurm id
     resubmit: list[str] = field(default_factory=list)               #: portal job ids
-    lost: list[str] = field(default_factory=list)                   #: Slurm forgot them
-    external: list[JobStatus] = field(default_factory=list)         #: new plain-sbatch jobs
-    external_arrays: set[str] = field(default_factory=set)          #: ... of them array jobs
+    #: Slurm forgot them: another job holds their id now
+    forgotten: list[str] = field(default_factory=list)
+    #: no record of them anywhere: forgotten if the controller restarted since they were accepted
+    unseen: list[str] = field(default_factory=list)
     doomed: dict[str, Doomed] = field(default_factory=dict)         #: portal job id -> why it can never start
 
 
@@ -101,23 +105,30 @@ def fold(tasks: Iterable[JobStatus]) -> Observed | None:
         return None
     if len(tasks) == 1:
         t = tasks[0]
-        return Observed(t.state, t.reason, t.nodes, t.exit_code, t.signal, t.restarts, t.dependency)
+        return Observed(t.state, t.reason, t.nodes, t.exit_code, t.signal, t.restarts, t.dependency, t.started,
+                        t.ended)
     nodes = ",".join(sorted({t.nodes for t in tasks if t.nodes}))
     restarts = restarts_of(tasks)
+    starts = [t.started for t in tasks if t.started]
+    started = min(starts) if starts else None
     for state in _RUN_ORDER:
         hit = [t for t in tasks if t.state is state]
         if hit:
-            return Observed(state, hit[0].reason, nodes, restarts=restarts, dependency=hit[0].dependency)
+            return Observed(state, hit[0].reason, nodes, restarts=restarts, dependency=hit[0].dependency,
+                            started=started)
     live = [t for t in tasks if not t.state.terminal]
     if live:
-        return Observed(live[0].state, live[0].reason, nodes, restarts=restarts, dependency=live[0].dependency)
+        return Observed(live[0].state, live[0].reason, nodes, restarts=restarts, dependency=live[0].dependency,
+                        started=started)
+    ends = [t.ended for t in tasks]
+    ended = max(ends) if all(ends) else None
     bad = [t for t in tasks if t.state is not JobState.COMPLETED]
     if not bad:
-        return Observed(JobState.COMPLETED, "", nodes, 0, 0, restarts)
+        return Observed(JobState.COMPLETED, "", nodes, 0, 0, restarts, started=started, ended=ended)
     first = sorted(bad, key=lambda t: t.job_id)[0]
     return Observed(first.state, "%d of %d tasks did not complete (first: %s %s)"
                     % (len(bad), len(tasks), first.job_id, first.state.value), nodes, first.exit_code, first.signal,
-                    restarts)
+                    restarts, started=started, ended=ended)
 
 
 def restarted(job: Job, obs: Observed) -> bool:
@@ -126,23 +137,40 @@ def restarted(job: Job, obs: Observed) -> bool:
 
 
 class Records:
-    """A squeue/sacct table indexed for lookups by job id: the job itself, or an array's tasks
-    (``ID_N``) under ``ID``. Built once per cycle: lookups stay O(1) with thousands of jobs."""
+    """A squeue/sacct answer indexed for lookups by job id: the job itself, or an array's tasks
+    (``ID_N``) under ``ID``; several records per id where accounting keeps each run of a
+    requeued job and older jobs Slurm gave the same id. Built once per cycle: lookups stay O(1)
+    with thousands of jobs."""
 
-    def __init__(self, table: Mapping[str, JobStatus]):
-        self.exact: dict[str, JobStatus] = dict(table)
-        self.tasks: dict[str, list[JobStatus]] = {}
-        for key, status in table.items():
-            base, sep, index = key.partition("_")
-            if sep and "[" not in index:
-                self.tasks.setdefault(base, []).append(status)
+    def __init__(self, table: Mapping[str, JobStatus] | Iterable[JobStatus]):
+        rows = table.items() if isinstance(table, Mapping) else ((r.job_id, r) for r in table)
+        self.runs: dict[str, list[JobStatus]] = {}      #: id or ID_N -> its records, oldest first
+        self.tasks: dict[str, list[str]] = {}           #: array id -> its tasks' keys
+        for key, status in rows:
+            if key not in self.runs:
+                base, sep, index = key.partition("_")
+                if sep and "[" not in index:
+                    self.tasks.setdefault(base, []).append(key)
+            self.runs.setdefault(key, []).append(status)
 
-    def of(self, slurm_id: str) -> list[JobStatus]:
-        tasks = self.tasks.get(slurm_id)
-        if tasks:
-            return tasks
-        rec = self.exact.get(slurm_id)
-        return [rec] if rec is not None else []
+    def all(self) -> list[JobStatus]:
+        return [r for recs in self.runs.values() for r in recs]
+
+    def _keys(self, slurm_id: str) -> list[str]:
+        return self.tasks.get(slurm_id) or ([slurm_id] if slurm_id in self.runs else [])
+
+    def of(self, slurm_id: str, mine=None) -> list[JobStatus]:
+        """The job's records, the latest per task; only those ``mine(record)`` accepts."""
+        out = []
+        for key in self._keys(slurm_id):
+            recs = [r for r in self.runs[key] if mine is None or mine(r)]
+            if recs:
+                out.append(recs[-1])
+        return out
+
+    def others(self, slurm_id: str, mine) -> bool:
+        """Some record of this id belongs to another job (Slurm handed the id out again)."""
+        return any(not mine(r) for key in self._keys(slurm_id) for r in self.runs[key])
 
 
 def records_of(slurm_id: str, table: Mapping[str, JobStatus] | Records) -> list[JobStatus]:
@@ -150,7 +178,24 @@ def records_of(slurm_id: str, table: Mapping[str, JobStatus] | Records) -> list[
     return (table if isinstance(table, Records) else Records(table)).of(slurm_id)
 
 
+def identity(job: Job):
+    """Which Slurm records are this job's, not a later job's that got the same id after a
+    controller restart forgot this one: a portal job's carry its uuid in the comment; a plain
+    sbatch job's were submitted no later than the portal first saw it (Slurm's submit time)."""
+    if not job.external:
+        comment = COMMENT_PREFIX + job.id
+        return lambda r: r.comment == comment
+    seen = job.submitted_at
+    if seen is None:
+        return lambda r: True
+    seen = seen if seen.tzinfo else seen.replace(tzinfo=dt.timezone.utc)
+    limit = seen + dt.timedelta(seconds=1)
+    return lambda r: r.submitted is None or r.submitted <= limit
+
+
 NEVER_SATISFIED = "DependencyNeverSatisfied"
+#: the reason of a stored job whose submission found the controller down (tried again soon)
+CONTROLLER_DOWN = "Slurm's controller did not answer"
 
 
 def doomed(obs: Observed) -> Doomed | None:
@@ -182,9 +227,30 @@ def portal_id_of(status: JobStatus) -> str | None:
     return c[len(COMMENT_PREFIX):] if c.startswith(COMMENT_PREFIX) and len(c) == len(COMMENT_PREFIX) + 36 else None
 
 
-def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[str, JobStatus],
-         known_slurm_ids: set[str], unix_users: set[str], now: dt.datetime, submit_grace_s: float) -> Plan:
-    """Pure: what to change, from the portal's unfinished jobs and Slurm's two answers."""
+def external_candidates(queue: Mapping[str, JobStatus], known_slurm_ids: set[str],
+                        unix_users: set[str]) -> dict[str, list[JobStatus]]:
+    """Jobs in the queue that users submitted with plain ``sbatch`` and the portal does not
+    know yet: Slurm id -> its records (an array's tasks)."""
+    out: dict[str, list[JobStatus]] = {}
+    for jid, st in sorted(queue.items()):
+        base = jid.split("_")[0]
+        if base in known_slurm_ids or st.user not in unix_users or st.comment.startswith(COMMENT_PREFIX):
+            continue    # the portal's own (jobs, image conversions, services) have an aiportal: comment
+        out.setdefault(base, []).append(st)
+    return out
+
+
+def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[str, JobStatus] | Iterable[JobStatus],
+         known_slurm_ids: set[str], unix_users: set[str], now: dt.datetime, submit_grace_s: float,
+         accounting_ok: bool = True, submit_retry_s: float = 10.0) -> Plan:
+    """Pure: what to change, from the portal's unfinished jobs and Slurm's two answers.
+
+    A job is bound to its Slurm job by id **and** identity (:func:`identity`): records of a later
+    job that got the same id never change it. A job is shown ended only as accounting records
+    that run's end (squeue's finished records carry no exit code, and a controller that lost
+    the job may hold another job under its id); until then it keeps its last state. A job with
+    no record of its own anywhere is ``forgotten`` when another job holds its id (Slurm forgot
+    it) and ``unseen`` otherwise (the caller asks when the controller last started)."""
     out = Plan()
     live, done = Records(queue), Records(accounting)
     by_comment: dict[str, str] = {}
@@ -196,42 +262,84 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
         if job.state is JobState.SUBMITTING:
             if job.id in by_comment:
                 out.adopt[job.id] = by_comment[job.id]
-            elif (now - job.updated_at).total_seconds() > submit_grace_s:
+            elif (now - job.updated_at).total_seconds() > (
+                    submit_retry_s if job.reason.startswith(CONTROLLER_DOWN) else submit_grace_s):
                 out.resubmit.append(job.id)
             continue
         if not job.slurm_job_id:
             continue
-        queued = obs = fold(live.of(job.slurm_job_id))
+        mine = identity(job)
+        queued = obs = fold(live.of(job.slurm_job_id, mine))
+        # squeue's record first: sacct keeps neither the dependency nor Slurm's last reason for it
+        never = doomed(queued) if queued is not None else None
+        if never is not None:
+            out.doomed[job.id] = never
+            continue
         if obs is None or obs.state.terminal:
-            # gone from the queue, or finished (squeue keeps those a while, without exit codes)
-            ended = fold(done.of(job.slurm_job_id))
+            # gone from the queue, or finished (squeue keeps those a while, without exit codes):
+            # how it ended is accounting's to say
+            ended = fold(done.of(job.slurm_job_id, mine)) if accounting_ok else None
+            if ended is not None and not ended.state.terminal:
+                ended = None        # accounting's record of a job the controller no longer has
             if ended is not None and obs is not None and ended.restarts is None:
                 ended = replace(ended, restarts=obs.restarts)    # sacct has no restart count; squeue had
-            obs = ended or obs
+            if ended is None and obs is not None:
+                continue            # ended, but accounting has not said how yet: asked again next cycle
+            obs = ended
         if obs is None:
-            out.lost.append(job.id)
+            if not accounting_ok:
+                continue
+            if live.others(job.slurm_job_id, mine) or done.others(job.slurm_job_id, mine):
+                out.forgotten.append(job.id)
+            else:
+                out.unseen.append(job.id)
             continue
-        # squeue's record too: sacct keeps neither the dependency nor Slurm's last reason for it
-        never = doomed(obs) or (doomed(queued) if queued is not None else None)
+        never = doomed(obs)
         if never is not None:
             out.doomed[job.id] = never
             continue
         if (obs.state, obs.reason, obs.nodes) != (job.state, job.reason, job.nodes) or (
                 obs.state.terminal and obs.exit_code != job.exit_code) or restarted(job, obs):
             out.updates[job.id] = obs
-    seen_arrays: set[str] = set()
-    for jid, st in sorted(queue.items()):
-        base = jid.split("_")[0]
-        if base in known_slurm_ids or base in seen_arrays or portal_id_of(st) or st.user not in unix_users:
-            continue
-        if st.comment.startswith(COMMENT_PREFIX):    # the portal's own image conversions and services
-            continue
-        seen_arrays.add(base)
-        out.external.append(JobStatus(base, st.state, st.reason, st.nodes, st.exit_code, st.signal,
-                                      st.user, st.comment, st.name, restarts_of(live.of(base)), st.stdout))
-        if jid != base:
-            out.external_arrays.add(base)
     return out
+
+
+def forgotten_by_restart(jobs: Iterable[Job], controller_started: dt.datetime | None) -> list[str]:
+    """Of the jobs no Slurm record mentions: those accepted before the controller last started
+    (its restart lost them: it recovers only the state it had saved). None of them where the
+    start time is unknown: a job is never declared lost on a guess."""
+    if controller_started is None:
+        return []
+    out = []
+    for job in jobs:
+        at = job.submitted_at
+        if at is not None and (at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)) < controller_started:
+            out.append(job.id)
+    return out
+
+
+def externals(candidates: Mapping[str, list[JobStatus]], accounting: Records, accounting_ok: bool,
+              ) -> tuple[list[JobStatus], set[str]]:
+    """The plain-sbatch jobs to add: one status per job (an array's tasks folded), a finished
+    one only with accounting's record of how it ended; and which of them are arrays."""
+    found, arrays = [], set()
+    for base, tasks in candidates.items():
+        st = tasks[0]
+        obs = fold(tasks)
+        if obs.state.terminal:
+            same = (lambda r: r.user == st.user and r.comment == st.comment
+                    and (st.submitted is None or r.submitted is None or r.submitted == st.submitted))
+            ended = fold(accounting.of(base, same)) if accounting_ok else None
+            if ended is None or not ended.state.terminal:
+                continue        # finished before the portal saw it: added once accounting says how
+            obs = replace(ended, restarts=obs.restarts)
+        submitted = min((t.submitted for t in tasks if t.submitted), default=None)
+        found.append(JobStatus(base, obs.state, obs.reason, obs.nodes, obs.exit_code, obs.signal, st.user,
+                               st.comment, st.name, obs.restarts, st.stdout, submitted=submitted,
+                               started=obs.started, ended=obs.ended))
+        if any(t.job_id != base for t in tasks):
+            arrays.add(base)
+    return found, arrays
 
 
 def _state_message(obs: Observed) -> str:
@@ -303,17 +411,30 @@ def _events(db: Session, job: Job, obs: Observed) -> tuple[list[tuple[EventKind,
     return plain, job.restarts + (1 if kind is EventKind.REQUEUED else 0)
 
 
-def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime) -> None:
-    """Write one plan's state changes and events (the caller commits)."""
+def _utc(t: dt.datetime | None) -> dt.datetime | None:
+    return None if t is None else (t.astimezone(dt.timezone.utc) if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
+
+
+def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime,
+          lost: Mapping[str, str] = {}) -> list[str]:
+    """Write one plan's state changes and events (the caller commits). Times are Slurm's where
+    it gives them (a cycle may come long after the fact: the reconciler was down). ``lost``:
+    jobs Slurm forgot, with why; a portal job goes back to SUBMITTING, to be submitted again
+    once (their ids are returned), a plain sbatch job becomes UNKNOWN."""
     for job_id, obs in p.updates.items():
         job = jobs[job_id]
         events, job.restarts = _events(db, job, obs)
+        at = _utc(obs.ended) if obs.state.terminal and obs.ended else now
+        started = _utc(obs.started)
+        if started is not None and job.started_at is None and obs.state is not JobState.RUNNING:
+            # it ran between two cycles (or while the reconciler was down): the timeline says so
+            events.insert(0, (EventKind.STATE, "running on %s" % (obs.nodes or "?"), started, JobState.RUNNING))
         job.state, job.reason, job.nodes = obs.state, obs.reason[:1024], obs.nodes[:1024]
-        if obs.state is JobState.RUNNING and job.started_at is None:
-            job.started_at = now
+        if job.started_at is None and (started is not None or obs.state is JobState.RUNNING):
+            job.started_at = started or now
         if obs.state.terminal:
             job.exit_code, job.signal = obs.exit_code, obs.signal
-            job.ended_at = job.ended_at or now
+            job.ended_at = at if obs.ended else (job.ended_at or now)
             if job.job_dir and not job.external:
                 try:
                     pending = finish_job_data(job.job_dir)
@@ -323,43 +444,60 @@ def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime) -> None:
                 job.stage_out_pending = json.dumps(pending) if pending else None
         job.updated_at = now
         db.add(job)
-        for kind, message in events:
-            db.add(Event(at=now, kind=kind, job_id=job.id, user_id=job.user_id, state=obs.state,
-                         node=obs.nodes or None, message=message[:2000]))
+        for ev in events:
+            kind, message = ev[0], ev[1]
+            db.add(Event(at=ev[2] if len(ev) > 2 else at, kind=kind, job_id=job.id, user_id=job.user_id,
+                         state=ev[3] if len(ev) > 3 else obs.state, node=obs.nodes or None, message=message[:2000]))
         log.info("job %s (Slurm %s): %s", job.id, job.slurm_job_id,
-                 "; ".join(m for _, m in events) or _state_message(obs))
+                 "; ".join(ev[1] for ev in events) or _state_message(obs))
     for job_id, slurm_id in p.adopt.items():
         job = jobs[job_id]
         job.slurm_job_id, job.state, job.submitted_at, job.updated_at = slurm_id, JobState.PENDING, now, now
+        job.reason = ""
         db.add(job)
         db.add(Event(at=now, kind=EventKind.SUBMITTED, job_id=job.id, user_id=job.user_id, state=JobState.PENDING,
                      message="found in Slurm as job %s (the portal stopped before recording it)" % slurm_id))
         log.info("job %s: adopted Slurm job %s by its comment", job_id, slurm_id)
-    for job_id in p.lost:
+    again = []
+    for job_id, why in lost.items():
         job = jobs[job_id]
-        job.state, job.reason, job.updated_at, job.ended_at = JobState.UNKNOWN, "Slurm has no record of it", now, now
+        key = "lost:%s:%s" % (job.id, job.slurm_job_id)
+        if db.exec(select(Event.id).where(Event.key == key)).first() is not None:
+            continue        # this loss is handled already (another reconciler)
+        if job.external:
+            job.state, job.reason, job.updated_at, job.ended_at = JobState.UNKNOWN, "Slurm has no record of it", now, now
+            message, state = "Slurm has no record of job %s any more (%s)" % (job.slurm_job_id, why), JobState.UNKNOWN
+        else:
+            message = "Slurm lost job %s (%s); submitting it again" % (job.slurm_job_id, why)
+            job.state, job.reason, job.slurm_job_id, job.nodes = JobState.SUBMITTING, "lost by Slurm: " + why, None, ""
+            job.updated_at, state = now, JobState.SUBMITTING
+            again.append(job.id)
         db.add(job)
-        db.add(Event(at=now, kind=EventKind.FINISHED, job_id=job.id, user_id=job.user_id, state=JobState.UNKNOWN,
-                     message="Slurm has no record of job %s any more" % job.slurm_job_id))
+        db.add(Event(at=now, kind=EventKind.FINISHED if job.external else EventKind.REQUEUED, job_id=job.id,
+                     user_id=job.user_id, state=state, message=message[:2000], key=key))
+        log.warning("job %s: %s", job.id, message)
+    return again
 
 
 def add_external(db: Session, found: list[JobStatus], users: Mapping[str, int], now: dt.datetime,
                  arrays: set[str] = frozenset()) -> None:
+    """Plain sbatch jobs found in the queue, with Slurm's times and (ended) exit code."""
     new = []
     for st in found:
         # where it logs (squeue's StdOut; its symbols are filled in when the log is read)
         request = {"stdout": st.stdout, **({"array": True} if st.job_id in arrays else {})} if st.stdout else {}
+        started = _utc(st.started) or (now if st.state is JobState.RUNNING else None)
         job = Job(user_id=users[st.user], name=(st.name or "sbatch-%s" % st.job_id)[:128], state=st.state,
                   slurm_job_id=st.job_id, external=True, request_json=json.dumps(request), reason=st.reason[:1024],
-                  nodes=st.nodes[:1024],
-                  restarts=st.restarts or 0,
-                  submitted_at=now, started_at=now if st.state is JobState.RUNNING else None, updated_at=now,
-                  ended_at=now if st.state.terminal else None)
+                  nodes=st.nodes[:1024], restarts=st.restarts or 0,
+                  exit_code=st.exit_code if st.state.terminal else None, signal=st.signal if st.state.terminal else None,
+                  submitted_at=_utc(st.submitted) or now, started_at=started, updated_at=now,
+                  ended_at=(_utc(st.ended) or now) if st.state.terminal else None)
         db.add(job)
         new.append((job, st))
     db.flush()      # the jobs first: events refer to them
     for job, st in new:
-        db.add(Event(at=now, kind=EventKind.SUBMITTED, job_id=job.id, user_id=job.user_id, state=st.state,
+        db.add(Event(at=job.submitted_at, kind=EventKind.SUBMITTED, job_id=job.id, user_id=job.user_id, state=st.state,
                      message="submitted with sbatch as Slurm job %s (found by the portal)" % st.job_id))
 
 
@@ -370,6 +508,7 @@ class CycleStats:
     adopted: int = 0
     resubmitted: int = 0
     external: int = 0
+    lost: int = 0
     slurm_calls: int = 0
     services: int = 0
     seconds: float = 0.0
@@ -394,27 +533,48 @@ class Reconciler:
             queue = self.backend.queue()
             stats.slurm_calls = 1
             live = Records(queue)
-            # jobs that left the queue, or finished: their exit codes come from accounting
-            ended = sorted({j.slurm_job_id for j in jobs if j.slurm_job_id
-                            and (not live.of(j.slurm_job_id) or any(r.state.terminal for r in live.of(j.slurm_job_id)))})
-            accounting = {}
-            if ended:
-                accounting = self.backend.accounting(ended)
-                stats.slurm_calls += 1
             users: dict[str, int] = {}
             # a Unix account several portal users share goes to the first non-admin one
             for u in db.exec(select(User).where(User.unix_user != "", User.disabled == False)  # noqa: E712
                              .order_by(User.is_admin, User.id)):
                 users.setdefault(u.unix_user, u.id)
             known = self._known_slurm_ids(db, queue)
-            p = plan(jobs, queue, accounting, known, set(users), now, self.settings.submit_grace_s)
+            candidates = external_candidates(queue, known, set(users))
+            # jobs not in the queue as themselves, or finished there: how they ended is accounting's
+            ended = {j.slurm_job_id for j in jobs if j.slurm_job_id and (
+                not (recs := live.of(j.slurm_job_id, identity(j))) or any(r.state.terminal for r in recs))}
+            ended |= {base for base, tasks in candidates.items() if any(t.state.terminal for t in tasks)}
+            accounting: list[JobStatus] = []
+            accounting_ok = True
+            if ended:
+                try:
+                    accounting = self.backend.accounting_runs(sorted(ended))
+                except SlurmError as e:
+                    accounting_ok = False
+                    log.warning("accounting did not answer (%s): jobs that ended are recorded once it does", e)
+                stats.slurm_calls += 1
+            p = plan(jobs, queue, accounting, known, set(users), now, self.settings.submit_grace_s,
+                     accounting_ok=accounting_ok, submit_retry_s=self.settings.submit_retry_s)
+            found, arrays = externals(candidates, Records(accounting), accounting_ok)
             by_id = {j.id: j for j in jobs}
+            lost = {jid: "another job holds its id: its controller restarted and forgot it" for jid in p.forgotten}
+            if p.unseen:
+                try:
+                    started = self.backend.controller_started()
+                except SlurmError as e:
+                    log.warning("cannot ask when the controller started: %s", e)
+                    started = None
+                stats.slurm_calls += 1
+                for jid in forgotten_by_restart([by_id[j] for j in p.unseen], started):
+                    lost[jid] = "the controller restarted at %s UTC and no longer knows it" % (
+                        started.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
             stats.slurm_calls += self._end_doomed(p, by_id, live, Records(accounting))
-            apply(db, by_id, p, now)
-            add_external(db, p.external, users, now, p.external_arrays)
+            again = apply(db, by_id, p, now, lost)
+            add_external(db, found, users, now, arrays)
             db.commit()
-            stats.updated, stats.adopted, stats.external = len(p.updates), len(p.adopt), len(p.external)
-            for job_id in p.resubmit:
+            stats.updated, stats.adopted, stats.external = len(p.updates), len(p.adopt), len(found)
+            stats.lost = len(lost)
+            for job_id in p.resubmit + again:
                 stats.resubmitted += self._resubmit(db, by_id[job_id])
         try:
             stats.services = self.services.cycle(queue)
@@ -436,7 +596,7 @@ class Reconciler:
         missing = sorted(f for f in firsts if not _ended_record(done.of(f)))
         if missing:
             try:
-                done = Records({**done.exact, **self.backend.accounting(missing)})
+                done = Records(done.all() + list(self.backend.accounting(missing).values()))
             except SlurmError as e:
                 log.warning("cannot ask accounting how jobs %s ended: %s", ",".join(missing), e)
             calls += 1
@@ -479,8 +639,8 @@ class Reconciler:
         """Cycle every ``interval`` seconds until ``stop`` is set (or SIGTERM/SIGINT)."""
         def cycle() -> str | None:
             s = self.cycle()
-            if s.updated or s.adopted or s.resubmitted or s.external:
-                return ("%d jobs, %d updated, %d adopted, %d resubmitted, %d external, %.3fs"
-                        % (s.jobs, s.updated, s.adopted, s.resubmitted, s.external, s.seconds))
+            if s.updated or s.adopted or s.resubmitted or s.external or s.lost:
+                return ("%d jobs, %d updated, %d adopted, %d lost by Slurm, %d resubmitted, %d external, %.3fs"
+                        % (s.jobs, s.updated, s.adopted, s.lost, s.resubmitted, s.external, s.seconds))
             return None
         run_loop("reconciler", cycle, interval, stop)

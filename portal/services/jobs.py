@@ -22,7 +22,7 @@ from portal.models.jobs import JobCreate
 from portal.services import datasources, images, submit as submission
 from portal.services.submit import Checked, Submission
 from portal.settings import Settings
-from slurm.errors import SlurmError
+from slurm.errors import SlurmCommandError, SlurmError
 from slurm.states import JobState
 from storage.credentials import SecretBox
 from storage.errors import StorageError
@@ -92,14 +92,33 @@ def _failed(db: Session, job: Job, e: Exception) -> None:
     log.info("job %s: submission failed: %s", job.id, e)
 
 
+def _controller_down(db: Session, job: Job, e: SlurmCommandError) -> None:
+    """Keep a stored job whose submission found Slurm's controller down: the reconciler submits
+    it when the controller is back (adopting it instead where Slurm did get it)."""
+    from portal.daemons.reconcile import CONTROLLER_DOWN
+    job.reason = ("%s (%s); the portal submits it when it is back" % (CONTROLLER_DOWN, e))[:1024]
+    job.updated_at = utcnow()
+    _event(db, job, EventKind.STATE, job.reason)
+    db.add(job)
+    db.commit()
+    log.warning("job %s: Slurm's controller did not answer; kept to submit later: %s", job.id, e)
+
+
 def _submit_stored(db: Session, settings: Settings, backend, job: Job, checked: Checked) -> Job:
     try:
         done = submission.submit(settings, backend, checked)
+    except SlurmCommandError as e:
+        if e.controller_down:
+            _controller_down(db, job, e)
+            return job
+        _failed(db, job, e)
+        raise
     except (SlurmError, StorageError, ContainerError, PortalError, OSError) as e:
         _failed(db, job, e)
         raise
     job.slurm_job_id = done.slurm_id
     job.script = done.script
+    job.reason = ""
     job.state = JobState.PENDING
     job.submitted_at = job.updated_at = utcnow()
     _event(db, job, EventKind.SUBMITTED, "submitted as Slurm job %s to %s" % (done.slurm_id, done.spec.partition),

@@ -7,6 +7,8 @@ import pytest
 from sqlmodel import Session, select
 
 from portal.models import Event, EventKind, Job, User
+from dataclasses import replace
+
 from portal.daemons.reconcile import Doomed, Observed, Reconciler, fold, plan
 from portal.models.jobs import JobCreate
 from portal.services import jobs as jobsvc
@@ -19,7 +21,7 @@ NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)
 UUID = "0f0e0d0c-0b0a-4909-8807-060504030201"
 
 
-def S(jid, state, reason="", nodes="", code=None, user="alice", comment="", name="", restarts=None):
+def S(jid, state, reason="", nodes="", code=None, user="alice", comment="aiportal:" + UUID, name="", restarts=None):
     return JobStatus(jid, JobState(state), reason, nodes, code, 0 if code is not None else None, user, comment, name,
                      restarts)
 
@@ -91,7 +93,7 @@ def test_plan_no_update_when_slurm_counts_no_more_restarts(stored, counted):
     assert not p.updates
 
 
-def D(jid, state, reason="", dependency="", nodes="", code=None, user="alice", comment=""):
+def D(jid, state, reason="", dependency="", nodes="", code=None, user="alice", comment="aiportal:" + UUID):
     return JobStatus(jid, JobState(state), reason, nodes, code, 0 if code is not None else None, user, comment,
                      dependency=dependency)
 
@@ -125,15 +127,53 @@ def test_plan_finds_jobs_that_can_never_start(job, queue, acct, want):
         assert job.id not in p.updates
 
 
-def test_plan_forgotten_job_is_lost():
+def test_plan_a_job_with_no_record_anywhere_is_unseen_and_one_whose_id_another_job_holds_is_forgotten():
     p = plan([J("RUNNING")], {}, {}, {"10"}, {"alice"}, NOW, 120)
-    assert p.lost == [UUID]
+    assert (p.unseen, p.forgotten, p.updates) == ([UUID], [], {})
+    other = S("10", "COMPLETED", nodes="g1n1", code=0, comment="aiportal:" + "1" * 8 + UUID[8:])
+    for queue, acct in (({"10": replace(other, state=JobState.RUNNING)}, {}), ({}, [other])):
+        p = plan([J("RUNNING")], queue, acct, {"10"}, {"alice"}, NOW, 120)
+        assert (p.forgotten, p.unseen, p.updates) == ([UUID], [], {})       # never "COMPLETED" with exit 0
+
+
+def test_plan_accounting_decides_how_a_job_ended_by_its_own_record():
+    # the accounting history of id 10: this job's run, then a later job's after a controller restart
+    mine = S("10", "FAILED", "NonZeroExitCode", "g1n1", 3)
+    later = S("10", "COMPLETED", nodes="g1n2", code=0, comment="aiportal:" + "1" * 8 + UUID[8:])
+    p = plan([J("RUNNING", nodes="g1n1")], {}, [mine, later], {"10"}, {"alice"}, NOW, 120)
+    assert p.updates[UUID].state is JobState.FAILED and p.updates[UUID].exit_code == 3
+    # finished in squeue, accounting has no record yet (or did not answer): no change until it does
+    for acct, ok in (({}, True), ({"10": mine}, False)):
+        p = plan([J("RUNNING", nodes="g1n1")], {"10": S("10", "COMPLETED", nodes="g1n1")}, acct, {"10"}, {"alice"},
+                 NOW, 120, accounting_ok=ok)
+        assert (p.updates, p.unseen, p.forgotten) == ({}, [], [])
+    # accounting's record of a job the controller lost (still PENDING there) is no end
+    p = plan([J("PENDING")], {}, [S("10", "PENDING", "Priority")], {"10"}, {"alice"}, NOW, 120)
+    assert (p.updates, p.unseen) == ({}, [UUID])
+
+
+def test_forgotten_by_restart_only_jobs_accepted_before_the_controller_started():
+    from portal.daemons.reconcile import forgotten_by_restart
+    old = J("RUNNING", jid="a")
+    old.submitted_at = NOW - dt.timedelta(minutes=5)
+    new = J("PENDING", jid="b")
+    new.submitted_at = NOW + dt.timedelta(seconds=5)
+    assert forgotten_by_restart([old, new], NOW) == ["a"]
+    assert forgotten_by_restart([old, new], None) == []         # never lost on a guess
+
+
+@pytest.mark.parametrize("age_s, retry", [(9, False), (11, True)])
+def test_plan_a_job_stored_while_the_controller_was_down_is_tried_again_soon(age_s, retry):
+    from portal.daemons.reconcile import CONTROLLER_DOWN
+    job = J("SUBMITTING", slurm=None, reason=CONTROLLER_DOWN + ": connect failure",
+            updated=NOW - dt.timedelta(seconds=age_s))
+    assert (plan([job], {}, {}, set(), {"alice"}, NOW, 120, submit_retry_s=10).resubmit == [UUID]) is retry
 
 
 def test_plan_adopts_a_stored_job_found_by_its_comment():
     job = J("SUBMITTING", slurm=None)
     p = plan([job], {"77": S("77", "PENDING", comment="aiportal:" + UUID)}, {}, set(), {"alice"}, NOW, 120)
-    assert p.adopt == {UUID: "77"} and not p.resubmit and not p.external
+    assert p.adopt == {UUID: "77"} and not p.resubmit
 
 
 @pytest.mark.parametrize("age_s, resubmit", [(119, False), (121, True)])
@@ -144,21 +184,30 @@ def test_plan_resubmits_a_stored_job_slurm_never_got_after_the_grace_time(age_s,
 
 
 def test_plan_external_jobs_are_those_of_portal_users_without_a_portal_comment():
-    queue = {"50": S("50", "RUNNING", user="alice", name="mine"), "51": S("51", "PENDING", user="carol"),
-             "52_0": S("52_0", "RUNNING", user="bob"), "52_1": S("52_1", "PENDING", user="bob"),
+    queue = {"50": S("50", "RUNNING", user="alice", name="mine", comment=""), "51": S("51", "PENDING", user="carol", comment=""),
+             "52_0": S("52_0", "RUNNING", user="bob", comment=""), "52_1": S("52_1", "PENDING", user="bob", comment=""),
              "53": S("53", "PENDING", user="aiportal-img", comment="aiportal:image:sha256:x"),
              "54": S("54", "PENDING", user="alice", comment="aiportal:" + UUID), "10": S("10", "PENDING")}
-    p = plan([], queue, {}, {"10"}, {"alice", "bob"}, NOW, 120)
-    assert [(s.job_id, s.user, s.name) for s in p.external] == [("50", "alice", "mine"), ("52", "bob", "")]
+    from portal.daemons.reconcile import Records, external_candidates, externals
+    found, arrays = externals(external_candidates(queue, {"10"}, {"alice", "bob"}), Records({}), True)
+    assert [(s.job_id, s.user, s.name) for s in found] == [("50", "alice", "mine"), ("52", "bob", "")]
+    assert arrays == {"52"}
 
 
 # -- cycles on recorded Slurm output --------------------------------------------------------------
 
-def Q(jid, state, restarts, nodes="", reason="None", user="alice", comment="(null)", name="train",
-      stdout="/tmp/slurm-%j.out", dependency="(null)"):
-    """One line of ``squeue --noheader --array --states=all --Format <squeue_format()>``."""
+def uid(slurm_id: str) -> str:
+    """The portal id the tests below give the job they store as Slurm job ``slurm_id``."""
+    return "00000000-0000-4000-8000-%012d" % int(slurm_id.split("_")[0])
+
+
+def Q(jid, state, restarts, nodes="", reason="None", user="alice", comment=None, name="train",
+      stdout="/tmp/slurm-%j.out", dependency="(null)", submitted="2026-11-27T11:00:00", started="N/A"):
+    """One line of ``squeue --noheader --array --states=all --Format <squeue_format()>`` (the
+    comment of the portal job the tests store for it, unless given)."""
+    comment = "aiportal:" + uid(jid) if comment is None else comment
     return "".join(c + SEP for c in (jid, state, reason, nodes, str(restarts), "1", user, comment, "N/A", name,
-                                     stdout, dependency))
+                                     stdout, dependency, submitted, started))
 
 
 class Recorded(SlurmCli):
@@ -182,8 +231,8 @@ def _cycles(engine, settings, job_state, answers, events=()):
     """Store a running job (Slurm 4242 on g1n1), plus ``events`` (kind, key); run one cycle per
     recorded squeue answer; return the job, its requeue events and the Slurm calls per cycle."""
     with Session(engine, expire_on_commit=False) as db:
-        job = Job(user_id=db.exec(select(User).where(User.name == "alice")).one().id, name="t", state=job_state,
-                  slurm_job_id="4242", nodes="g1n1")
+        job = Job(id=uid("4242"), user_id=db.exec(select(User).where(User.name == "alice")).one().id, name="t",
+                  state=job_state, slurm_job_id="4242", nodes="g1n1")
         db.add(job)
         db.flush()
         for kind, key in events:
@@ -231,7 +280,7 @@ def test_every_rise_is_one_requeue_event(engine, users, settings):
 
 
 def test_requeued_and_finished_between_cycles(engine, users, settings):
-    finished = SEP.join(["4242", "COMPLETED", "0:0", "g1n2", "alice", "", "None", "train"])
+    finished = SEP.join(["4242", "COMPLETED", "0:0", "g1n2", "alice", "aiportal:" + uid("4242"), "None", "train", "2026-11-27T11:00:00", "2026-11-27T11:00:05", "2026-11-27T11:02:00"])
     job, requeues, calls = _cycles(engine, settings, JobState.RUNNING, {
         "squeue": [Q("4242", "R", 0, "g1n1"), Q("4242", "CD", 1, "g1n2")], "sacct": [finished]})
     assert job.state is JobState.COMPLETED and job.exit_code == 0 and job.restarts == 1 and len(requeues) == 1
@@ -257,7 +306,8 @@ def test_a_requeue_the_monitor_recorded_is_not_recorded_again(engine, users, set
 
 def test_without_a_count_from_slurm_a_requeue_is_inferred_from_the_transition(engine, users, settings, fake_backend):
     with Session(engine, expire_on_commit=False) as db:
-        job = Job(user_id=users["alice"].id, name="t", state=JobState.RUNNING, slurm_job_id="4242", nodes="g1n1")
+        job = Job(id=UUID, user_id=users["alice"].id, name="t", state=JobState.RUNNING, slurm_job_id="4242",
+                  nodes="g1n1")
         db.add(job)
         db.commit()
     rec = Reconciler(engine, fake_backend, settings)
@@ -273,8 +323,8 @@ def test_without_a_count_from_slurm_a_requeue_is_inferred_from_the_transition(en
 def _waiting(engine, users, slurm_ids, external=False):
     """Store portal jobs pending on Slurm jobs ``slurm_ids`` (waiting on a dependency)."""
     with Session(engine, expire_on_commit=False) as db:
-        jobs = [Job(user_id=users["alice"].id, name="t", state=JobState.PENDING, slurm_job_id=sid, reason="Dependency",
-                    external=external) for sid in slurm_ids]
+        jobs = [Job(id=uid(sid), user_id=users["alice"].id, name="t", state=JobState.PENDING, slurm_job_id=sid,
+                    reason="Dependency", external=external) for sid in slurm_ids]
         db.add_all(jobs)
         db.commit()
     return [j.id for j in jobs]
@@ -290,7 +340,7 @@ def _conversion_settings(settings, tmp_path, log=None):
 
 CONVERSION_COMMENT = "aiportal:image:sha256:" + "ab" * 32
 FAILED_CONVERSION_SACCT = SEP.join(["700", "FAILED", "2:0", "g1n1", "aiportal-img", CONVERSION_COMMENT,
-                                    "NonZeroExitCode", "convert-abababababab"])
+                                    "NonZeroExitCode", "convert-abababababab", "2026-11-27T11:00:00", "2026-11-27T11:00:05", "2026-11-27T11:02:00"])
 
 
 def test_a_failed_conversion_fails_every_job_waiting_on_it_at_once_with_its_error(engine, users, settings, tmp_path):
@@ -324,7 +374,7 @@ def test_a_plain_job_whose_dependency_failed_ends_failed_with_how_that_job_ended
     settings = _conversion_settings(settings, tmp_path)
     [job_id] = _waiting(engine, users, ["4242"], external=True)
     squeue = Q("4242", "PD", 0, reason="DependencyNeverSatisfied", dependency="afterok:650(failed)")
-    failed = SEP.join(["650", "FAILED", "1:0", "g1n1", "alice", "", "NonZeroExitCode", "first"])
+    failed = SEP.join(["650", "FAILED", "1:0", "g1n1", "alice", "", "NonZeroExitCode", "first", "2026-11-27T11:00:00", "2026-11-27T11:00:05", "2026-11-27T11:02:00"])
     backend = Recorded({"squeue": [squeue], "sacct": [failed], "scancel": [""]})
     Reconciler(engine, backend, settings).cycle()
     with Session(engine) as db:
@@ -338,7 +388,7 @@ def test_a_job_scancel_refuses_is_tried_again_next_cycle(engine, users, settings
     settings = _conversion_settings(settings, tmp_path)
     [job_id] = _waiting(engine, users, ["4242"])
     squeue = Q("4242", "PD", 0, reason="DependencyNeverSatisfied", dependency="afterok:650(failed)")
-    failed = SEP.join(["650", "FAILED", "1:0", "g1n1", "alice", "", "NonZeroExitCode", "first"])
+    failed = SEP.join(["650", "FAILED", "1:0", "g1n1", "alice", "", "NonZeroExitCode", "first", "2026-11-27T11:00:00", "2026-11-27T11:00:05", "2026-11-27T11:02:00"])
     refused = SlurmCommandError(["scancel", "4242"], 1, "", "scancel: error: Unable to contact slurm controller")
     backend = Recorded({"squeue": [squeue, squeue], "sacct": [failed, failed], "scancel": [refused, ""]})
     rec = Reconciler(engine, backend, settings)
@@ -517,7 +567,7 @@ def test_a_requeue_never_seen_pending_is_counted_from_slurm(settings, engine, us
     jid = out.stdout.strip().split(";")[0]
     cleanup_jobs.append(jid)
     with Session(engine, expire_on_commit=False) as db:
-        job = Job(user_id=users["alice"].id, name="requeue-me", state=JobState.PENDING, slurm_job_id=jid)
+        job = Job(user_id=users["alice"].id, name="requeue-me", state=JobState.PENDING, slurm_job_id=jid, external=True)
         db.add(job)
         db.commit()
     rec = Reconciler(engine, real_backend, settings)
@@ -531,7 +581,11 @@ def test_a_requeue_never_seen_pending_is_counted_from_slurm(settings, engine, us
         time.sleep(0.3)
     else:
         raise AssertionError("job %s did not run again after its requeue: %s" % (jid, st))
-    assert rec.cycle().slurm_calls == 1
+    asked = []
+    real_accounting = real_backend.accounting_runs
+    real_backend.accounting_runs = lambda ids: asked.extend(ids) or real_accounting(ids)
+    rec.cycle()
+    assert jid not in asked         # running in squeue: not taken for ended (other users' plain jobs may be)
     with Session(engine) as db:
         again = db.get(Job, job.id)
         requeues = db.exec(select(Event).where(Event.job_id == job.id, Event.kind == EventKind.REQUEUED)).all()

@@ -33,12 +33,20 @@ def test_terminal_and_active():
     assert not JobState.SUBMITTING.active and JobState.SUBMITTING not in TERMINAL
 
 
+#: Submit, Start, End of an sacct line that does not give them
+TIMES = ("2026-11-27T11:00:00", "2026-11-27T11:00:05", "2026-11-27T11:02:00")
+
+
 def L(*cols):
-    return SEP.join(cols)
+    """One line of ``sacct -P`` with SACCT_FIELDS (the three times added where not given)."""
+    return SEP.join(cols + TIMES if len(cols) == 8 else cols)
 
 
 def Q(*cols):
-    """One line of ``squeue -h --array -O`` + squeue_format(): SEP after every field."""
+    """One line of ``squeue -h --array -O`` + squeue_format(): SEP after every field (SubmitTime
+    and StartTime added where a line of 12 fields does not give them)."""
+    if len(cols) == 12:
+        cols += ("2026-11-27T11:00:00", "N/A")
     return "".join(c + SEP for c in cols)
 
 
@@ -57,9 +65,9 @@ RECORDED = "\n".join([
       "afterok:655(failed),afterok:656(unfulfilled),afterany:656(unfulfilled)"),
     "1323\x1fCD\x1fNone\x1fg1n1\x1f1\x1f1\x1falice\x1faiportal:5b2348eb-6b21-4548-8fee-94a537975d2a"
     "\x1f2026-11-27T14:12:11\x1fcifar10-1card\x1f/srv/aiportal/shared/users/alice/jobs/5b2348eb/logs/slurm-1323.out"
-    "\x1f(null)\x1f",
+    "\x1f(null)\x1f2026-11-27T14:10:00\x1f2026-11-27T14:10:02\x1f",
     "1336\x1fCA\x1fJobHeldUser\x1f\x1f0\x1f1\x1falice\x1f(null)\x1fN/A\x1fby-hand\x1f"
-    "/srv/aiportal/shared/users/alice/logs-%x-%j.txt\x1f(null)\x1f",
+    "/srv/aiportal/shared/users/alice/logs-%x-%j.txt\x1f(null)\x1f2026-11-27T14:20:00\x1fN/A\x1f",
 ]) + "\n"
 
 
@@ -104,8 +112,8 @@ def test_parse_squeue_fields(jid, field, value):
 
 @pytest.mark.parametrize("line, match", [
     (Q("12", "R", "None", "g1n1", "x", "1", "alice", "", "N/A", "t", "/x", ""), "restart count 'x' is not a number"),
-    (L("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train"), "expected 12 squeue fields"),
-    (Q("12", "R"), "expected 12 squeue fields"),
+    (SEP.join(("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train")), "expected 14 squeue fields"),
+    (Q("12", "R"), "expected 14 squeue fields"),
 ])
 def test_parse_squeue_refuses_other_output(line, match):
     with pytest.raises(SlurmParseError, match=match):
@@ -145,7 +153,7 @@ def test_exit_code(text, expected):
 
 
 def test_bad_lines():
-    with pytest.raises(SlurmParseError, match="expected 12 squeue fields"):
+    with pytest.raises(SlurmParseError, match="expected 14 squeue fields"):
         parse_squeue("12 RUNNING")
     with pytest.raises(SlurmParseError, match="CODE:SIGNAL"):
         parse_exit_code("x:y")
@@ -184,3 +192,27 @@ def test_recovery_queue_parse():
 ])
 def test_expand_output_path(pattern, job_id, want):
     assert expand_output_path(pattern, job_id, name="train", user="alice", nodes="g1n1,g1n2") == want
+
+
+def test_squeue_times_are_slurms_and_a_pending_jobs_estimate_is_not_a_start():
+    import datetime as dt
+    got = parse_squeue(RECORDED + Q("15", "PD", "Priority", "", "0", "1", "alice", "(null)", "N/A", "x", "/x", "(null)",
+                                    "2026-11-27T14:30:00", "2026-11-27T15:00:00") + "\n")
+    assert got["1323"].submitted == dt.datetime(2026, 11, 27, 14, 10).astimezone()
+    assert got["1323"].started == dt.datetime(2026, 11, 27, 14, 10, 2).astimezone()
+    assert got["1336"].started is None and got["15"].started is None
+    assert got["15"].submitted == dt.datetime(2026, 11, 27, 14, 30).astimezone()
+
+
+def test_sacct_runs_keep_every_record_with_its_times_and_a_completed_job_has_no_stale_reason():
+    import datetime as dt
+    from slurm.jobs import parse_sacct_runs
+    text = "\n".join([L("30", "PENDING", "0:0", "", "alice", "aiportal:a", "None", "lost", "2026-11-27T10:00:00",
+                        "Unknown", "Unknown"),
+                      L("30", "COMPLETED", "0:0", "g1n1", "bob", "aiportal:b", "Dependency", "new")])
+    runs = parse_sacct_runs(text)
+    assert [(r.comment, r.state, r.started) for r in runs] == [
+        ("aiportal:a", JobState.PENDING, None),
+        ("aiportal:b", JobState.COMPLETED, dt.datetime(2026, 11, 27, 11, 0, 5).astimezone())]
+    assert runs[1].reason == "" and runs[1].ended == dt.datetime(2026, 11, 27, 11, 2).astimezone()
+    assert parse_sacct(text)["30"].comment == "aiportal:b"       # the last record wins
