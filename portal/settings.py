@@ -66,6 +66,13 @@ class Settings:
     #: died: a retry answers with what it stored, or runs it again (portal/services/idempotency.py)
     idempotency_in_flight_s: float = 30.0
     stage_bin: str = "aiportal"
+    # -- "finish stage-out" (docs/storage.md): a Slurm job runs `aiportal stage out` as the job's user --
+    #: the partition it runs on ("" = the job's own)
+    stage_finish_partition: str = ""
+    stage_finish_time_limit: str = "01:00:00"
+    #: an ended job's credentials file is removed this many days after its end, even while a
+    #: stage-out is pending (finishing it later writes a fresh one); 0 keeps them for ever
+    job_credentials_keep_days: float = 7.0
     image_cache: str = "/srv/aiportal/shared/images/cache"
     image_builder_user: str = "aiportal-img"
     image_build_partition: str = "gpu-1card"

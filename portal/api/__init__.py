@@ -16,3 +16,4 @@ from portal.api.operations import OPERATIONS, bp  # noqa: F401 (the app register
 # the views, one module per resource (they register on ``bp`` and in OPERATIONS)
 from portal.api import account, cluster, datasources, images, jobs, services, tokens  # noqa: F401
 from portal.api import builds, registries  # noqa: F401  (Dockerfile builds, under /images/build*; accounts)
+from portal.api import stage_out  # noqa: F401  (finishing a job's pending stage-out, under /jobs/ID/stage-out)

@@ -15,6 +15,8 @@ Jobs, through the portal's JSON API (like any other client):
     aiportal logs [-f] JOB [--offset N] [--task T]
                                                  the log; -f follows it until the job has ended
     aiportal cancel JOB [--json]
+    aiportal stage finish JOB [--wait] [--json]  finish a pending stage-out: the portal runs `aiportal stage out`
+                                                 in a Slurm job as you (--wait: print its log, exit 0 when done)
     aiportal cluster [--json]                    partitions and nodes
     aiportal token create [--name N] [--expires-days D] | list | revoke ID
                                                  the caller's own API tokens
@@ -46,7 +48,7 @@ On the node, from the public site settings (/etc/aiportal/site.toml):
     aiportal image builds [--json] | build-cancel ID
     aiportal stage in --from URI --to DIR [--missing-ok] [--credentials FILE] [--workers N]
                     [--bandwidth-mbps MBIT_S]
-    aiportal stage out --from DIR --to URI [--credentials FILE] ...
+    aiportal stage out --from DIR --to URI [--from DIR --to URI]... [--credentials FILE] ...
                                                  move data inside a job (run by the batch script)
 
 On every node, as root (Slurm's HealthCheckProgram runs `aiportal-healthcheck`, the same):
@@ -77,7 +79,7 @@ import os
 import sys
 
 from portal import __version__
-from portal.cli import registries, site_images
+from portal.cli import registries, site_images, stage
 from portal.cli.builds import cmd_build_run, cmd_image_build, cmd_image_build_cancel, cmd_image_builds
 from portal.cli.accounts import (_add_config, _add_password, cmd_project_add, cmd_token_create, cmd_token_list,
                                  cmd_token_revoke, cmd_user_add, cmd_user_disable, cmd_user_list, cmd_user_passwd)
@@ -89,7 +91,7 @@ from portal.cli.daemons import (cmd_db_upgrade, cmd_fail_node, cmd_health_check,
 from portal.cli.jobs import _add_job_arguments, cmd_cancel, cmd_jobs, cmd_logs, cmd_show, cmd_submit
 from portal.cli.services import (_add_policy_arguments, _add_spec_arguments, cmd_service_delete, cmd_service_deploy,
                                  cmd_service_list, cmd_service_scale, cmd_service_show, cmd_service_update)
-from portal.cli.tools import cmd_cluster, cmd_image_convert, cmd_image_list, cmd_script, cmd_stage
+from portal.cli.tools import cmd_cluster, cmd_image_convert, cmd_image_list, cmd_script
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,24 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     registries.add_parsers(sub, isub)
     site_images.add_publish_site_parser(isub)
 
-    p = sub.add_parser("stage", help="move data in or out of a job (run inside jobs)")
-    p.add_argument("direction", choices=["in", "out"])
-    p.add_argument("--from", dest="source", required=True)
-    p.add_argument("--to", dest="dest", required=True)
-    p.add_argument("--missing-ok", action="store_true", help="stage in: a missing source is not an error")
-    p.add_argument("--credentials", metavar="FILE",
-                   help="data-source credentials for s3:// locations (the portal writes one into the job dir)")
-    p.add_argument("--workers", type=int, help="concurrent requests for s3:// transfers (default 8, or the data source's)")
-    p.add_argument("--bandwidth-mbps", type=float, metavar="MBIT_S",
-                   help="cap s3:// transfers at this many megabits per second (a data source's own cap still "
-                        "applies if lower)")
-    p.add_argument("--retries", type=int, metavar="N",
-                   help="tries per request on transient errors before giving up (default 6, ~15 s of backoff)")
-    p.add_argument("--progress-every", type=float, metavar="SECONDS", help="seconds between progress lines (default 5)")
-    p.add_argument("--pending-record", metavar="FILE",
-                   help="stage out: where to record a stage-out that did not finish "
-                        "(default: STAGE_OUT_PENDING.<dir>.json beside the directory)")
-    p.set_defaults(func=cmd_stage)
+    stage.add_parser(sub)
 
     p = sub.add_parser("db", help="the portal's database (root, on the portal host)")
     dsub = p.add_subparsers(dest="db_command", required=True)

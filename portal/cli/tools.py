@@ -122,6 +122,9 @@ def cmd_image_list(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    """``stage in --from URI --to DIR``; ``stage out --from DIR --to URI [--from DIR --to URI ...]``:
+    each pair in turn (finishing a job's pending stage-outs: one per output folder); a pair that
+    fails does not stop the others, and the command fails if any did."""
     from storage.errors import StorageError
     from storage.stage import stage_in, stage_out
     logging.basicConfig(level=logging.INFO, format="[aiportal stage] %(message)s")
@@ -132,14 +135,34 @@ def cmd_stage(args) -> int:
         from storage.retry import RetryPolicy
         from storage.transfer import TransferOptions
         kw["options"] = TransferOptions(retry=RetryPolicy(attempts=max(1, args.retries)))
-    try:
-        if args.direction == "in":
+    if args.direction == "in":
+        try:
             stats = stage_in(args.source, args.dest, missing_ok=args.missing_ok, **kw)
-        else:
-            stats = stage_out(args.source, args.dest, pending_record=args.pending_record, **kw)
-    except StorageError as e:
-        raise CliError("stage %s: %s" % (args.direction, e)) from e
-    except ValueError as e:
-        raise CliError("stage %s: %s" % (args.direction, e)) from e
-    print("[aiportal stage] %s %s -> %s: %s" % (args.direction, args.source, args.dest, stats.summary()), file=sys.stderr)
+        except (StorageError, ValueError) as e:
+            raise CliError("stage in: %s" % e) from e
+        print("[aiportal stage] in %s -> %s: %s" % (args.source, args.dest, stats.summary()), file=sys.stderr)
+        return 0
+    sources = args.source if isinstance(args.source, list) else [args.source]
+    dests = args.dest if isinstance(args.dest, list) else [args.dest]
+    if len(sources) != len(dests):
+        raise CliError("stage out: give one --to URI after each --from DIR (got %d --from, %d --to)"
+                       % (len(sources), len(dests)))
+    if args.pending_record and len(sources) > 1:
+        raise CliError("stage out: --pending-record names the record of one folder; give one --from with it")
+    failed = []
+    for source, dest in zip(sources, dests):
+        if len(sources) > 1:
+            print("[aiportal stage] out %s -> %s: starting" % (source, dest), file=sys.stderr, flush=True)
+        try:
+            stats = stage_out(source, dest, pending_record=args.pending_record, **kw)
+        except (StorageError, ValueError) as e:
+            if len(sources) == 1:
+                raise CliError("stage out: %s" % e) from e
+            print("aiportal: stage out %s -> %s: %s" % (source, dest, e), file=sys.stderr, flush=True)
+            failed.append(source)
+            continue
+        print("[aiportal stage] out %s -> %s: %s" % (source, dest, stats.summary()), file=sys.stderr, flush=True)
+    if failed:
+        raise CliError("stage out: %d of %d folders are still pending (%s); see the messages above"
+                       % (len(failed), len(sources), ", ".join(failed)))
     return 0

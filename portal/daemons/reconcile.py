@@ -522,6 +522,9 @@ class Reconciler:
         self.engine, self.backend, self.settings, self.box = engine, backend, settings, box
         #: inference services: one step of every cycle, on this cycle's squeue answer
         self.services = ServiceController(engine, backend, settings, box)
+        from portal.services.stage_out import StageOuts
+        #: finishing stage-outs that ended, and the hourly credentials sweep (portal.services.stage_out)
+        self.stage_outs = StageOuts(engine, backend, settings)
 
     def cycle(self) -> CycleStats:
         t0 = time.monotonic()
@@ -580,6 +583,7 @@ class Reconciler:
             stats.services = self.services.cycle(queue)
         except Exception:   # noqa: BLE001 -- a service problem must not stop the jobs' reconciliation
             log.exception("services step failed; retrying next cycle")
+        self.stage_outs.cycle(now)      # stage-outs finished from the portal; the credentials sweep
         stats.seconds = time.monotonic() - t0
         return stats
 

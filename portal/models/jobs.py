@@ -21,6 +21,7 @@ import pydantic
 
 from portal.errors import ValidationError
 from portal.models.common import OptionalTimestamp, Timestamp, as_validation_error
+from portal.models.stage_out import PendingStageOut, StageOutFinishPublic
 from portal.models.tables import Event, Job
 from slurm.errors import SpecError
 from slurm.reasons import Category, explain
@@ -292,7 +293,11 @@ class JobPublic(SQLModel):
     started_at: OptionalTimestamp = None
     ended_at: OptionalTimestamp = None
     stage_out_pending: list[Any] | None = Field(default=None, description="outputs kept on the shared filesystem "
-                                                                          "because a stage-out could not finish")
+                                                "because a stage-out could not finish: its records (source, "
+                                                "destination, state, reason); null when nothing is pending")
+    stage_out_finish: StageOutFinishPublic | None = Field(
+        default=None, description="the last attempt to finish the pending stage-out from the portal "
+                                  "(POST /jobs/ID/stage-out); null when none was made or nothing is pending")
 
     @classmethod
     def of(cls, job: Job, owner: str | None = None) -> "JobPublic":
@@ -302,7 +307,15 @@ class JobPublic(SQLModel):
                    image=job.image, request=job.request, reason=job.reason, nodes=job.nodes,
                    exit_code=job.exit_code, restarts=job.restarts, created_at=job.created_at,
                    submitted_at=job.submitted_at, started_at=job.started_at, ended_at=job.ended_at,
-                   stage_out_pending=json.loads(job.stage_out_pending) if job.stage_out_pending else None)
+                   **_stage_out(job))
+
+
+def _stage_out(job: Job) -> dict[str, Any]:
+    doc = PendingStageOut.load(job.stage_out_pending)
+    if doc is None:
+        return {}
+    return {"stage_out_pending": list(doc.records),
+            "stage_out_finish": StageOutFinishPublic.of(job.id, doc.finish) if doc.finish else None}
 
 
 class JobDetail(JobPublic):

@@ -63,6 +63,7 @@ class EventKind(enum.Enum):
     DRAIN = "drain"
     RESUME = "resume"
     NODE_DOWN = "node_down"
+    STAGE_OUT = "stage_out"      #: finishing a pending stage-out: requested, finished, failed; its credentials removed
 
 
 def _enum(cls: type[enum.Enum]) -> sa.Enum:
@@ -155,7 +156,8 @@ class Job(SQLModel, table=True):
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
     updated_at: dt.datetime = Field(default_factory=utcnow)
-    #: where outputs were kept when a stage-out could not finish (JSON list), else null
+    #: a stage-out that could not finish, else null: its records (where the outputs were kept) and
+    #: the last attempt to finish it from the portal (:class:`portal.models.stage_out.PendingStageOut`)
     stage_out_pending: str | None = Field(default=None, sa_type=sa.Text)
 
     @property

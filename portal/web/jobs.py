@@ -21,7 +21,8 @@ from portal.models.common import parse
 from portal.models.datasources import DataSourcePublic
 from portal.models.jobs import JobCreate
 from portal.logs.plot import render_plot_svg
-from portal.services import accounts, datasources, images, jobs, outputs, registries
+from portal.models.stage_out import PendingStageOut
+from portal.services import accounts, datasources, images, jobs, outputs, registries, stage_out
 from slurm.errors import SlurmError
 from slurm.states import TERMINAL, JobState
 import storage
@@ -155,7 +156,8 @@ def job_page(job_id: str):
         # the plot comes from the log over SSH: the page's script fetches it (plot.svg), so a
         # slow or silent log host never holds the page
         plot=Markup(render_plot_svg([], job.name)), files=files, files_error=files_error,
-        terminal=" ".join(sorted(s.value for s in TERMINAL)))
+        terminal=" ".join(sorted(s.value for s in TERMINAL)), pending=PendingStageOut.load(job.stage_out_pending),
+        stage_out_log=stage_out.LOG_NAME, keep_days=_settings().job_credentials_keep_days)
 
 
 @bp.get("/jobs/<job_id>/plot.svg")
@@ -178,6 +180,21 @@ def job_cancel(job_id: str):
         flash("cancel requested; the state changes once Slurm has ended the job", "info")
     except (PortalError, SlurmError) as e:
         flash("cannot cancel: %s" % e, "error")
+    return redirect(url_for("web.job_page", job_id=job.id))
+
+
+@bp.post("/jobs/<job_id>/stage-out")
+@login_required
+def job_finish_stage_out(job_id: str):
+    """The "Finish stage-out" button: a Slurm job runs `aiportal stage out` as the job's user."""
+    job = jobs.get_job(db(), g.user, job_id)
+    try:
+        job = stage_out.request_finish(db(), _settings(), _backend(), _box(), g.user, job)
+        doc = PendingStageOut.load(job.stage_out_pending)
+        flash("finishing the stage-out in Slurm job %s; this page shows how it ends"
+              % (doc.finish.slurm_job_id if doc and doc.finish else "?"), "info")
+    except (PortalError, SlurmError, StorageError) as e:
+        flash("cannot finish the stage-out: %s" % e, "error")
     return redirect(url_for("web.job_page", job_id=job.id))
 
 

@@ -28,6 +28,7 @@ ENDPOINTS = [
     ("DELETE", "/api/v1/images/builds/1"), ("GET", "/api/v1/images/builds/1/log"),
     ("GET", "/api/v1/registries"), ("POST", "/api/v1/registries"), ("DELETE", "/api/v1/registries/localhost:5000"),
     ("GET", "/api/v1/images/choices"), ("GET", "/api/v1/images/check"),
+    ("POST", "/api/v1/jobs/x/stage-out"), ("GET", "/api/v1/jobs/x/stage-out/log"),
 ]
 
 
