@@ -12,6 +12,15 @@ user typed can run. The script:
    data/ at /data/data and output/ at /data/output), the image and the command, in the
    background, forwarding the checkpoint signal and SIGTERM to it;
 4. stage out, on success, failure and after SIGTERM; the script exits with the command's code.
+
+A job Slurm may requeue is **fenced** (:func:`_fence`): each run is ``SLURM_JOB_ID:RESTARTS``
+and writes that into the job folder's fence file before it touches anything; a run whose
+fence file names another run is stale (its node lost contact and Slurm started the job again
+elsewhere): a watchdog stops its command within a second, and it exits without another log line,
+without staging out and without touching the credentials. A new run waits (up to
+:data:`FENCE_WAIT_S`) for the run before it to say it has stopped; if it never does (its node is
+gone, or cut off), the old output folder is set aside as ``output.run-ID:N`` and the new run goes
+on from a copy of it, so the two never write the same folder (docs/execution.md).
 """
 from __future__ import annotations
 
@@ -23,6 +32,10 @@ from slurm.spec import SCRIPT_DIRS, JobSpec, ScriptDir, check_job_basics
 COMMENT_PREFIX = "aiportal:"
 EXIT_STAGE_IN_FAILED = 90
 EXIT_STAGE_OUT_FAILED = 91
+#: a run that stopped because a newer run of the same job started (it was requeued elsewhere)
+EXIT_SUPERSEDED = 92
+#: how long a requeued run waits for the run before it to stop before it goes on without it
+FENCE_WAIT_S = 15
 
 
 def sbatch_flag(name: str, value: str | int | None = None) -> str:
@@ -95,6 +108,48 @@ def _sweep_case(spec: JobSpec) -> list[str]:
     return out
 
 
+def _fence() -> list[str]:
+    """The fence of a job Slurm may requeue (see the module's docstring): shell text with no
+    value from the spec in it."""
+    return [
+        "# fence: this run is SLURM_JOB_ID:RESTARTS; a run the fence file does not name is stale",
+        'run_id="${SLURM_JOB_ID:-0}:${SLURM_RESTART_COUNT:-0}"',
+        'fence="$AIPORTAL_JOB_DIR/.aiportal-run${SLURM_ARRAY_TASK_ID:+-task$SLURM_ARRAY_TASK_ID}"',
+        'fenced() { local r=""; read -r r _ < "$fence" 2>/dev/null; printf %s "$r"; }',
+        'done_file() { printf %s "$fence.$1.done"; }',
+        "superseded=0 watchdog=0",
+        'prev="$(fenced)"',
+        'if [ -n "$prev" ] && [ "${prev%%:*}" = "${run_id%%:*}" ] && [ "${prev##*:}" -gt "${run_id##*:}" ]; then',
+        '  exit %d   # a newer run of this job has started already' % EXIT_SUPERSEDED,
+        "fi",
+        'printf "%%s %%s\\n" "$run_id" "$(hostname)" > "$fence.$$" && mv -f "$fence.$$" "$fence" || '
+        '{ log "cannot write the fence file $fence"; exit %d; }' % EXIT_STAGE_IN_FAILED,
+        "# every end of this run says so (the next run waits for that), and ends the watchdog",
+        "trap 'if [ \"$watchdog\" -gt 0 ]; then kill \"$watchdog\" 2>/dev/null; fi; touch \"$(done_file \"$run_id\")\"' EXIT",
+        'if [ -n "$prev" ] && [ "$prev" != "$run_id" ] && [ ! -e "$(done_file "$prev")" ]; then',
+        '  wait_s="${AIPORTAL_FENCE_WAIT_S:-%d}"' % FENCE_WAIT_S,
+        '  log "run $run_id: waiting up to $wait_s s for the previous run ($prev) to stop"',
+        '  for _ in $(seq "$wait_s"); do [ -e "$(done_file "$prev")" ] && break; sleep 1; done',
+        '  if [ -e "$(done_file "$prev")" ]; then',
+        '    log "the previous run ($prev) has stopped"',
+        "  else",
+        '    log "the previous run ($prev) did not answer (its node is gone or cut off): its output folder is '
+        'kept as $out_dir.run-$prev; this run goes on from a copy of it"',
+        '    mv "$out_dir" "$out_dir.run-$prev" && cp -a --reflink=auto "$out_dir.run-$prev" "$out_dir" || '
+        '{ log "cannot set the previous output folder aside"; exit %d; }' % EXIT_STAGE_IN_FAILED,
+        "  fi",
+        "fi",
+        "# the watchdog: when another run takes the fence, stop the command (its whole process group) at once",
+        "stop_stale() { superseded=1; if [ \"$child\" -gt 0 ]; then kill -KILL -- -\"$child\" \"$child\" 2>/dev/null; fi; }",
+        "trap stop_stale USR2",
+        '( while sleep 1; do r="$(fenced)"; if [ -n "$r" ] && [ "$r" != "$run_id" ]; then kill -USR2 $$; exit 0; fi; '
+        'kill -0 $$ 2>/dev/null || exit 0; done ) &',
+        "watchdog=$!",
+        "# a stale run writes nothing more: no log line, no stage-out, its credentials untouched",
+        'superseded_exit() { if [ "$superseded" = 1 ]; then exec >/dev/null 2>&1; exit %d; fi; }' % EXIT_SUPERSEDED,
+    ]
+
+
 def render_sbatch(spec: JobSpec) -> str:
     """The batch script for ``spec``, ready for ``sbatch`` on stdin.
 
@@ -134,8 +189,12 @@ def render_sbatch(spec: JobSpec) -> str:
         'forward() { if [ "$child" -gt 0 ]; then kill -s "$1" "$child" 2>/dev/null || true; fi; }',
         "trap 'log \"got USR1: passing it on so the program can checkpoint\"; forward USR1' USR1",
         "trap 'log \"got TERM: stopping the program, then staging out\"; stopped=1; forward TERM' TERM INT",
-        "",
     ]
+    if spec.requeue:
+        lines += _fence()
+    lines.append("")
+    if spec.requeue and (spec.inputs or spec.output):
+        lines.append("superseded_exit")
     for uri in spec.inputs:
         lines += ['log %s' % q("stage in: %s -> data/" % uri),
                   '%s stage in --from %s --to "$data_dir"%s || { log "stage in failed"; exit %d; }'
@@ -146,12 +205,21 @@ def render_sbatch(spec: JobSpec) -> str:
                   % (stage, creds, EXIT_STAGE_IN_FAILED)]
     lines += [
         "",
+    ]
+    if spec.requeue:
+        lines.append("superseded_exit")
+    lines += [
         "log %s" % q("run: %s" % shlex.join(spec.command)),
-        "%s &" % " ".join(shell_word(w) for w in spec.container + (spec.image,) + spec.command),
+        # its own process group: a stale run's watchdog stops the command and all it started
+        "setsid --wait %s &" % " ".join(shell_word(w) for w in spec.container + (spec.image,) + spec.command),
         "child=$!",
         "# wait returns early when a trapped signal arrives; keep waiting for the program itself",
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; done',
         'wait "$child"; rc=$?',
+    ]
+    if spec.requeue:
+        lines.append("superseded_exit")
+    lines += [
         'log "command exited with $rc"',
     ]
     if spec.output:
