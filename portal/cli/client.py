@@ -165,39 +165,52 @@ def _api(args, method: str, path: str, body: dict | None = None, stream: bool = 
 RETRY_STATUSES = (502, 503, 504)
 #: the longest wait between two tries, whatever Retry-After says
 RETRY_MAX_WAIT_S = 30.0
+#: how long "still being processed" (409 idempotency_in_flight) is waited out; longer than the
+#: portal's idempotency_in_flight_s (30 s), after which it answers with what the request stored
+IN_FLIGHT_WAIT_S = 120.0
 
 
 def create(args, path: str, body: dict, what: str) -> dict:
     """``POST /api/v1{path}`` for something that must be made once (a job, a service): sent with
     an ``Idempotency-Key`` (``--idempotency-key``, else a fresh uuid4) and sent again with the same
     key, up to ``--retries`` times, when there was no answer (refused, reset, timed out) or a
-    502/503/504, waiting what ``Retry-After`` says or 1, 2, 4, ... s. The portal answers a repeated
-    key with its first answer, so a retry never makes a second one. Each retry is said on stderr;
-    giving up says how to ask again with the same key."""
+    502/503/504, waiting what ``Retry-After`` says or 1, 2, 4, ... s. While the portal says the
+    first request with the key is still being processed (409 ``idempotency_in_flight``: e.g. a
+    portal killed mid-request, until its in-flight time has passed), it is asked again as
+    ``Retry-After`` says for up to :data:`IN_FLIGHT_WAIT_S`, without using up retries. The portal
+    answers a repeated key with its first answer, so a retry never makes a second one. Each retry
+    is said on stderr; giving up says how to ask again with the same key."""
     key = getattr(args, "idempotency_key", None) or str(uuid.uuid4())
     tries = 1 + max(0, getattr(args, "retries", 4))
-    backoff = 1.0
-    for attempt in range(1, tries + 1):
+    attempt, backoff, started = 1, 1.0, time.monotonic()
+    while True:
         try:
             return _api(args, "POST", path, body, headers={"Idempotency-Key": key})
         except ApiError as e:
-            if e.status not in RETRY_STATUSES and e.code != "idempotency_in_flight":
+            in_flight = e.code == "idempotency_in_flight"
+            if e.status not in RETRY_STATUSES and not in_flight:
                 raise
             last, wait = e, e.retry_after
             reason = "answered %d %s: %s" % (e.status, e.code, (e.detail.splitlines() or [""])[0])
         except PortalUnreachable as e:
-            last, wait = e, None
+            last, wait, in_flight = e, None, False
             reason = str(e).splitlines()[0]
+        if in_flight and time.monotonic() - started < IN_FLIGHT_WAIT_S:
+            wait = min(RETRY_MAX_WAIT_S, 1.0 if wait is None else wait)
+            print("aiportal: POST %s: the portal is still processing the first request with Idempotency-Key %s; "
+                  "asking again in %.1f s" % (path, key, wait), file=sys.stderr)
+            time.sleep(wait)
+            continue
         if attempt == tries:
             raise CliError("POST %s: %s\ngave up after %d tries; nothing was made twice: to get this request's answer "
                            "(or make the %s if the portal never stored it), run the same command again with "
                            "--idempotency-key %s" % (path, reason, tries, what, key)) from last
+        attempt += 1
         wait = min(RETRY_MAX_WAIT_S, backoff if wait is None else wait)
         backoff = min(RETRY_MAX_WAIT_S, backoff * 2)
         print("aiportal: POST %s: %s; trying again in %.1f s with the same Idempotency-Key %s (try %d of %d)"
-              % (path, reason, wait, key, attempt + 1, tries), file=sys.stderr)
+              % (path, reason, wait, key, attempt, tries), file=sys.stderr)
         time.sleep(wait)
-    raise AssertionError("unreachable")
 
 
 def _print_json(value) -> None:

@@ -118,10 +118,23 @@ def test_submit_retries_with_one_key_until_it_gets_an_answer(scripted):
     [key] = keys
     assert str(uuid.UUID(key)) == key and uuid.UUID(key).version == 4
     retries = [line for line in res.stderr.splitlines() if "trying again" in line]
-    assert len(retries) == 4, res.stderr
+    assert len(retries) == 3, res.stderr
     assert "with the same Idempotency-Key %s (try 2 of 5)" % key in retries[0]
     assert "slurmctld down" in retries[2] and "in 0.0 s" in retries[2]
     assert re.search(r"trying again in 1\.0 s", retries[0]) and re.search(r"trying again in 2\.0 s", retries[1])
+    assert "still processing the first request with Idempotency-Key %s; asking again in 0.0 s" % key in res.stderr
+
+
+def test_still_being_processed_is_waited_out_without_using_up_retries(scripted):
+    """A portal killed mid-request says 409 'still being processed' until its in-flight time
+    has passed; the CLI keeps asking (as Retry-After says), then gets the job."""
+    busy = (409, {"error": "idempotency_in_flight", "message": "Idempotency-Key: still being processed"},
+            {"Retry-After": "0"})
+    portal = scripted(*[busy] * 6, (201, JOB, {}))
+    res = cli(portal, scripted.token, "submit", "--retries", "1", *SUBMIT[1:])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == JOB["id"] and len(portal.seen) == 7
+    assert res.stderr.count("still processing the first request") == 6 and "trying again" not in res.stderr
 
 
 def test_each_submit_sends_a_new_key_unless_one_is_given(scripted):
