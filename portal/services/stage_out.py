@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 #: the key of the event that claims a job's open attempt (released when the attempt ends)
 OPEN_KEY = "stage-out:open:"
+#: an index range of the events' unique key that holds every claim whatever the database's
+#: collation (a linguistic one may ignore the punctuation: the bounds differ at a letter)
+_OPEN_RANGE = ("stage-out:open", "stage-out:opeo")
 #: the finishing job's comment (no job id in it: a portal job is bound to the uuid in its own comment)
 COMMENT = COMMENT_PREFIX + "stage-out"
 #: its log, every attempt appended (Slurm opens it as the job's user, in the job's logs/)
@@ -266,6 +269,12 @@ def _credentials(db: Session, settings: Settings, box: SecretBox, owner: User, j
 
 # -- noticing how it ended -------------------------------------------------------------------------
 
+def open_claims(db: Session) -> list[Event]:
+    """The events that claim an open attempt: one range of the events' unique key index."""
+    rows = db.exec(select(Event).where(Event.key >= _OPEN_RANGE[0], Event.key < _OPEN_RANGE[1]))
+    return [e for e in rows if e.key and e.key.startswith(OPEN_KEY)]
+
+
 def _attempt_open(db: Session, job_id: str) -> bool:
     return db.exec(select(Event.id).where(Event.key == open_key(job_id))).first() is not None
 
@@ -328,7 +337,7 @@ def check_finishes(db: Session, settings: Settings, backend, now: dt.datetime | 
     range) whose Slurm job ended get their outcome; one ``statuses`` call for all that run.
     Returns how many attempts ended."""
     now = now or utcnow()
-    claims = list(db.exec(select(Event).where(Event.key >= OPEN_KEY, Event.key < OPEN_KEY[:-1] + ";")))
+    claims = open_claims(db)
     if not claims:
         return 0
     jobs: dict[str, tuple[Event, Job, StageOutFinish | None]] = {}
@@ -390,7 +399,7 @@ def sweep_credentials(db: Session, settings: Settings, now: dt.datetime, after: 
     ended. Then the ended jobs after ``after`` (by end time) that ended at least that long ago:
     their credentials file removed (at most ``batch`` of them)."""
     cleared = removed = 0
-    open_ids = {c.job_id for c in db.exec(select(Event).where(Event.key >= OPEN_KEY, Event.key < OPEN_KEY[:-1] + ";"))}
+    open_ids = {c.job_id for c in open_claims(db)}
     for job in db.exec(select(Job).where(Job.stage_out_pending.is_not(None))).all():
         if job.id in open_ids or not job.job_dir:
             continue

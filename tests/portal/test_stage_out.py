@@ -33,6 +33,7 @@ from storage.errors import StageOutPendingError
 from tests.conftest import REPO
 
 from .conftest import bearer, csrf_of, login
+from .test_postgres import pg_engine, pg_url  # noqa: F401 (fixtures: a throwaway PostgreSQL)
 
 AIPORTAL = str(REPO / ".venv" / "bin" / "aiportal")
 T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -473,3 +474,40 @@ def test_a_real_pending_record_is_finished_by_the_argv_the_portal_builds(tmp_pat
     res = subprocess.run(finish_argv(AIPORTAL, records, None), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert pending_stage_outs(job) == [] and Path(dest, "m.bin").read_bytes() == (job / "output" / "m.bin").read_bytes()
+
+
+# -- the claim's key on both databases ---------------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_engine(request, engine):
+    if request.param == "sqlite":
+        return engine
+    request.applymarker(pytest.mark.postgres)
+    return request.getfixturevalue("pg_engine")
+
+
+def test_open_claims_are_one_key_range_and_a_claim_is_taken_once(any_engine, settings, fake_backend):
+    from portal.errors import ConflictError
+    from portal.services import accounts
+    from portal.services.stage_out import open_claims, open_key, request_finish
+    with Session(any_engine, expire_on_commit=False) as db:
+        alice = accounts.add_user(db, "alice", "alice")
+        db.commit()
+    job = make_pending(any_engine, settings, alice, "%s/users/alice/pg" % settings.shared_root)
+    with Session(any_engine, expire_on_commit=False) as db:
+        for key in ("stage-out:opened", "stage-out:open", "stage-out:open;x", "requeue:1:0", open_key(job.id)):
+            db.add(Event(kind=EventKind.STAGE_OUT, job_id=job.id, user_id=alice.id, key=key, message="x"))
+        db.commit()
+        assert [e.key for e in open_claims(db)] == [open_key(job.id)]
+        # the row says nothing runs, but the claim is there: the unique key refuses a second one
+        with pytest.raises(ConflictError, match="being finished already"):
+            request_finish(db, settings, fake_backend, SecretBox(settings.data_key), alice, db.get(Job, job.id))
+        claim = open_claims(db)[0]
+        claim.key = None
+        db.add(claim)
+        db.commit()
+        request_finish(db, settings, fake_backend, SecretBox(settings.data_key), alice, db.get(Job, job.id))
+        (Path(job.job_dir) / "STAGE_OUT_PENDING.output.json").unlink()
+        fake_backend.jobs["1001"] = JobStatus("1001", JobState.COMPLETED, exit_code=0)
+        assert check_finishes(db, settings, fake_backend) == 1
+        assert db.get(Job, job.id, populate_existing=True).stage_out_pending is None and open_claims(db) == []
