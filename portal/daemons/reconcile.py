@@ -34,6 +34,7 @@ from portal.daemons.loop import run_loop
 from portal.models import Event, EventKind, Job, User, utcnow
 from portal.models.jobs import reason_sentence
 from portal.services.conversions import dependency_reason
+from portal.services.jobs import CONTROLLER_DOWN
 from portal.services.job_data import finish_job_data
 from slurm.errors import SlurmError
 from slurm.jobs import JobStatus, failed_dependencies
@@ -194,8 +195,7 @@ def identity(job: Job):
 
 
 NEVER_SATISFIED = "DependencyNeverSatisfied"
-#: the reason of a stored job whose submission found the controller down (tried again soon)
-CONTROLLER_DOWN = "Slurm's controller did not answer"
+
 
 
 def doomed(obs: Observed) -> Doomed | None:

@@ -92,10 +92,14 @@ def _failed(db: Session, job: Job, e: Exception) -> None:
     log.info("job %s: submission failed: %s", job.id, e)
 
 
+#: the reason of a stored job whose submission found the controller down (the reconciler tries it
+#: again every ``submit_retry_s``)
+CONTROLLER_DOWN = "Slurm's controller did not answer"
+
+
 def _controller_down(db: Session, job: Job, e: SlurmCommandError) -> None:
     """Keep a stored job whose submission found Slurm's controller down: the reconciler submits
     it when the controller is back (adopting it instead where Slurm did get it)."""
-    from portal.daemons.reconcile import CONTROLLER_DOWN
     job.reason = ("%s (%s); the portal submits it when it is back" % (CONTROLLER_DOWN, e))[:1024]
     job.updated_at = utcnow()
     _event(db, job, EventKind.STATE, job.reason)

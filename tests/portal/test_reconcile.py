@@ -164,7 +164,7 @@ def test_forgotten_by_restart_only_jobs_accepted_before_the_controller_started()
 
 @pytest.mark.parametrize("age_s, retry", [(9, False), (11, True)])
 def test_plan_a_job_stored_while_the_controller_was_down_is_tried_again_soon(age_s, retry):
-    from portal.daemons.reconcile import CONTROLLER_DOWN
+    from portal.services.jobs import CONTROLLER_DOWN
     job = J("SUBMITTING", slurm=None, reason=CONTROLLER_DOWN + ": connect failure",
             updated=NOW - dt.timedelta(seconds=age_s))
     assert (plan([job], {}, {}, set(), {"alice"}, NOW, 120, submit_retry_s=10).resubmit == [UUID]) is retry
