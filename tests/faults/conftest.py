@@ -95,7 +95,9 @@ class SlurmRun:
 def slurm_runs(user: str, since: dt.datetime) -> dict[str, list[SlurmRun]]:
     """Every Slurm job of ``user`` submitted since ``since`` that carries ``aiportal:UUID`` in
     its comment, by that uuid (sacct: the cluster keeps comments, AccountingStoreFlags=job_comment)."""
-    argv = ["sacct", "-X", "-n", "-P", "-u", user, "-S", since.astimezone().strftime("%Y-%m-%dT%H:%M:%S"),
+    # --duplicates: a controller restart that forgot jobs hands their ids out again, and sacct
+    # would otherwise show only the newest job of each id
+    argv = ["sacct", "-X", "-n", "-P", "--duplicates", "-u", user, "-S", since.astimezone().strftime("%Y-%m-%dT%H:%M:%S"),
             "-o", "JobIDRaw,Comment,State,Start"]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     if res.returncode != 0:

@@ -74,3 +74,16 @@ def test_queue_and_recovery_jobs_key_array_tasks_as_id_n_with_restart_counts():
         assert sorted(tasks) == sorted(mine) and {t.restarts for t in tasks.values()} == {0}
     finally:
         backend.cancel(jid)
+
+
+@pytest.mark.parametrize("returncode, stderr, down", [
+    (None, "", True),                     # timed out: maybe taken, maybe not; the comment tells later
+    (1, "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)", True),
+    (1, "sbatch: error: Batch job submission failed: Unexpected missing socket error", True),
+    (1, "sbatch: error: Slurm temporarily unable to accept job, sleeping and retrying", True),
+    (1, "sbatch: error: Batch job submission failed: Invalid partition name specified", False),
+    (1, "sbatch: error: Batch job submission failed: Requested node configuration is not available", False),
+])
+def test_a_controller_that_did_not_answer_is_told_from_a_refusal(returncode, stderr, down):
+    from slurm.errors import SubmitError
+    assert SubmitError(["sbatch"], returncode, "", stderr).controller_down is down

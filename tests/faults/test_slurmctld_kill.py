@@ -1,0 +1,197 @@
+"""slurmctld SIGKILLed during a 200-job burst through the API (issue 16, fault 1).
+
+slurmctld keeps its jobs in memory and saves them every few seconds: killed, it comes back with
+its last saved state, forgets the jobs it accepted since, and hands their ids to new jobs. The
+portal must bind each job to its Slurm job by id *and* the uuid in its comment: a job Slurm
+forgot is submitted again once (never shown COMPLETED because another job now has its id), and
+submissions made while the controller is down are kept and submitted when it is back.
+
+Eight client threads send 200 tiny jobs (a site image running ``true``, no GPU, on the 4-card
+and 1-card partitions) each with its own ``Idempotency-Key``; after 60 answers slurmctld is
+SIGKILLed (by its pid file) and started again 10 s later. Then every job is counted by its
+portal id and by the ``aiportal:UUID`` comments in accounting.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from portal.cli.client import ApiError, CliError, create
+from portal.models import Event, Job
+from slurm.states import JobState
+from tests.conftest import JOB_USER
+from tests.faults.conftest import Counts, slurm_runs
+from tests.portal.conftest import _remove_job_folders, start_test_portal
+
+pytestmark = [pytest.mark.slurm, pytest.mark.apptainer]
+
+SENT = 200
+THREADS = 8
+KILL_AFTER = 60
+DOWN_S = 10
+PIDFILE = Path("/run/slurm/slurmctld.pid")
+SETTLE_S = 300
+
+
+@pytest.fixture
+def portal(tmp_path):
+    p = start_test_portal(tmp_path, users=(("ctldfault", JOB_USER, False),), reconcile=True, threads=16,
+                          config_lines=("submit_grace_s = 20.0", "submit_retry_s = 3.0", "slurm_timeout_s = 8.0"))
+    p.base = tmp_path
+    yield p
+    p.stop()
+
+
+def _ctld_up() -> bool:
+    res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15, check=False)
+    return "UP" in res.stdout
+
+
+def _start_ctld() -> None:
+    subprocess.run(["/usr/sbin/slurmctld"], check=True, timeout=30)
+    deadline = time.monotonic() + 60
+    while not _ctld_up():
+        if time.monotonic() > deadline:
+            raise AssertionError("slurmctld did not come back within 60 s")
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def controller():
+    """slurmctld is running when the test ends, whatever happened."""
+    assert _ctld_up(), "slurmctld is not running"
+    yield
+    if not _ctld_up():
+        _start_ctld()
+
+
+def _submit(url: str, token_file: str, i: int, image: str) -> tuple[int, dict]:
+    key = str(uuid.uuid4())
+    body = {"image": image, "node_type": "4card" if i % 4 else "1card", "gpus": 0, "command": ["true"],
+            "time_limit": "2", "name": "ctld-%03d" % i}
+    args = argparse.Namespace(url=url, token_file=token_file, timeout=20.0, idempotency_key=key, retries=8)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return 201, create(args, "/jobs", body, "job")
+        except ApiError as e:
+            return e.status, {"error": e.code, "message": e.detail}
+        except CliError as e:
+            if time.monotonic() > deadline:
+                return 0, {"error": "no_answer", "message": str(e)}
+
+
+def test_slurmctld_killed_mid_burst_loses_nothing_and_reports_nothing_that_did_not_happen(portal, controller,
+                                                                                         base_image):
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
+    t0 = time.monotonic()
+    token_file = portal.base / "token"
+    token_file.write_text(portal.tokens["ctldfault"])
+    results: dict[int, tuple[int, dict]] = {}
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        answer = _submit(portal.url, str(token_file), i, str(base_image))
+        with lock:
+            results[i] = answer
+
+    job_ids: set[str] = set()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+            futures = [pool.submit(client, i) for i in range(SENT)]
+            while len(results) < KILL_AFTER and time.monotonic() - t0 < 120:
+                time.sleep(0.02)
+            answered_at_kill = len(results)
+            os.kill(int(PIDFILE.read_text().split()[0]), signal.SIGKILL)
+            killed_at = time.monotonic()
+            time.sleep(DOWN_S)
+            _start_ctld()
+            print("slurmctld down %.1f s, killed after %d answers" % (time.monotonic() - killed_at, answered_at_kill))
+            for f in futures:
+                f.result()
+
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            with Session(portal.engine) as db:
+                jobs = [j for j in db.exec(select(Job).where(Job.name.like("ctld-%"))) if not j.external]
+            runs = slurm_runs(JOB_USER, since)
+            job_ids = {j.id for j in jobs}
+            if all(j.state.terminal or j.state is JobState.UNKNOWN for j in jobs) or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+        with Session(portal.engine) as db:
+            lost_events = db.exec(select(Event).where(Event.key.like("lost:%"), Event.job_id.in_(job_ids))).all()
+
+        counts = Counts(sent=SENT)
+        problems: list[str] = []
+        by_name: dict[str, list[Job]] = {}
+        for j in jobs:
+            by_name.setdefault(j.name, []).append(j)
+        # Slurm ids two portal jobs hold: Slurm gave a forgotten job's id to a later job. Both are
+        # right as long as each names its own Slurm job (checked below by the comment of that id)
+        claimed: dict[str, int] = {}
+        for j in jobs:
+            if j.slurm_job_id:
+                claimed[j.slurm_job_id] = claimed.get(j.slurm_job_id, 0) + 1
+        reused = sum(1 for n in claimed.values() if n > 1)
+        for i in range(SENT):
+            name = "ctld-%03d" % i
+            mine = by_name.get(name, [])
+            counts.duplicated += max(0, len(mine) - 1)
+            status, body = results.get(i, (0, {}))
+            if status != 201:
+                counts.lost += 1
+                problems.append("%s: answered %s %s" % (name, status, body))
+                continue
+            counts.accepted += 1
+            job = next((j for j in mine if j.id == body["id"]), None)
+            if job is None:
+                counts.misreported += 1
+                problems.append("%s: answered with job %s, which the portal does not hold" % (name, body["id"]))
+                continue
+            started = [r for r in runs.get(job.id, []) if r.started]
+            if len({r.slurm_id for r in started}) > 1:
+                counts.duplicated += 1          # two Slurm jobs of it ran
+                problems.append("%s (%s): ran as %s" % (name, job.id, [r.slurm_id for r in started]))
+            if not started:
+                counts.lost += 1
+                problems.append("%s (%s): never ran; portal says %s" % (name, job.id, job.state.value))
+                continue
+            counts.ran += 1
+            current = [r for r in runs.get(job.id, []) if r.slurm_id == job.slurm_job_id]
+            current = current[-1] if current else None
+            if current is None:
+                counts.misreported += 1
+                problems.append("%s (%s): its Slurm id %s is another job's" % (name, job.id, job.slurm_job_id))
+            elif job.state is not current.state:
+                counts.misreported += 1
+                problems.append("%s (%s): portal says %s, accounting %s" % (name, job.id, job.state.value,
+                                                                          current.state.value))
+            elif job.state is JobState.COMPLETED:
+                counts.completed += 1
+        print(counts.line())
+        print("resubmitted after Slurm lost them: %d; stored while the controller was down: %d; Slurm ids given "
+              "out twice: %d; %.0f s" % (len(lost_events), sum(1 for s, b in results.values()
+                                                                if s == 201 and b.get("state") == "SUBMITTING"),
+                                         reused, time.monotonic() - t0))
+        assert (counts.lost, counts.duplicated, counts.misreported) == (0, 0, 0), "\n".join(problems[:40])
+        assert counts.accepted == counts.ran == counts.completed == SENT, (counts.line(), problems[:40])
+    finally:
+        with Session(portal.engine) as db:
+            rows = list(db.exec(select(Job).where(Job.name.like("ctld-%"))))
+        job_ids |= {j.id for j in rows}
+        live = [j.slurm_job_id for j in rows if j.slurm_job_id and not j.state.terminal]
+        if live:
+            subprocess.run(["scancel", *live], capture_output=True, timeout=60, check=False)
+        _remove_job_folders(job_ids)
