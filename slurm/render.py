@@ -16,8 +16,8 @@ user typed can run. The script:
 A job Slurm may requeue is **fenced** (:func:`_fence`): each run is ``SLURM_JOB_ID:RESTARTS``
 and writes that into the job folder's fence file before it touches anything; a run whose
 fence file names another run is stale (its node lost contact and Slurm started the job again
-elsewhere): a watchdog stops its command within a second, and it exits without another log line,
-without staging out and without touching the credentials. A new run waits (up to
+elsewhere): a watchdog stops its command within seconds (TERM, then KILL for what is left after
+3 s) and it exits without another log line, without staging out and without touching the credentials. A new run waits (up to
 :data:`FENCE_WAIT_S`) for the run before it to say it has stopped; if it never does (its node is
 gone, or cut off), the old output folder is set aside as ``output.run-ID:N`` and the new run goes
 on from a copy of it, so the two never write the same folder (docs/execution.md).
@@ -139,8 +139,13 @@ def _fence() -> list[str]:
         '{ log "cannot set the previous output folder aside"; exit %d; }' % EXIT_STAGE_IN_FAILED,
         "  fi",
         "fi",
-        "# the watchdog: when another run takes the fence, stop the command (its whole process group) at once",
-        "stop_stale() { superseded=1; if [ \"$child\" -gt 0 ]; then kill -KILL -- -\"$child\" \"$child\" 2>/dev/null; fi; }",
+        "# the watchdog: when another run takes the fence, stop the command and all it started at once (by",
+        "# parentage: a process group of its own would take apptainer's FUSE helpers out of Slurm's reach)",
+        'kill_tree() { local c; kill -STOP "$1" 2>/dev/null; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; '
+        'kill -KILL "$1" 2>/dev/null; }',
+        "# TERM first: apptainer unmounts the image and ends its FUSE helper (a KILL would leave that running)",
+        'stop_stale() { superseded=1; if [ "$child" -gt 0 ]; then kill -TERM "$child" 2>/dev/null; '
+        'for _ in $(seq 30); do kill -0 "$child" 2>/dev/null || break; sleep 0.1; done; kill_tree "$child"; fi; }',
         "trap stop_stale USR2",
         '( while sleep 1; do r="$(fenced)"; if [ -n "$r" ] && [ "$r" != "$run_id" ]; then kill -USR2 $$; exit 0; fi; '
         'kill -0 $$ 2>/dev/null || exit 0; done ) &',
@@ -210,8 +215,7 @@ def render_sbatch(spec: JobSpec) -> str:
         lines.append("superseded_exit")
     lines += [
         "log %s" % q("run: %s" % shlex.join(spec.command)),
-        # its own process group: a stale run's watchdog stops the command and all it started
-        "setsid --wait %s &" % " ".join(shell_word(w) for w in spec.container + (spec.image,) + spec.command),
+        "%s &" % " ".join(shell_word(w) for w in spec.container + (spec.image,) + spec.command),
         "child=$!",
         "# wait returns early when a trapped signal arrives; keep waiting for the program itself",
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; done',

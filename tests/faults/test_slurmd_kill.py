@@ -77,6 +77,23 @@ def _restart_slurmd(pidfile: Path, argv: list[str]) -> None:
              what="slurmd started again")
 
 
+def _orphan_fuse(uid: int) -> set[int]:
+    """Apptainer FUSE helpers of this uid that no apptainer process owns any more (a killed
+    container's image, left mounted)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or entry.stat().st_uid != uid:
+                continue
+            cmd = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if b"squashfuse" in cmd.split(b"\0")[0] and ppid == 1:
+            out.add(int(entry.name))
+    return out
+
+
 def _after_first(lines: list[str], new: str, old: str) -> list[str]:
     """Lines with ``old`` that come after the first line with ``new``."""
     first = next((i for i, line in enumerate(lines) if new in line), None)
@@ -86,7 +103,10 @@ def _after_first(lines: list[str], new: str, old: str) -> list[str]:
 def test_slurmd_killed_under_a_running_job_the_stale_run_writes_nothing_after_the_new_run_starts(
         request, live_monitor, base_image, alice_dirs):  # noqa: F811
     import datetime as dt
+    import pwd
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
+    uid = pwd.getpwnam(JOB_USER).pw_uid
+    orphans_before = _orphan_fuse(uid)
     settings = live_monitor.settings
     backend = SlurmCli(timeout=20)
     idle_node(["g4n1", "g4n2"])
@@ -107,7 +127,7 @@ def test_slurmd_killed_under_a_running_job_the_stale_run_writes_nothing_after_th
 
     # only slurmd dies: its slurmstepd and the program go on, as when a real node's slurmd crashes
     pidfile = Path("/run/slurm/slurmd-%s.pid" % node)
-    pid = int(pidfile.read_text().split()[0])
+    pid = int(wait_for(lambda: pidfile.read_text().strip(), 20, what="slurmd's pid file"))
     argv = [a.decode() for a in Path("/proc/%d/cmdline" % pid).read_bytes().split(b"\0") if a]
     assert Path(argv[0]).name.startswith("slurmd"), argv
     os.kill(pid, signal.SIGKILL)
@@ -139,6 +159,8 @@ def test_slurmd_killed_under_a_running_job_the_stale_run_writes_nothing_after_th
     assert (alice_dirs / "out" / "ckpt.json").exists()
     wait_for(lambda: not _processes_of(job.id, "0") and not _processes_of(job.id, "1"), 15, step=0.5,
              what="no process of either run left")
+    # the stale run's image was unmounted too: no FUSE helper of it left behind
+    wait_for(lambda: not (_orphan_fuse(uid) - orphans_before), 15, step=0.5, what="no FUSE helper left")
 
     wait_for(lambda: (lambda j: j if j.state.terminal else None)(
         Session(live_monitor.engine).get(Job, job.id)), 60, what="the portal records the end")

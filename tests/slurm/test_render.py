@@ -127,7 +127,7 @@ def test_shell_word_refuses_a_variable_the_script_does_not_define():
 def test_the_run_line_is_the_containers_argv_then_image_and_command():
     spec = JobSpec(**{**BASE, "command": ["python3", "it's.py"]})
     run = [line for line in render_sbatch(spec).splitlines() if line.endswith(" &") and "apptainer" in line]
-    assert run == ['setsid --wait apptainer exec --no-eval --no-mount cwd --pwd /data/output --bind "$data_dir":/data/data:rw '
+    assert run == ['apptainer exec --no-eval --no-mount cwd --pwd /data/output --bind "$data_dir":/data/data:rw '
                    '--bind "$out_dir":/data/output:rw /i.sif python3 \'it\'"\'"\'s.py\' &']
 
 
