@@ -124,6 +124,10 @@ def _cause(node: str | None, conditions: Mapping[str, tuple[NodeCondition, str]]
     return ""
 
 
+#: Slurm's reason for a job requeued and held because its launch failed on a node
+LAUNCH_FAILED_HELD = "launch failed requeued held"
+
+
 def plan(nodes: Iterable[Node], jobs: Mapping[str, QueuedJob], memory: Memory, now: dt.datetime,
          release_within_s: float = 300.0) -> Plan:
     """Pure: what to do this cycle. Updates ``memory`` with where jobs run now."""
@@ -142,7 +146,10 @@ def plan(nodes: Iterable[Node], jobs: Mapping[str, QueuedJob], memory: Memory, n
         # the hold shows as a begin time ahead (the reason says BeginTime only once the scheduler looked)
         ahead = None if job.eligible is None else (job.eligible - now).total_seconds()
         released = job.state is JobState.PENDING and job.restarts > 0 and (
-            (ahead is not None and 0 < ahead <= release_within_s) or (ahead is None and job.reason == "BeginTime"))
+            (ahead is not None and 0 < ahead <= release_within_s) or (ahead is None and job.reason == "BeginTime")
+            # its launch failed on a node, which Slurm drained for it (e.g. "Duplicate jobid" after a
+            # controller restart): Slurm holds it for an admin; it can start on another node
+            or job.reason == LAUNCH_FAILED_HELD)
         if released:
             out.release.append(job)
         if job.restarts > 0:

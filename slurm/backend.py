@@ -270,8 +270,11 @@ class SlurmCli(SlurmBackend):
             argv += ["--jobs", ",".join(ids)]
         return parse_squeue_recovery(self._call(argv))
 
-    def release(self, job_id: str) -> None:
-        """Clear the begin-time hold Slurm puts on a requeued job: it may start at once."""
+    def release(self, job_id: str, held: bool = False) -> None:
+        """Clear the begin-time hold Slurm puts on a requeued job: it may start at once; ``held``:
+        also the hold Slurm puts on a job whose launch failed (``scontrol release``)."""
+        if held:
+            self._call(["scontrol", "release", _check_job_id(job_id)])
         self._call(["scontrol", "update", "jobid=%s" % _check_job_id(job_id), "StartTime=now"])
 
     def requeue_now(self, job_id: str) -> None:

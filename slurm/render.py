@@ -108,6 +108,28 @@ def _sweep_case(spec: JobSpec) -> list[str]:
     return out
 
 
+def fence_done(job_dir: str, slurm_id: str) -> tuple[int, bool, float] | None:
+    """How the last run of Slurm job ``slurm_id`` that ran in ``job_dir`` ended, by its own fence
+    record: (exit status, stopped by a signal, when: the record's mtime), or None when none ended
+    there (a job array's tasks have records of their own: None)."""
+    import glob
+    import os
+    best: tuple[int, str] | None = None
+    for path in glob.glob(os.path.join(glob.escape(job_dir), ".aiportal-run.%s:*.done" % slurm_id)):
+        run = path.rsplit(":", 1)[1][:-len(".done")]
+        if run.isdigit() and (best is None or int(run) > best[0]):
+            best = (int(run), path)
+    if best is None:
+        return None
+    try:
+        with open(best[1]) as fh:
+            words = fh.read().split()
+            when = os.fstat(fh.fileno()).st_mtime
+        return int(words[0]), words[1:2] == ["1"], when
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _fence() -> list[str]:
     """The fence of a job Slurm may requeue (see the module's docstring): shell text with no
     value from the spec in it."""
@@ -119,13 +141,34 @@ def _fence() -> list[str]:
         'done_file() { printf %s "$fence.$1.done"; }',
         "superseded=0 watchdog=0",
         'prev="$(fenced)"',
+        "# one instance per run: a controller restarted from older state starts a run again that ran (or",
+        "# still runs) elsewhere; the second instance waits for the first and ends as it did",
+        'if ! mkdir "$fence.$run_id.lock" 2>/dev/null; then',
+        '  log "run $run_id started before (Slurm started it again after a controller restart): waiting for it"',
+        '  for _ in $(seq "${AIPORTAL_FENCE_WAIT_S:-%d}"); do [ -e "$(done_file "$run_id")" ] && break; sleep 1; done'
+        % FENCE_WAIT_S,
+        '  st=0 stp=1',
+        '  [ ! -e "$(done_file "$run_id")" ] || read -r st stp _ < "$(done_file "$run_id")"',
+        '  if [ "${stp:-0}" != 1 ]; then log "run $run_id ended with status $st: not running it twice"; '
+        'exit "$st"; fi',
+        '  log "run $run_id was stopped, or did not answer: this instance goes on"',
+        "fi",
+        "# a run of this job that completed on its own is final: Slurm starting the job again after a",
+        "# controller restart (as a requeue) does not run it twice; to run it again, submit it again",
+        'if [ -n "$prev" ] && [ "${prev%%:*}" = "${run_id%%:*}" ] && [ "${prev##*:}" -lt "${run_id##*:}" ] '
+        '&& [ "$(cat "$(done_file "$prev")" 2>/dev/null)" = "0 0" ]; then',
+        '  log "run $prev of this job completed; Slurm started it again as $run_id: not running it twice"',
+        "  exit 0",
+        "fi",
         'if [ -n "$prev" ] && [ "${prev%%:*}" = "${run_id%%:*}" ] && [ "${prev##*:}" -gt "${run_id##*:}" ]; then',
         '  exit %d   # a newer run of this job has started already' % EXIT_SUPERSEDED,
         "fi",
         'printf "%%s %%s\\n" "$run_id" "$(hostname)" > "$fence.$$" && mv -f "$fence.$$" "$fence" || '
         '{ log "cannot write the fence file $fence"; exit %d; }' % EXIT_STAGE_IN_FAILED,
-        "# every end of this run says so (the next run waits for that), and ends the watchdog",
-        "trap 'if [ \"$watchdog\" -gt 0 ]; then kill \"$watchdog\" 2>/dev/null; fi; touch \"$(done_file \"$run_id\")\"' EXIT",
+        "# every end of this run says so, with its exit status and whether a signal stopped it (the next run",
+        "# waits for that; the portal reads it for a run Slurm forgot), and ends the watchdog",
+        "trap 'st=$?; if [ \"$watchdog\" -gt 0 ]; then kill \"$watchdog\" 2>/dev/null; fi; "
+        "printf \"%s %s\\n\" \"$st\" \"${stopped:-0}\" > \"$(done_file \"$run_id\")\"' EXIT",
         'if [ -n "$prev" ] && [ "$prev" != "$run_id" ] && [ ! -e "$(done_file "$prev")" ]; then',
         '  wait_s="${AIPORTAL_FENCE_WAIT_S:-%d}"' % FENCE_WAIT_S,
         '  log "run $run_id: waiting up to $wait_s s for the previous run ($prev) to stop"',

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from monitor.recovery import JobAction, JobNote, Memory, plan
+from monitor.recovery import LAUNCH_FAILED_HELD, JobAction, JobNote, Memory, plan
 from portal.daemons.loop import run_loop
 from portal.models import Event, EventKind, Job, NodeRecord, User, utcnow
 from portal.services.nodes import record_node
@@ -80,7 +80,7 @@ class HealthMonitor:
             db.commit()
         for job in p.release:
             try:
-                self.backend.release(job.job_id)
+                self.backend.release(job.job_id, held=job.reason == LAUNCH_FAILED_HELD)
                 stats.released += 1
                 log.info("job %s: released from the requeue hold (run %d)", job.job_id, job.restarts + 1)
             except SlurmError as e:

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
+from sqlalchemy import func
 from sqlmodel import Session, select
 
 from portal.daemons.loop import run_loop
@@ -39,7 +40,7 @@ from portal.services.job_data import finish_job_data
 from slurm.errors import SlurmError
 from slurm.jobs import JobStatus, failed_dependencies
 from slurm.reasons import dependency_failed, explain
-from slurm.render import COMMENT_PREFIX
+from slurm.render import COMMENT_PREFIX, fence_done
 from slurm.states import TERMINAL, JobState
 
 log = logging.getLogger(__name__)
@@ -415,6 +416,31 @@ def _utc(t: dt.datetime | None) -> dt.datetime | None:
     return None if t is None else (t.astimezone(dt.timezone.utc) if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
 
 
+def ended_here(p: Plan, jobs: Mapping[str, Job], lost: dict[str, str]) -> None:
+    """Of the jobs Slurm forgot, those whose run had ended on its own before (the job folder's
+    fence record says so: its exit status, not stopped by a signal; slurmdbd may even have given
+    its record to the later job that got its id): recorded as they ended, not submitted again,
+    which would run them twice. A run a signal stopped (the restarted controller killing a job it
+    no longer knows) is submitted again."""
+    for job_id in list(lost):
+        job = jobs[job_id]
+        if job.external or not job.job_dir or not job.slurm_job_id:
+            continue
+        try:
+            end = fence_done(job.job_dir, job.slurm_job_id)
+        except OSError as e:
+            log.warning("job %s: cannot read its fence record in %s: %s", job.id, job.job_dir, e)
+            continue
+        if end is None or end[1]:
+            continue
+        code, _, when = end
+        p.updates[job_id] = Observed(
+            JobState.COMPLETED if code == 0 else JobState.FAILED,
+            "Slurm lost its record of job %s (%s); the run had ended with exit code %d, as its job folder records"
+            % (job.slurm_job_id, lost.pop(job_id), code), job.nodes, code, 0,
+            ended=dt.datetime.fromtimestamp(when, dt.timezone.utc))
+
+
 def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime,
           lost: Mapping[str, str] = {}) -> list[str]:
     """Write one plan's state changes and events (the caller commits). Times are Slurm's where
@@ -444,9 +470,16 @@ def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime,
                 job.stage_out_pending = json.dumps(pending) if pending else None
         job.updated_at = now
         db.add(job)
+        # Slurm's times, but never before what the timeline already shows (a cycle recorded
+        # "running" when it saw it, after Slurm's start): the timeline stays in order
+        floor = _utc(db.exec(select(func.max(Event.at)).where(Event.job_id == job.id)).one()) if events else None
         for ev in events:
             kind, message = ev[0], ev[1]
-            db.add(Event(at=ev[2] if len(ev) > 2 else at, kind=kind, job_id=job.id, user_id=job.user_id,
+            when = ev[2] if len(ev) > 2 else at
+            if floor is not None and when < floor:
+                when = floor
+            floor = when
+            db.add(Event(at=when, kind=kind, job_id=job.id, user_id=job.user_id,
                          state=ev[3] if len(ev) > 3 else obs.state, node=obs.nodes or None, message=message[:2000]))
         log.info("job %s (Slurm %s): %s", job.id, job.slurm_job_id,
                  "; ".join(ev[1] for ev in events) or _state_message(obs))
@@ -571,6 +604,7 @@ class Reconciler:
                 for jid in forgotten_by_restart([by_id[j] for j in p.unseen], started):
                     lost[jid] = "the controller restarted at %s UTC and no longer knows it" % (
                         started.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
+            ended_here(p, by_id, lost)
             stats.slurm_calls += self._end_doomed(p, by_id, live, Records(accounting))
             again = apply(db, by_id, p, now, lost)
             add_external(db, found, users, now, arrays)

@@ -91,3 +91,13 @@ def test_a_no_requeue_job_gone_from_a_hard_failed_node_is_one_stop_note():
     assert [a.key for a in p.stop] == ["stop:60:0"]
     p = plan([node("g1n1", S.DRAINED, HARD)], {}, mem, NOW)
     assert [(n.key, n.kind) for n in p.notes] == [("stop:60:0", "node_failed")]     # same key as the action
+
+
+def test_a_job_held_because_its_launch_failed_is_released():
+    """Slurm requeues and holds a job whose launch failed on a node (and drains that node), e.g.
+    a "Duplicate jobid" after a controller restart: released, it starts on another node."""
+    from monitor.recovery import LAUNCH_FAILED_HELD
+    jobs = {"30": job("30", J.PENDING, "", restarts=1, reason=LAUNCH_FAILED_HELD, eligible=None),
+            "31": job("31", J.PENDING, "", restarts=0, reason="JobHeldUser", eligible=None)}
+    p = plan([], jobs, Memory(), NOW)
+    assert [j.job_id for j in p.release] == ["30"]

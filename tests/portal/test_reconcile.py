@@ -626,3 +626,64 @@ def test_a_plain_job_waiting_on_a_job_that_fails_ends_failed_not_pending(setting
     assert job.external and job.state is JobState.FAILED
     assert job.reason == "a job it depends on (%s) ended without success: FAILED with exit code 3" % first
     assert real_backend.statuses([second])[second].state is JobState.CANCELLED
+
+
+def test_slurms_times_are_kept_and_the_timeline_stays_in_order(engine, users, settings, fake_backend):
+    """The cycle saw "running" after Slurm's start; the end accounting gives is earlier than that
+    event: the job keeps Slurm's times, the finished event still comes last."""
+    from portal.models import utcnow
+    seen = utcnow()
+    started, ended = seen - dt.timedelta(seconds=30), seen - dt.timedelta(seconds=2)
+    with Session(engine, expire_on_commit=False) as db:
+        job = Job(id=UUID, user_id=users["alice"].id, name="t", state=JobState.RUNNING, slurm_job_id="4242",
+                  nodes="g1n1", started_at=seen)
+        db.add(job)
+        db.flush()
+        db.add(Event(at=seen, kind=EventKind.STATE, job_id=job.id, user_id=job.user_id, state=JobState.RUNNING,
+                     message="running on g1n1"))
+        db.commit()
+    fake_backend.jobs["4242"] = replace(S("4242", "COMPLETED", nodes="g1n1", code=0), started=started, ended=ended)
+    Reconciler(engine, fake_backend, settings).cycle()
+    with Session(engine) as db:
+        row = db.get(Job, UUID)
+        events = db.exec(select(Event).where(Event.job_id == UUID).order_by(Event.at, Event.id)).all()
+    assert (row.state, row.exit_code) == (JobState.COMPLETED, 0)
+    assert abs((row.ended_at - ended).total_seconds()) < 0.01          # Slurm's end, not the cycle's
+    assert [e.kind for e in events] == [EventKind.STATE, EventKind.FINISHED]
+
+
+def test_a_job_that_started_and_ended_between_cycles_gets_its_running_event_at_slurms_start(engine, users, settings,
+                                                                                           fake_backend):
+    from portal.models import utcnow
+    started, ended = utcnow() - dt.timedelta(seconds=60), utcnow() - dt.timedelta(seconds=50)
+    with Session(engine, expire_on_commit=False) as db:
+        db.add(Job(id=UUID, user_id=users["alice"].id, name="t", state=JobState.PENDING, slurm_job_id="4242"))
+        db.commit()
+    fake_backend.jobs["4242"] = replace(S("4242", "FAILED", "NonZeroExitCode", "g1n2", 3), started=started, ended=ended)
+    Reconciler(engine, fake_backend, settings).cycle()
+    with Session(engine) as db:
+        row = db.get(Job, UUID)
+        events = db.exec(select(Event).where(Event.job_id == UUID).order_by(Event.at, Event.id)).all()
+    assert (row.state, row.exit_code) == (JobState.FAILED, 3)
+    assert abs((row.started_at - started).total_seconds()) < 0.01
+    assert [(e.kind, e.state) for e in events] == [(EventKind.STATE, JobState.RUNNING),
+                                                   (EventKind.FINISHED, JobState.FAILED)]
+    assert abs((events[0].at - started).total_seconds()) < 0.01 and events[0].message == "running on g1n2"
+
+
+@pytest.mark.parametrize("record, ended", [("0 0\n", JobState.COMPLETED), ("3 0\n", JobState.FAILED),
+                                           ("143 1\n", None), (None, None)])
+def test_a_forgotten_job_whose_run_had_ended_is_recorded_not_run_again(tmp_path, record, ended):
+    from portal.daemons.reconcile import Plan, ended_here
+    job = J("RUNNING", nodes="g1n1")
+    job.job_dir = str(tmp_path)
+    if record is not None:
+        (tmp_path / ".aiportal-run.10:0.done").write_text(record)
+    p, lost = Plan(), {UUID: "another job holds its id"}
+    ended_here(p, {UUID: job}, lost)
+    if ended is None:
+        assert lost == {UUID: "another job holds its id"} and not p.updates      # submitted again
+    else:
+        assert not lost and p.updates[UUID].state is ended
+        assert p.updates[UUID].exit_code == int(record.split()[0]) and p.updates[UUID].ended is not None
+        assert "as its job folder records" in p.updates[UUID].reason

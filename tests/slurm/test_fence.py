@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm.render import EXIT_SUPERSEDED, render_sbatch
+from slurm.render import EXIT_SUPERSEDED, fence_done, render_sbatch
 from slurm.spec import JOB_OUTPUT_DIR, JobSpec
 
 FAKE = r"""#!/bin/bash
@@ -76,7 +76,10 @@ def test_a_stale_run_stops_before_the_new_run_writes_anything(job):
     time.sleep(0.5)
     assert (job_dir / "output" / "ticks-run0").read_text() == ticks
     assert not list(job_dir.glob("output.run-*"))
-    assert (job_dir / ".aiportal-run.77:0.done").exists() and (job_dir / ".aiportal-run.77:1.done").exists()
+    # each run's end, with its exit status and whether a signal stopped it (the portal reads it)
+    assert (job_dir / ".aiportal-run.77:0.done").read_text() == "%d 0\n" % EXIT_SUPERSEDED
+    assert (job_dir / ".aiportal-run.77:1.done").read_text() == "0 0\n"
+    assert fence_done(str(job_dir), "77")[:2] == (0, False) and fence_done(str(job_dir), "78") is None
 
 
 def test_a_run_that_never_answers_keeps_its_folder_and_the_new_run_goes_on_from_a_copy(job):
@@ -106,9 +109,42 @@ def test_an_older_run_that_starts_late_does_not_run(job):
 
 def test_a_normal_requeue_needs_no_wait(job):
     """The run before ended (requeued with SIGTERM, staged out): its done file is there."""
+    import signal
     script, job_dir = job
     log = job_dir / "slurm-77.out"
-    assert start(script, log, 0, TICKS="2").wait(timeout=10) == 0
+    first = start(script, log, 0)
+    wait_for(lambda: (job_dir / "output" / "ticks-run0").exists())
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=20) != 0
     t0 = time.monotonic()
     assert start(script, log, 1, TICKS="2").wait(timeout=10) == 0
     assert time.monotonic() - t0 < 2 and "waiting up to" not in log.read_text()
+
+
+def test_a_run_stopped_by_a_signal_says_so(job):
+    import signal
+    script, job_dir = job
+    run = start(script, job_dir / "slurm-77.out", 0)
+    wait_for(lambda: (job_dir / "output" / "ticks-run0").exists())
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=20) != 0
+    assert fence_done(str(job_dir), "77")[1] is True
+
+
+def test_a_run_that_already_ended_is_not_run_twice(job):
+    """A controller restarted from state saved before the run ended starts the same run again."""
+    script, job_dir = job
+    log = job_dir / "slurm-77.out"
+    assert start(script, log, 0, TICKS="2").wait(timeout=10) == 0
+    assert start(script, log, 0, TICKS="2").wait(timeout=10) == 0
+    assert (job_dir / "output" / "ticks-run0").read_text().split() == ["1", "2"]        # ran once
+    assert "not running it twice" in log.read_text()
+
+
+def test_a_job_whose_run_completed_is_not_run_again_when_slurm_requeues_it(job):
+    script, job_dir = job
+    log = job_dir / "slurm-77.out"
+    assert start(script, log, 0, TICKS="2").wait(timeout=10) == 0
+    assert start(script, log, 1, TICKS="2").wait(timeout=10) == 0
+    assert not (job_dir / "output" / "ticks-run1").exists()
+    assert "run 77:0 of this job completed" in log.read_text()
