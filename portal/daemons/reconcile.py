@@ -228,6 +228,13 @@ def portal_id_of(status: JobStatus) -> str | None:
     return c[len(COMMENT_PREFIX):] if c.startswith(COMMENT_PREFIX) and len(c) == len(COMMENT_PREFIX) + 36 else None
 
 
+def final(obs: Observed) -> bool:
+    """An accounting record that tells how a run ended: a terminal state, and an end time where
+    it started (slurmdbd catching up after an outage writes a record's state before its end and
+    exit code)."""
+    return obs.state.terminal and not (obs.started is not None and obs.ended is None)
+
+
 def external_candidates(queue: Mapping[str, JobStatus], known_slurm_ids: set[str],
                         unix_users: set[str]) -> dict[str, list[JobStatus]]:
     """Jobs in the queue that users submitted with plain ``sbatch`` and the portal does not
@@ -280,7 +287,9 @@ def plan(jobs: list[Job], queue: Mapping[str, JobStatus], accounting: Mapping[st
             # gone from the queue, or finished (squeue keeps those a while, without exit codes):
             # how it ended is accounting's to say
             ended = fold(done.of(job.slurm_job_id, mine)) if accounting_ok else None
-            if ended is not None and not ended.state.terminal:
+            if ended is not None and not final(ended):
+                if ended.state.terminal:
+                    continue        # slurmdbd is still writing how it ended: asked again next cycle
                 ended = None        # accounting's record of a job the controller no longer has
             if ended is not None and obs is not None and ended.restarts is None:
                 ended = replace(ended, restarts=obs.restarts)    # sacct has no restart count; squeue had
@@ -331,7 +340,7 @@ def externals(candidates: Mapping[str, list[JobStatus]], accounting: Records, ac
             same = (lambda r: r.user == st.user and r.comment == st.comment
                     and (st.submitted is None or r.submitted is None or r.submitted == st.submitted))
             ended = fold(accounting.of(base, same)) if accounting_ok else None
-            if ended is None or not ended.state.terminal:
+            if ended is None or not final(ended):
                 continue        # finished before the portal saw it: added once accounting says how
             obs = replace(ended, restarts=obs.restarts)
         submitted = min((t.submitted for t in tasks if t.submitted), default=None)

@@ -687,3 +687,13 @@ def test_a_forgotten_job_whose_run_had_ended_is_recorded_not_run_again(tmp_path,
         assert not lost and p.updates[UUID].state is ended
         assert p.updates[UUID].exit_code == int(record.split()[0]) and p.updates[UUID].ended is not None
         assert "as its job folder records" in p.updates[UUID].reason
+
+
+def test_a_record_slurmdbd_is_still_writing_is_not_an_end():
+    """After an outage slurmdbd writes a record's state before its end time and exit code."""
+    half = replace(S("10", "FAILED", nodes="g1n1", code=0), started=NOW - dt.timedelta(seconds=20))
+    whole = replace(half, exit_code=5, ended=NOW - dt.timedelta(seconds=5))
+    p = plan([J("RUNNING", nodes="g1n1")], {}, [half], {"10"}, {"alice"}, NOW, 120)
+    assert (p.updates, p.unseen, p.forgotten) == ({}, [], [])
+    p = plan([J("RUNNING", nodes="g1n1")], {}, [whole], {"10"}, {"alice"}, NOW, 120)
+    assert (p.updates[UUID].state, p.updates[UUID].exit_code) == (JobState.FAILED, 5)
