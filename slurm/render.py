@@ -136,7 +136,9 @@ def _fence() -> list[str]:
     return [
         "# fence: this run is SLURM_JOB_ID:RESTARTS; a run the fence file does not name is stale",
         'run_id="${SLURM_JOB_ID:-0}:${SLURM_RESTART_COUNT:-0}"',
-        'fence="$AIPORTAL_JOB_DIR/.aiportal-run${SLURM_ARRAY_TASK_ID:+-task$SLURM_ARRAY_TASK_ID}"',
+        "# a sweep's task by its index in the whole sweep: a sweep split into several arrays repeats task ids",
+        'task_key="${AIPORTAL_SWEEP_INDEX:-${SLURM_ARRAY_TASK_ID:-}}"',
+        'fence="$AIPORTAL_JOB_DIR/.aiportal-run${task_key:+-task$task_key}"',
         'fenced() { local r=""; read -r r _ < "$fence" 2>/dev/null; printf %s "$r"; }',
         'done_file() { printf %s "$fence.$1.done"; }',
         "superseded=0 watchdog=0",
