@@ -5,6 +5,7 @@ import logging
 from typing import Any, Mapping
 
 import sqlalchemy as sa
+import sqlalchemy.exc
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -71,6 +72,17 @@ def _error_handlers(app: Flask) -> None:
 
     for cls in HANDLED:
         app.register_error_handler(cls, as_json)
+
+    @app.errorhandler(sqlalchemy.exc.OperationalError)
+    def database_down(e: Exception):
+        # nothing could be stored (nor read): say so, and when to try again (an Idempotency-Key
+        # makes the retry safe); never a 500 with the driver's text
+        app.logger.error("the database did not answer: %s", e)
+        resp = jsonify(error="database_unavailable",
+                       message="the portal's database did not answer, so nothing was stored; try again shortly")
+        resp.status_code = 503
+        resp.headers["Retry-After"] = "5"
+        return resp
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

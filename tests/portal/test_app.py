@@ -312,3 +312,16 @@ def test_admin_logs_in_with_the_bootstrap_token(client):
     assert client.get("/api/v1/me").get_json()["is_admin"]
     client.post("/logout", data={"csrf": csrf_of(client, "/login")})
     assert login(client, "admin", "not-the-token").status_code == 401
+
+
+def test_a_database_that_does_not_answer_gives_503_with_retry_after(client, tokens, monkeypatch):
+    import sqlalchemy.exc
+    from portal.services import jobs
+
+    def down(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("INSERT INTO jobs ...", {}, Exception("database is locked"))
+    monkeypatch.setattr(jobs, "submit_job", down)
+    r = client.post("/api/v1/jobs", headers=bearer(tokens["alice"]),
+                    json={"image": "/x.sif", "node_type": "1card", "command": "true"})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.get_json()["error"] == "database_unavailable" and "INSERT" not in r.get_data(as_text=True)
