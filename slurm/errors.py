@@ -39,7 +39,8 @@ class SlurmCommandError(SlurmError):
 #: what Slurm's commands print when the controller cannot be reached (nothing was decided)
 _CONTROLLER_DOWN = ("unable to contact slurm controller", "socket timed out", "temporarily unable to accept job",
                     "connection refused", "zero bytes were transmitted or received", "slurm_persist_conn_open",
-                    "unexpected missing socket error", "communication connection failure", "connection reset")
+                    "unexpected missing socket error", "communication connection failure", "connection reset",
+                    "transport endpoint is not connected")
 
 
 class SlurmParseError(SlurmError):
