@@ -4,7 +4,10 @@ portal id and by the ``aiportal:UUID`` in its Slurm comment. Each prints one lin
 :class:`Counts`; the target is 0 lost, 0 duplicated, 0 misreported."""
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import threading
+import uuid
 import os
 import signal
 import subprocess
@@ -112,3 +115,22 @@ def slurm_runs(user: str, since: dt.datetime) -> dict[str, list[SlurmRun]]:
         out.setdefault(pid, []).append(SlurmRun(jid, pid, parse_job_state(state),
                                                 start not in ("", "None", "Unknown")))
     return out
+
+
+def submit_until_answered(url: str, token_file: str, body: dict, *, retries: int, deadline_s: float,
+                          stop: threading.Event | None = None) -> tuple[int, dict]:
+    """One job submission through the CLI's own :func:`portal.cli.client.create` with its own
+    ``Idempotency-Key``, asked again with that key until the portal answers it (or the deadline
+    passes, or ``stop`` is set): (status, body); status 0 when no answer came."""
+    from portal.cli.client import ApiError, CliError, create
+    args = argparse.Namespace(url=url, token_file=token_file, timeout=20.0, idempotency_key=str(uuid.uuid4()),
+                              retries=retries)
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return 201, create(args, "/jobs", body, "job")
+        except ApiError as e:
+            return e.status, {"error": e.code, "message": e.detail}
+        except CliError as e:            # gave up for now: ask again, with the same key
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+                return 0, {"error": "no_answer", "message": str(e)}

@@ -11,22 +11,19 @@ counted by its portal id and by the ``aiportal:UUID`` comment of its Slurm jobs 
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import datetime as dt
 import subprocess
 import threading
 import time
-import uuid
 
 import pytest
 from sqlmodel import Session, select
 
-from portal.cli.client import ApiError, CliError, create
 from portal.models import Job
 from slurm.states import JobState
 from tests.conftest import JOB_USER
-from tests.faults.conftest import Counts, kill_tree, slurm_runs
+from tests.faults.conftest import Counts, kill_tree, slurm_runs, submit_until_answered
 from tests.portal.conftest import _remove_job_folders, start_gunicorn, start_test_portal
 
 pytestmark = [pytest.mark.slurm, pytest.mark.apptainer]
@@ -54,19 +51,9 @@ def portal(tmp_path):
 def _submit(portal, token_file: str, i: int, image: str, stop: threading.Event) -> tuple[int, dict]:
     """One submission, asked again with its key until the portal answers it (or the test
     stops): (status, body)."""
-    key = str(uuid.uuid4())
     body = {"image": image, "node_type": "1card", "gpus": 0, "command": ["true"], "time_limit": "2",
             "name": "kill-%02d" % i}
-    args = argparse.Namespace(url=portal.url, token_file=token_file, timeout=20.0, idempotency_key=key, retries=3)
-    deadline = time.monotonic() + CLIENT_DEADLINE_S
-    while True:
-        try:
-            return 201, create(args, "/jobs", body, "job")
-        except ApiError as e:
-            return e.status, {"error": e.code, "message": e.detail}
-        except CliError as e:            # gave up for now: ask again, with the same key
-            if time.monotonic() > deadline or stop.is_set():
-                return 0, {"error": "no_answer", "message": str(e)}
+    return submit_until_answered(portal.url, token_file, body, retries=3, deadline_s=CLIENT_DEADLINE_S, stop=stop)
 
 
 def test_portal_killed_mid_burst_loses_nothing_and_runs_nothing_twice(portal, base_image, capsys):

@@ -14,7 +14,6 @@ portal id and by the ``aiportal:UUID`` comments in accounting.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import datetime as dt
 import os
@@ -22,17 +21,15 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 from sqlmodel import Session, select
 
-from portal.cli.client import ApiError, CliError, create
 from portal.models import Event, Job
 from slurm.states import JobState
 from tests.conftest import JOB_USER
-from tests.faults.conftest import Counts, slurm_runs
+from tests.faults.conftest import Counts, slurm_runs, submit_until_answered
 from tests.portal.conftest import VENV_BIN, _remove_job_folders, start_test_portal
 
 pytestmark = [pytest.mark.slurm, pytest.mark.apptainer]
@@ -99,21 +96,11 @@ def _runs_of(job: Job) -> list[str]:
 
 
 def _submit(url: str, token_file: str, i: int, image: str) -> tuple[int, dict]:
-    key = str(uuid.uuid4())
     # each run leaves its Slurm id in the job's output folder: what ran, whatever accounting keeps
     body = {"image": image, "node_type": "4card" if i % 4 else "1card", "gpus": 0,
             "command": ["bash", "-c", "echo $SLURM_JOB_ID >> /data/output/runs"],
             "time_limit": "2", "name": "ctld-%03d" % i}
-    args = argparse.Namespace(url=url, token_file=token_file, timeout=20.0, idempotency_key=key, retries=8)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            return 201, create(args, "/jobs", body, "job")
-        except ApiError as e:
-            return e.status, {"error": e.code, "message": e.detail}
-        except CliError as e:
-            if time.monotonic() > deadline:
-                return 0, {"error": "no_answer", "message": str(e)}
+    return submit_until_answered(url, token_file, body, retries=8, deadline_s=120)
 
 
 def test_slurmctld_killed_mid_burst_loses_nothing_and_reports_nothing_that_did_not_happen(portal, controller,
