@@ -9,6 +9,7 @@ admin's reason that would match it): the reason, less leading whitespace, starts
 lower-case prefix, so an admin's ``AIPORTAL: ...`` (typed with scontrol) stays the admin's and
 is never resumed by the monitor. Leading whitespace does not count: aiportal never writes it
 and output parsers (sinfo columns) strip it anyway, so it cannot tell an admin's reason apart.
+One exception: Slurm's own "Duplicate jobid" drain (:data:`SLURM_PASSING`) is resumed too.
 """
 from __future__ import annotations
 
@@ -25,9 +26,22 @@ if TYPE_CHECKING:
 DRAIN_PREFIX = "aiportal:"
 
 
+#: drain reasons Slurm itself writes for a passing condition, resumed like aiportal's own once
+#: the node's checks pass: "Duplicate jobid" (a controller restarted from older state gave out
+#: again the id of a job still running on the node; the launch fails, the node is drained and
+#: would stay so, taking a whole partition out of service, after that job has ended)
+SLURM_PASSING = ("Duplicate jobid",)
+
+
 def owned_by_aiportal(reason: str) -> bool:
     """Whether a node's Slurm drain ``reason`` is aiportal's own (and so aiportal's to resume)."""
     return reason.lstrip().startswith(DRAIN_PREFIX)
+
+
+def resumable(reason: str) -> bool:
+    """Whether the monitor resumes a node drained with ``reason`` once its checks pass: aiportal's
+    own, or one of Slurm's :data:`SLURM_PASSING` reasons (as Slurm writes it)."""
+    return owned_by_aiportal(reason) or reason.strip() in SLURM_PASSING
 
 
 _DRAINED = frozenset({NodeState.DRAINING, NodeState.DRAINED})
@@ -61,7 +75,7 @@ def decide(state: NodeState | None, reason: str, verdicts: Sequence[Verdict], pa
             return Decision(Action.NONE, "drained by someone else (%s): left alone" % reason, 0)
         return Decision(Action.DRAIN, first, 0)
     passes = passes_before + 1
-    if drained and owned_by_aiportal(reason):
+    if drained and resumable(reason):
         if passes >= resume_after:
             return Decision(Action.RESUME, "checks passed %d times in a row (needed %d)" % (passes, resume_after), passes)
         return Decision(Action.NONE, "passed %d of %d times needed to resume" % (passes, resume_after), passes)

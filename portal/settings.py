@@ -61,6 +61,9 @@ class Settings:
     submit_grace_s: float = 120.0
     #: a job stored while Slurm's controller did not answer is tried again this often
     submit_retry_s: float = 10.0
+    #: a run whose job folder records its end while Slurm still shows it running this much later
+    #: ended unheard (a controller restarted from older state): recorded, and cancelled in Slurm
+    unheard_end_grace_s: float = 60.0
     reconcile_interval_s: float = 2.0
     #: a create request with an Idempotency-Key still unanswered after this long is taken to have
     #: died: a retry answers with what it stored, or runs it again (portal/services/idempotency.py)

@@ -108,17 +108,18 @@ def _sweep_case(spec: JobSpec) -> list[str]:
     return out
 
 
-def fence_done(job_dir: str, slurm_id: str) -> tuple[int, bool, float] | None:
-    """How the last run of Slurm job ``slurm_id`` that ran in ``job_dir`` ended, by its own fence
-    record: (exit status, stopped by a signal, when: the record's mtime), or None when none ended
-    there (a job array's tasks have records of their own: None)."""
+def fence_done(job_dir: str, slurm_id: str, run: int | None = None) -> tuple[int, bool, float] | None:
+    """How the last run of Slurm job ``slurm_id`` that ran in ``job_dir`` ended (``run``: that
+    run, by Slurm's restart count), by its own fence record: (exit status, stopped by a signal,
+    when: the record's mtime), or None when none ended there (a job array's tasks have records
+    of their own: None)."""
     import glob
     import os
     best: tuple[int, str] | None = None
     for path in glob.glob(os.path.join(glob.escape(job_dir), ".aiportal-run.%s:*.done" % slurm_id)):
-        run = path.rsplit(":", 1)[1][:-len(".done")]
-        if run.isdigit() and (best is None or int(run) > best[0]):
-            best = (int(run), path)
+        n = path.rsplit(":", 1)[1][:-len(".done")]
+        if n.isdigit() and (run is None or int(n) == run) and (best is None or int(n) > best[0]):
+            best = (int(n), path)
     if best is None:
         return None
     try:

@@ -450,6 +450,60 @@ def ended_here(p: Plan, jobs: Mapping[str, Job], lost: dict[str, str]) -> None:
             ended=dt.datetime.fromtimestamp(when, dt.timezone.utc))
 
 
+#: Slurm's ends of a run it ended itself (a limit, a node, a cancel). A controller restarted from
+#: older state may not hear a run's end (it went to the controller before): it keeps the job
+#: running until its time limit, then says TIMEOUT, though the run had ended on its own
+ENDED_BY_SLURM = frozenset({JobState.TIMEOUT, JobState.NODE_FAIL, JobState.CANCELLED, JobState.DEADLINE})
+
+
+def unheard_ends(p: Plan, jobs: Iterable[Job], live: Records, now: dt.datetime, grace_s: float,
+                 read=fence_done) -> list[str]:
+    """Runs that ended on their own while Slurm's controller did not hear it, by the job folder's
+    fence record (its exit status, not stopped by a signal; ``read``: :func:`slurm.render.fence_done`):
+
+    - Slurm still shows the run RUNNING ``grace_s`` after the record was written (a second
+      instance of the run ends within seconds of it): put among the plan's updates as the
+      record says; their Slurm ids are returned, to be cancelled (each holds its node until its
+      time limit otherwise);
+    - Slurm ended the run itself (:data:`ENDED_BY_SLURM`) after it had ended on its own: the
+      plan's update says how it ended instead.
+
+    A run a signal stopped (a time limit, a cancel) ended as Slurm says. Arrays and plain sbatch
+    jobs have no such record: as Slurm says."""
+    stale = []
+    for job in jobs:
+        if job.external or not job.job_dir or not job.slurm_job_id:
+            continue
+        update = p.updates.get(job.id)
+        obs = update or fold(live.of(job.slurm_job_id, identity(job)))
+        if obs is None or not (obs.state is JobState.RUNNING or (update and obs.state in ENDED_BY_SLURM)):
+            continue
+        try:
+            end = read(job.job_dir, job.slurm_job_id, obs.restarts)
+        except OSError as e:
+            log.warning("job %s: cannot read its fence record in %s: %s", job.id, job.job_dir, e)
+            continue
+        if end is None or end[1]:
+            continue
+        code, _, when = end
+        ended = dt.datetime.fromtimestamp(when, dt.timezone.utc)
+        if obs.state is JobState.RUNNING:
+            if (now - ended).total_seconds() < grace_s:
+                continue
+            said = "Slurm still shows it running %d s later: cancelled there" % (now - ended).total_seconds()
+            stale.append(job.slurm_job_id)
+        elif obs.ended is not None and _utc(obs.ended) < ended:
+            continue        # Slurm ended it before the record was written: a later end of its own
+        else:
+            said = "Slurm says %s" % obs.state.value
+        p.updates[job.id] = Observed(
+            JobState.COMPLETED if code == 0 else JobState.FAILED,
+            "the run ended on its own with exit code %d, as its job folder records; %s (its controller did not "
+            "hear the end: it restarted from older state)" % (code, said), obs.nodes or job.nodes, code, 0,
+            obs.restarts, started=obs.started, ended=ended)
+    return stale
+
+
 def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime,
           lost: Mapping[str, str] = {}) -> list[str]:
     """Write one plan's state changes and events (the caller commits). Times are Slurm's where
@@ -614,6 +668,12 @@ class Reconciler:
                     lost[jid] = "the controller restarted at %s UTC and no longer knows it" % (
                         started.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
             ended_here(p, by_id, lost)
+            for slurm_id in unheard_ends(p, jobs, live, now, self.settings.unheard_end_grace_s):
+                try:
+                    self.backend.cancel(slurm_id)
+                except SlurmError as e:
+                    log.warning("cannot cancel Slurm job %s, whose run had ended: %s", slurm_id, e)
+                stats.slurm_calls += 1
             stats.slurm_calls += self._end_doomed(p, by_id, live, Records(accounting))
             again = apply(db, by_id, p, now, lost)
             add_external(db, found, users, now, arrays)

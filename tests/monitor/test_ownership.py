@@ -29,6 +29,12 @@ ADMIN = "replacing GPU 2 (root-admin)"
     # an admin's drain is never resumed, however long checks pass
     (S.DRAINED, ADMIN, OK, 100, Action.NONE, 101),
     (S.DRAINED, "aiportal-test: drain test", OK, 100, Action.NONE, 101),
+    # Slurm's own "Duplicate jobid" drain (a controller restarted from older state): resumed
+    # like ours once the checks pass; a failing node stays drained
+    (S.DRAINED, "Duplicate jobid", OK, 1, Action.NONE, 2),
+    (S.DRAINED, "Duplicate jobid", OK, 2, Action.RESUME, 3),
+    (S.DRAINING, "Duplicate jobid", BAD, 5, Action.NONE, 0),
+    (S.DRAINED, "Duplicate jobid on g1n1 (root-admin)", OK, 100, Action.NONE, 101),
     # healthy and in service
     (S.IDLE, "", OK, 0, Action.NONE, 1),
 ])

@@ -697,3 +697,77 @@ def test_a_record_slurmdbd_is_still_writing_is_not_an_end():
     assert (p.updates, p.unseen, p.forgotten) == ({}, [], [])
     p = plan([J("RUNNING", nodes="g1n1")], {}, [whole], {"10"}, {"alice"}, NOW, 120)
     assert (p.updates[UUID].state, p.updates[UUID].exit_code) == (JobState.FAILED, 5)
+
+
+def _record(tmp_path, run: str, text: str, age_s: float) -> None:
+    import os
+    path = tmp_path / (".aiportal-run.%s.done" % run)
+    path.write_text(text)
+    t = time.time() - age_s
+    os.utime(path, (t, t))
+
+
+@pytest.mark.parametrize("record, age_s, slurm_restarts, want", [
+    ("0 0\n", 300, 0, JobState.COMPLETED),          # ended 5 min ago; Slurm did not hear it
+    ("4 0\n", 300, 0, JobState.FAILED),
+    ("0 0\n", 5, 0, None),                          # a second instance of the run ends within seconds
+    ("143 1\n", 300, 0, None),                      # a signal stopped it: Slurm's to say
+    ("0 0\n", 300, 1, None),                        # that was the run before; this one runs
+    (None, 0, 0, None),
+])
+def test_a_run_that_ended_while_slurm_shows_it_running_is_recorded_and_cancelled(tmp_path, record, age_s,
+                                                                                 slurm_restarts, want):
+    from portal.daemons.reconcile import Plan, Records, unheard_ends
+    now = dt.datetime.now(dt.timezone.utc)
+    job = J("RUNNING", nodes="g1n1")
+    job.job_dir = str(tmp_path)
+    if record is not None:
+        _record(tmp_path, "10:0", record, age_s)
+    p = Plan()
+    stale = unheard_ends(p, [job], Records({"10": S("10", "RUNNING", nodes="g1n1", restarts=slurm_restarts)}),
+                         now, 60.0)
+    if want is None:
+        assert (stale, p.updates) == ([], {})
+    else:
+        assert stale == ["10"]
+        got = p.updates[UUID]
+        assert (got.state, got.exit_code) == (want, int(record.split()[0]))
+        assert "as its job folder records" in got.reason and "cancelled there" in got.reason
+        assert abs((got.ended - now).total_seconds() - (-age_s)) < 2
+
+
+@pytest.mark.parametrize("slurm_state, record, ended_offset_s, want", [
+    ("TIMEOUT", "0 0\n", 100, JobState.COMPLETED),      # ended on its own; Slurm timed out a run it did not hear end
+    ("NODE_FAIL", "0 0\n", 100, JobState.COMPLETED),
+    ("TIMEOUT", "143 1\n", 100, JobState.TIMEOUT),      # the limit stopped it: as Slurm says
+    ("TIMEOUT", "0 0\n", -100, JobState.TIMEOUT),       # Slurm's end came first: that record is a later one's
+    ("FAILED", "0 0\n", 100, JobState.FAILED),          # an exit status Slurm heard: as Slurm says
+])
+def test_a_run_slurm_ended_after_it_had_ended_on_its_own_is_recorded_as_it_ended(tmp_path, slurm_state, record,
+                                                                                ended_offset_s, want):
+    from portal.daemons.reconcile import Plan, Records, unheard_ends
+    now = dt.datetime.now(dt.timezone.utc)
+    job = J("RUNNING", nodes="g1n1")
+    job.job_dir = str(tmp_path)
+    _record(tmp_path, "10:0", record, 200)
+    p = Plan()
+    p.updates[UUID] = Observed(JobState(slurm_state), "", "g1n1", 0, 0, 0,
+                               ended=now - dt.timedelta(seconds=200 - ended_offset_s))
+    assert unheard_ends(p, [job], Records({}), now, 60.0) == []
+    assert p.updates[UUID].state is want
+    if want is not JobState(slurm_state):
+        assert "Slurm says %s" % slurm_state in p.updates[UUID].reason
+
+
+def test_a_cycle_cancels_in_slurm_a_run_that_ended_unheard(engine, users, settings, fake_backend, tmp_path):
+    with Session(engine, expire_on_commit=False) as db:
+        db.add(Job(id=UUID, user_id=users["alice"].id, name="t", state=JobState.RUNNING, slurm_job_id="4242",
+                   nodes="g1n1", job_dir=str(tmp_path)))
+        db.commit()
+    _record(tmp_path, "4242:0", "0 0\n", 300)
+    fake_backend.jobs["4242"] = S("4242", "RUNNING", nodes="g1n1", restarts=0)
+    Reconciler(engine, fake_backend, settings).cycle()
+    with Session(engine) as db:
+        row = db.get(Job, UUID)
+    assert (row.state, row.exit_code) == (JobState.COMPLETED, 0)
+    assert fake_backend.cancelled == [("4242", None)]
