@@ -27,7 +27,7 @@ from __future__ import annotations
 import shlex
 
 from slurm.errors import SpecError
-from slurm.spec import SCRIPT_DIRS, JobSpec, ScriptDir, check_job_basics
+from slurm.spec import SCRIPT_DIRS, JobSpec, ScriptDir, check_job_basics, warning_fits
 
 COMMENT_PREFIX = "aiportal:"
 EXIT_STAGE_IN_FAILED = 90
@@ -66,7 +66,7 @@ def sbatch_header(spec: JobSpec) -> list[str]:
         sbatch_flag("open-mode", "append"),
         sbatch_flag("requeue" if spec.requeue else "no-requeue"),
     ]
-    if spec.checkpoint_signal:
+    if spec.checkpoint_signal and warning_fits(spec.checkpoint_signal, spec.time_limit):
         lines.append(sbatch_flag("signal", spec.checkpoint_signal))
     if spec.portal_id:
         lines.append(sbatch_flag("comment", COMMENT_PREFIX + spec.portal_id))

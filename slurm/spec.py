@@ -45,6 +45,37 @@ _CONTAINER_FIX = ("build it with containers.apptainer.job_exec_prefix(JOB_DATA_D
                   "nv=gpus > 0): a tuple of argv words up to the image")
 
 
+def time_limit_seconds(value: str) -> int | None:
+    """Seconds of a Slurm time limit (``minutes``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
+    ``D-HH:MM:SS``); None for ``UNLIMITED``. ``value`` must match the accepted forms."""
+    if value == "UNLIMITED":
+        return None
+    days, _, rest = value.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
+#: Slurm may send a ``--signal`` warning up to this much earlier than asked (its event resolution)
+SIGNAL_SLACK_S = 60
+
+
+def warning_fits(signal: str, time_limit: str) -> bool:
+    """Whether a checkpoint warning ``signal`` (``B:USR1@120``) leaves a job with ``time_limit``
+    time to start its program first: the limit is at least the warning plus Slurm's slack plus as
+    much again. A shorter job would get the signal as it starts, before its program could handle
+    it (a 2-minute job with ``@120``: killed by USR1 within seconds, its command never run)."""
+    limit = time_limit_seconds(time_limit)
+    warn = int(signal.rpartition("@")[2]) if "@" in signal else 60     # Slurm's default: 60 s
+    return limit is None or limit >= 2 * (warn + SIGNAL_SLACK_S)
+
+
 def check_job_basics(name: str, partition: str, command, time_limit: str) -> None:
     """What every batch job needs right: its name, partition, command (an argv of strings) and
     time limit. Raises :class:`SpecError` naming the field."""

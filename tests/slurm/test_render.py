@@ -279,3 +279,27 @@ def test_users_credentials_file_must_be_an_absolute_path(path):
     with pytest.raises(SpecError, match="user_credentials"):
         JobSpec(name="t", partition="p", image="/i.sif", command=("true",), job_dir="/j", user_credentials=path,
                 container=container())
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("90", 5400), ("2", 120), ("10:30", 630), ("01:00:00", 3600), ("1-2", 93600), ("1-02:30", 95400),
+    ("2-00:00:05", 172805), ("UNLIMITED", None),
+])
+def test_time_limit_seconds(value, seconds):
+    from slurm.spec import time_limit_seconds
+    assert time_limit_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("time_limit, signal, sent", [
+    ("01:00:00", "B:USR1@120", True),
+    ("UNLIMITED", "B:USR1@120", True),
+    ("6", "B:USR1@120", True),          # 360 s: the warning, Slurm's 60 s slack, and as much again
+    ("5", "B:USR1@120", False),
+    ("2", "B:USR1@120", False),         # would come as the job starts: its program killed by USR1 unrun
+    ("4", "B:USR1", True),              # Slurm's default warning: 60 s
+    ("3", "B:USR1", False),
+])
+def test_a_checkpoint_warning_is_asked_for_only_where_the_program_gets_to_run_first(time_limit, signal, sent):
+    script = render_sbatch(JobSpec(**{**BASE, "time_limit": time_limit, "checkpoint_signal": signal}))
+    assert ("#SBATCH --signal=%s\n" % signal in script) is sent
+    assert ("--signal" in script) is sent
