@@ -57,7 +57,10 @@ def _save(config: HealthConfig, node: str, data: dict) -> None:
         return
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)   # root's only
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)       # an older file of that name kept its mode
+        fh.write(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
 

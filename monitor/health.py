@@ -82,13 +82,13 @@ def read_state(config: HealthConfig, node: str) -> dict:
 
 
 def write_state(config: HealthConfig, node: str, data: dict) -> None:
-    """Atomically (write a temporary file, rename it over the old one)."""
+    """Atomically (write a temporary file, rename it over the old one); mode 0600, mkstemp's:
+    the health check (root) is its only reader."""
     path = state_path(config, node)
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".%s." % node, dir=path.parent)
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=1)
-    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -3,6 +3,7 @@ migrations with Alembic, one session per request or per reconcile cycle."""
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +20,12 @@ from portal.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: the SQLite database and its journal: password hashes, token hashes, every job's request and
+#: environment. The portal and its daemons (one account: root on the portal host) are its only
+#: readers, so the owner alone reads and writes it.
+DB_FILE_MODE = 0o600
+#: the files SQLite keeps beside the database (it gives them the database file's mode)
+JOURNAL_SUFFIXES = ("-wal", "-shm", "-journal")
 
 
 def make_engine(url: str, echo: bool = False) -> sa.Engine:
@@ -30,6 +37,7 @@ def make_engine(url: str, echo: bool = False) -> sa.Engine:
             if not parent.is_dir():
                 raise ConfigError("database_url %s: folder %s does not exist (the portal role creates "
                                   "/var/lib/aiportal)" % (url, parent))
+            private_sqlite_files(Path(url[len("sqlite:///"):]))
         kw: dict = {"connect_args": {"check_same_thread": False, "timeout": 30}}
         if url in ("sqlite://", "sqlite:///:memory:"):
             kw["poolclass"] = sa.pool.StaticPool   # one shared in-memory database (tests)
@@ -50,6 +58,29 @@ def make_engine(url: str, echo: bool = False) -> sa.Engine:
     except (sa.exc.ArgumentError, ModuleNotFoundError) as e:
         raise ConfigError("database_url %r: %s (PostgreSQL URLs look like "
                           "postgresql+psycopg://USER@/DB?host=/run/postgresql)" % (_safe_url(url), e)) from e
+
+
+def private_sqlite_files(path: Path) -> None:
+    """Make the database file ``path`` DB_FILE_MODE before SQLite opens it (an empty file is an
+    empty database), and take every bit beyond it off the file and its journal: an older install
+    made them 0644, and SQLite creates the journal with the database file's mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, DB_FILE_MODE))
+    except FileExistsError:
+        pass
+    for p in (path, *(path.with_name(path.name + s) for s in JOURNAL_SUFFIXES)):
+        try:
+            mode = p.stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if mode & ~DB_FILE_MODE:
+            try:
+                os.chmod(p, mode & DB_FILE_MODE)
+            except PermissionError as e:
+                raise ConfigError("database file %s has mode %04o and this account cannot change it: run "
+                                  "`chmod %04o %s` as its owner (the portal's database is for the portal only)"
+                                  % (p, mode, DB_FILE_MODE, p)) from e
+            log.warning("database file %s had mode %04o: now %04o", p, mode, mode & DB_FILE_MODE)
 
 
 def _safe_url(url: str) -> str:

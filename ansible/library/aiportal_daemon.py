@@ -30,12 +30,36 @@ options:
   user: {description: Run as this user (only when forks is false), type: str}
   env: {description: Extra environment, type: dict}
   chdir: {type: path}
-  log: {description: File for stdout/stderr when forks is false, type: path}
+  log: {description: "File for stdout/stderr when forks is false; made 0640, bits beyond that taken off an existing one", type: path}
   ready_port: {description: Wait until 127.0.0.1:PORT accepts connections, type: int}
   ready_path: {description: Wait until this path exists (a socket, say), type: path}
   ready_argv: {description: Wait until this command exits 0, type: list, elements: str}
   timeout: {description: Seconds to wait for start, readiness or stop, type: float, default: 60}
 """
+
+
+#: the most a daemon's log file may allow: its owner writes, its group reads, nobody else
+LOG_MODE = 0o640
+
+
+def open_log(path):
+    """The log ``path`` for appending, created LOG_MODE; an existing one keeps no bit beyond it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
+    narrow_log(path)
+    return os.fdopen(fd, "ab")
+
+
+def narrow_log(path):
+    """Take the bits beyond LOG_MODE off an existing log (an older install made them 0644);
+    True when its mode changed."""
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return False
+    if not mode & ~LOG_MODE:
+        return False
+    os.chmod(path, mode & LOG_MODE)
+    return True
 
 
 def read_pid(pidfile):
@@ -122,7 +146,7 @@ def start(module, p):
             os.initgroups(pw.pw_name, pw.pw_gid)
             os.setgid(pw.pw_gid)
             os.setuid(pw.pw_uid)
-    log = open(p["log"] or os.devnull, "ab")
+    log = open_log(p["log"]) if p["log"] else open(os.devnull, "ab")
     proc = subprocess.Popen(argv, env=env, cwd=p["chdir"], stdin=subprocess.DEVNULL,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=preexec, close_fds=True)
@@ -208,7 +232,10 @@ def main():
     state = p["state"]
     if state == "started" and running:
         wait_ready(module, p)
-        module.exit_json(changed=False, pid=pid, msg="%s already running" % p["name"])
+        # a running daemon's log made by an older install is narrowed all the same
+        narrowed = bool(p["log"]) and not p["forks"] and not module.check_mode and narrow_log(p["log"])
+        module.exit_json(changed=narrowed, pid=pid, msg="%s already running%s"
+                         % (p["name"], "; log %s made %04o" % (p["log"], LOG_MODE) if narrowed else ""))
     if state == "stopped" and not running:
         if os.path.exists(p["pidfile"]) and not module.check_mode:
             os.unlink(p["pidfile"])

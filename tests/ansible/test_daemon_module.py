@@ -3,6 +3,7 @@ signalling a pid that runs another program. Driven through real `ansible` runs."
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -58,6 +59,33 @@ def test_start_is_idempotent_and_stop_stops(tmp_path, server):
     assert stopped["changed"] is True
     assert not os.path.exists(server["pidfile"])
     assert module(tmp_path, **server, state="stopped")["changed"] is False
+
+
+def mode(path) -> str:
+    return "%04o" % stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_the_log_is_made_0640_and_an_older_wider_one_is_narrowed(tmp_path, server):
+    """A daemon's output names users, jobs and addresses: nobody but its owner and group reads it,
+    whether the module makes the log, or an older install left it 0644 (running daemon or not)."""
+    umask = os.umask(0o022)                     # what a root shell has: the module alone narrows
+    try:
+        assert module(tmp_path, **server)["changed"] is True
+        assert mode(server["log"]) == "0640"
+        os.chmod(server["log"], 0o644)
+        again = module(tmp_path, **server)      # still running: only the log's mode changes
+        assert again["changed"] is True and "log %s made 0640" % server["log"] in again["msg"], again
+        assert mode(server["log"]) == "0640"
+        assert module(tmp_path, **server)["changed"] is False
+        module(tmp_path, **server, state="stopped")
+        os.chmod(server["log"], 0o666)
+        assert module(tmp_path, **server)["changed"] is True
+        assert mode(server["log"]) == "0640"
+        os.chmod(server["log"], 0o600)          # narrower than the module's: kept
+        assert module(tmp_path, **server)["changed"] is False
+        assert mode(server["log"]) == "0600"
+    finally:
+        os.umask(umask)
 
 
 def test_a_stale_pid_of_another_program_is_not_signalled(tmp_path, server):
