@@ -27,6 +27,10 @@ RUN_IN_CONTAINER = "/aiportal/run"
 MODEL_IN_CONTAINER = "/data/data"
 RUNTIME_CONFIG = "runtime.json"
 PORT_RANGE = (7000, 7999)        # DESIGN.md port plan: inference replicas
+#: the largest ``max_body_bytes`` a service may have: the web server in front takes no larger
+#: body for /service/ (nginx.conf.j2) and the gateway reads and discards up to this much of a
+#: refused request's body (inference/gateway/server.py)
+MAX_BODY_BYTES = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class ServiceSpec:
         if not isinstance(self.version, str) or not VERSION_RE.match(self.version):
             raise ServiceSpecError("version", "1-64 letters, digits, '.', '_', '+' or '-'")
         for name, lo, hi in (("gpus", 0, 8), ("cpus", 1, 64), ("memory_mb", 100, 1024 * 1024),
-                             ("max_batch_size", 1, 1024), ("max_body_bytes", 1, 1024 * 1024 * 1024)):
+                             ("max_batch_size", 1, 1024), ("max_body_bytes", 1, MAX_BODY_BYTES)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ServiceSpecError(name, "a whole number from %d to %d" % (lo, hi))

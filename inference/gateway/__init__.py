@@ -8,7 +8,9 @@ It is the front door of every service (in a deployment the portal's web server p
    replicas and body limit, or an error (401 unknown token, 404 unknown or another user's
    service);
 2. the body is read (``Content-Length`` or chunked; ``Expect: 100-continue`` is answered once
-   the checks passed; over the service's limit: 413 before reading it);
+   the checks passed; over the service's limit: 413). A refused request's body is read and
+   thrown away before the answer (up to the largest service limit), so that the web server in
+   front, which sends the whole body before it reads an answer, gets it;
 3. :class:`~inference.balancer.Balancer` picks a replica; the request goes to it over a
    kept-alive connection, with the service's key (``X-Aiportal-Key``: replicas answer only
    requests that carry it), and the answer is streamed back (status, Content-Type,

@@ -82,25 +82,73 @@ def error_answer(e: GatewayError, close: bool) -> bytes:
     return answer_head(e.status, headers, close) + body
 
 
+class BodyTooLarge(GatewayError):
+    """413 in the middle of a chunked body: ``pending`` is the size of the chunk whose size
+    line was read but not its data (for :func:`discard_chunked`)."""
+
+    def __init__(self, message: str, pending: int):
+        super().__init__(413, "too_large", message)
+        self.pending = pending
+
+
 async def read_chunked(reader: asyncio.StreamReader, service: str, max_body: int) -> bytes:
-    """A chunked request body for ``service``; 413 once it grows over ``max_body`` (0: no
-    limit), 400 when it is malformed."""
+    """A chunked request body for ``service``; :class:`BodyTooLarge` once it grows over
+    ``max_body`` (0: no limit), 400 when it is malformed."""
     parts, total = [], 0
     while True:
-        line = await reader.readuntil(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError as e:
-            raise GatewayError(400, "bad_request", "malformed chunked body") from e
+        size = _chunk_size(await reader.readuntil(b"\r\n"))
+        if size is None:
+            raise GatewayError(400, "bad_request", "malformed chunked body")
         if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":      # trailers
-                pass
+            await _skip_trailers(reader)
             return b"".join(parts)
         total += size
         if max_body and total > max_body:
-            raise GatewayError(413, "too_large", "the body is over %d bytes, the most service %s takes"
-                               % (max_body, service))
+            raise BodyTooLarge("the body is over %d bytes, the most service %s takes" % (max_body, service), size)
         parts.append(await reader.readexactly(size))
         if await reader.readexactly(2) != b"\r\n":
             raise GatewayError(400, "bad_request", "malformed chunked body")
+
+
+async def discard(reader: asyncio.StreamReader, n: int) -> None:
+    """Read ``n`` bytes and throw them away, CHUNK at a time (never more in memory)."""
+    while n > 0:
+        data = await reader.read(min(n, CHUNK))
+        if not data:
+            raise asyncio.IncompleteReadError(b"", n)
+        n -= len(data)
+
+
+async def discard_chunked(reader: asyncio.StreamReader, cap: int, pending: int | None = None) -> bool:
+    """Read a chunked body to its end and throw it away: True once it ended; False when its
+    chunks add up to more than ``cap`` bytes or it is malformed (the rest is left unread).
+    ``pending``: the size of a chunk whose size line was read but not its data."""
+    total, size = 0, pending
+    while True:
+        if size is None:
+            size = _chunk_size(await reader.readuntil(b"\r\n"))
+            if size is None:
+                return False
+            if size == 0:
+                await _skip_trailers(reader)
+                return True
+        total += size
+        if total > cap:
+            return False
+        await discard(reader, size)
+        if await reader.readexactly(2) != b"\r\n":
+            return False
+        size = None
+
+
+def _chunk_size(line: bytes) -> int | None:
+    """The size on a chunk's size line; None when it is not a hexadecimal number."""
+    text = line.split(b";", 1)[0].strip()
+    if not text or text.strip(b"0123456789abcdefABCDEF"):
+        return None
+    return int(text, 16)
+
+
+async def _skip_trailers(reader: asyncio.StreamReader) -> None:
+    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+        pass

@@ -14,11 +14,12 @@ import signal
 import socket
 
 from inference.balancer import Balancer, Target
-from inference.gateway.http1 import (CHUNK, MAX_HEAD, GatewayError, Request, answer_head, error_answer, parse_head,
-                                     read_chunked)
+from inference.gateway.http1 import (CHUNK, MAX_HEAD, BodyTooLarge, GatewayError, Request, answer_head, discard,
+                                     discard_chunked, error_answer, parse_head, read_chunked)
 from inference.gateway.routes import Directory, Route
 from inference.gateway.upstream import Dropped, Upstream, UpstreamPool
 from inference.runtime import KEY_HEADER
+from inference.service import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,15 @@ class Gateway:
     """One gateway: ``timeout`` for a replica's answer (then 504), ``connect_timeout`` for a
     connection to a replica, ``eject_s`` a failed replica sits out, ``max_attempts`` replicas
     tried per request, ``idle_s`` a client connection (or its body) may stay silent,
-    ``max_idle_upstream`` idle connections kept per replica."""
+    ``max_idle_upstream`` idle connections kept per replica, ``drain_max`` the most bytes of a
+    refused request's body read and thrown away after answering (:meth:`_drain`)."""
 
     def __init__(self, directory: Directory, *, timeout: float = 300.0, connect_timeout: float = 2.0,
-                 eject_s: float = 5.0, max_attempts: int = 3, idle_s: float = 75.0, max_idle_upstream: int = 64):
+                 eject_s: float = 5.0, max_attempts: int = 3, idle_s: float = 75.0, max_idle_upstream: int = 64,
+                 drain_max: int = MAX_BODY_BYTES):
         self.directory = directory
         self.timeout, self.max_attempts, self.idle_s = timeout, max_attempts, idle_s
+        self.drain_max = drain_max
         self.balancer = Balancer(eject_s)
         self.upstreams = UpstreamPool(timeout=timeout, connect_timeout=connect_timeout, max_idle=max_idle_upstream)
         self._connections: set[asyncio.Task] = set()
@@ -85,15 +89,24 @@ class Gateway:
         """Answer one request; True when the connection may carry another."""
         keep = request.keep_alive
         try:
-            route, body = await self._accept(request, reader, writer)
+            route, length = await self._check(request)
         except GatewayError as e:
-            # an unread body ends the connection; an empty one leaves it usable
-            keep = keep and not request.has_body
-            if e.status in (411, 413, 400):
-                keep = False
+            # refused before its body was read: answered, then the body is read and thrown away
+            # (see _drain); the connection carries on when all of it was
+            keep = keep and e.status not in (400, 411) and self._drainable(request)
             writer.write(error_answer(e, close=not keep))
             await writer.drain()
-            return keep
+            return await self._drain(request, reader) and keep
+        try:
+            body = await self._read_body(request, route, length, reader, writer)
+        except GatewayError as e:
+            # 408, a malformed chunked body, or a chunked one over the limit (the rest of it
+            # thrown away before closing, as above): this connection ends here
+            writer.write(error_answer(e, close=True))
+            await writer.drain()
+            if isinstance(e, BodyTooLarge):
+                await self._drain(request, reader, e.pending)
+            return False
         try:
             await self._forward(route, request, body, writer, keep)
         except GatewayError as e:
@@ -102,9 +115,48 @@ class Gateway:
         self.served += 1
         return keep
 
-    async def _accept(self, request: Request, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> tuple[Route, bytes]:
-        """Check the request and read its body; GatewayError for every refusal."""
+    def _drainable(self, request: Request) -> bool:
+        """Whether :meth:`_drain` can read all of this request's body."""
+        if not request.has_body:
+            return True
+        if request.headers.get("expect", "").lower() == "100-continue":
+            return False
+        if request.headers.get("transfer-encoding", "").lower() == "chunked":
+            return True     # up to drain_max: known only once read
+        length = request.headers.get("content-length", "")
+        return length.isdigit() and int(length) <= self.drain_max
+
+    async def _drain(self, request: Request, reader: asyncio.StreamReader, pending: int | None = None) -> bool:
+        """Read the body of a refused request and throw it away, at most ``drain_max`` bytes
+        (never more than CHUNK in memory), within ``idle_s``; True when all of it was read.
+        ``pending``: a chunked body read up to the data of a chunk of this size.
+
+        Why: the web server in front (nginx) reads the client's whole body, then writes all of it
+        here and reads the answer after. Closing with the body unread makes its write fail
+        (EPIPE on the unix socket, a reset on TCP) and it then answers the client its own HTML
+        502 rather than ours; on TCP the reset can also destroy our answer before a client
+        reads it. Answering first, then reading, serves both nginx and clients that stop sending
+        once answered (they have their answer; the connection ends when the body does, or after
+        ``idle_s``). nginx takes no body for /service/ larger than the largest service limit
+        (``client_max_body_size`` in nginx.conf.j2 = MAX_BODY_BYTES = the default
+        ``drain_max``), so all it sends is read. A client that asked ``Expect: 100-continue``
+        sends no body until told to: its connection is closed after the answer."""
+        if pending is None and not self._drainable(request):
+            return False
+        if not request.has_body:
+            return True
+        try:
+            async with asyncio.timeout(self.idle_s):
+                if pending is not None or request.headers.get("transfer-encoding", "").lower() == "chunked":
+                    return await discard_chunked(reader, self.drain_max, pending)
+                await discard(reader, int(request.headers["content-length"]))
+                return True
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return False
+
+    async def _check(self, request: Request) -> tuple[Route, int | None]:
+        """Check a request's head: its route and body length (None: chunked); GatewayError for
+        every refusal."""
         m = NAME_RE.fullmatch(request.path)
         if m is None:
             raise GatewayError(404, "not_found", "this address serves POST|PUT /service/NAME only (the API is under "
@@ -143,14 +195,20 @@ class Gateway:
             if route.max_body and n > route.max_body:
                 raise GatewayError(413, "too_large", "the body is %d bytes; service %s takes at most %d"
                                    % (n, name, route.max_body))
+        return route, n
+
+    async def _read_body(self, request: Request, route: Route, n: int | None, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> bytes:
+        """The body of a request that passed :meth:`_check` (``n`` bytes; None: chunked)."""
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             async with asyncio.timeout(self.idle_s):
-                body = await reader.readexactly(n) if n is not None else await read_chunked(reader, route.service, route.max_body)
+                if n is not None:
+                    return await reader.readexactly(n)
+                return await read_chunked(reader, route.service, route.max_body)
         except TimeoutError as e:
             raise GatewayError(408, "bad_request", "the request body did not arrive within %.0fs" % self.idle_s) from e
-        return route, body
 
     # -- the replica side ---------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ versions, the service's key on the way to its replicas, and clear errors for eve
 request."""
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import logging
@@ -13,7 +14,10 @@ import threading
 import time
 from collections import Counter
 
+import pytest
+
 from inference.gateway import Route, parse_head
+from inference.gateway.http1 import discard, discard_chunked
 from inference.balancer import Balancer, Target
 from tests.inference.conftest import StaticDirectory
 
@@ -182,8 +186,9 @@ def test_refused_requests_get_clear_errors_and_keep_alive_survives_the_harmless_
     status, r, out = post(gw, method="GET", body=None, conn=conn)
     assert status == 405 and r.getheader("Allow") == "POST, PUT"
     assert post(gw, conn=conn)[0] == 200                                # the same connection still serves
-    status, r, out = post(gw, body=b"x" * 2000)
-    assert status == 413 and "1000" in out["message"] and r.getheader("Connection") == "close"
+    status, r, out = post(gw, body=b"x" * 2000, conn=conn)      # over the limit: its body read and thrown away
+    assert status == 413 and "1000" in out["message"] and r.getheader("Connection") is None
+    assert post(gw, conn=conn)[0] == 200
 
     head = "POST /service/toy HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n" % TOKEN
     raw = raw_exchange(gw, (head + "Connection: close\r\n\r\n").encode())
@@ -191,8 +196,9 @@ def test_refused_requests_get_clear_errors_and_keep_alive_survives_the_harmless_
     raw = raw_exchange(gw, (head + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                             "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").encode())
     assert raw.startswith(b"HTTP/1.1 200 ") and b'"ABCDE"' in raw
-    raw = raw_exchange(gw, (head + "Transfer-Encoding: chunked\r\n\r\n" + "400\r\n" + "y" * 1024 + "\r\n").encode())
-    assert raw.startswith(b"HTTP/1.1 413 ")
+    raw = raw_exchange(gw, (head + "Transfer-Encoding: chunked\r\n\r\n" + ("400\r\n" + "y" * 1024 + "\r\n") * 3
+                            + "0\r\n\r\n").encode())
+    assert raw.startswith(b"HTTP/1.1 413 ") and raw.count(b"HTTP/1.1") == 1     # the rest thrown away, then closed
     raw = raw_exchange(gw, b"GARBAGE\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 400 ") and b"malformed request line" in raw
     raw = raw_exchange(gw, b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -211,6 +217,92 @@ def test_refused_requests_get_clear_errors_and_keep_alive_survives_the_harmless_
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
         s.sendall((head + "Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n").encode())
         assert s.recv(65536).startswith(b"HTTP/1.1 413 ")
+
+
+def test_a_refused_requests_body_is_read_and_thrown_away_and_the_connection_serves_on(runtimes, gateways):
+    """nginx sends the whole body before it reads the answer: a refusal must not close on an
+    unread body (nginx then answered its own HTML 502), whatever the body's size."""
+    a = runtimes("a")
+    gw = gateways(StaticDirectory(route(Target("a", a.host, a.port), max_body=1000)), drain_max=8 * 1024 * 1024)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
+    big = b"x" * (4 * 1024 * 1024)
+    for kw, status in (({"token": None}, 401), ({"token": "not-a-token"}, 401), ({"name": "nope"}, 404), ({}, 413),
+                       ({"method": "GET"}, 405)):
+        got, r, out = post(gw, body=big, conn=conn, **kw)
+        assert got == status and r.getheader("Content-Type") == "application/json" and out["error"]
+        assert r.getheader("Connection") is None
+        assert post(gw, conn=conn)[0] == 200        # the body was read to its end, not taken as a request
+    # a chunked one too
+    head = "POST /service/nope HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nTransfer-Encoding: chunked\r\n\r\n" % TOKEN
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(head.encode() + (b"100000\r\n" + b"y" * 0x100000 + b"\r\n") * 3 + b"0\r\n\r\n")
+        s.sendall(b"POST /service/toy HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 2\r\n"
+                  b"Connection: close\r\n\r\nok" % TOKEN.encode())
+        answers = b""
+        while chunk := s.recv(65536):
+            answers += chunk
+    assert answers.startswith(b"HTTP/1.1 404 ") and b"HTTP/1.1 200 " in answers and b'"OK"' in answers
+    # over drain_max (nginx sends none: its client_max_body_size is the largest service limit):
+    # answered at once, and the connection closed
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"POST /service/toy HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (9 * 1024 * 1024))
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in answer
+
+
+def test_nginx_takes_for_service_no_more_than_the_router_drains_and_refuses_more_in_json():
+    """The /service/ location of the portal's nginx template: its client_max_body_size is the
+    largest service limit, which is what the gateway drains by default; its own 413 is JSON."""
+    import re
+    from pathlib import Path
+
+    from inference.gateway import Gateway
+    from inference.service import MAX_BODY_BYTES
+    text = (Path(__file__).resolve().parents[2] / "ansible/roles/portal/templates/nginx.conf.j2").read_text()
+    block = re.search(r"location /service/ \{(.*?)\n        \}", text, re.S).group(1)
+    size = re.search(r"client_max_body_size (\d+)([kmg]?);", block)
+    assert int(size.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[size.group(2)] == MAX_BODY_BYTES
+    assert Gateway(StaticDirectory()).drain_max == MAX_BODY_BYTES
+    named = re.search(r"error_page 413 (@\w+);", block).group(1)
+    own = re.search(r"location %s \{(.*?)\}\n" % named, text, re.S).group(1)
+    assert "default_type application/json;" in own
+    answer = json.loads(re.search(r"return 413 '(.*)\\n';", own).group(1))
+    assert answer["error"] == "too_large" and str(MAX_BODY_BYTES) in answer["message"]
+
+
+def discarded(data: bytes, discarding) -> tuple[object, bytes]:
+    """(what ``discarding(reader)`` answered, what it left unread) on a stream of ``data``."""
+    async def main():
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await discarding(reader), await reader.read()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("data, cap, pending, drained", [
+    (b"3\r\nabc\r\n0\r\n\r\n", 10, None, True),
+    (b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n", 10, None, True),
+    (b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 5, None, True),       # exactly the cap
+    (b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 4, None, False),      # one byte over
+    (b"abc\r\n0\r\n\r\n", 3, 3, True),                            # the rest of a chunk whose size was read
+    (b"abc\r\n0\r\n\r\n", 2, 3, False),
+    (b"zz\r\nabc\r\n0\r\n\r\n", 10, None, False),                # malformed sizes
+    (b"-3\r\nabc\r\n0\r\n\r\n", 10, None, False),
+    (b"0x3\r\nabc\r\n0\r\n\r\n", 10, None, False),
+    (b"3\r\nabcX\r\n0\r\n\r\n", 10, None, False),                # chunk longer than its size
+])
+def test_discard_chunked_reads_to_the_end_of_the_body_within_its_cap(data, cap, pending, drained):
+    got, rest = discarded(data + b"NEXT", lambda r: discard_chunked(r, cap, pending))
+    assert got is drained
+    if drained:         # not a byte of the next request taken
+        assert rest == b"NEXT"
+
+
+def test_discard_reads_exactly_its_count_and_fails_on_a_short_body():
+    assert discarded(b"x" * 200_000 + b"NEXT", lambda r: discard(r, 200_000)) == (None, b"NEXT")
+    with pytest.raises(asyncio.IncompleteReadError):
+        discarded(b"short", lambda r: discard(r, 10))
 
 
 def test_weights_split_requests_between_two_versions_in_proportion():
