@@ -1,10 +1,14 @@
 """Authentication and the request's user.
 
-- Web: a login form (user name and password, rate-limited) sets a session; every form carries
-  a CSRF token.
+- Web: a login form (user name and password, rate-limited) opens a server-side session
+  (:mod:`portal.services.web_sessions`): the signed cookie holds its random id and the CSRF
+  token, the database only the id's hash. Logging out, "log out everywhere", a password change
+  and the idle and absolute timeouts delete the row, so a saved cookie no longer works. Every
+  form carries the CSRF token.
 - API: ``Authorization: Bearer TOKEN`` (a user's API token, stored hashed; or the site's
-  bootstrap admin token, which stands for the ``admin`` account). The web pages' own calls may
-  use the session instead; unsafe methods then need the ``X-CSRF-Token`` header.
+  bootstrap admin token, which stands for the ``admin`` account); wrong tokens are rate-limited
+  per client address. The web pages' own calls may use the session instead; unsafe methods then
+  need the ``X-CSRF-Token`` header.
 
 Every view is behind :func:`login_required` (pages) or :func:`api_auth` (API); ``g.user`` is
 the :class:`portal.models.User` for the request.
@@ -21,7 +25,7 @@ from flask import (Blueprint, abort, current_app, flash, g, jsonify, redirect, r
 from portal.db_session import db
 from portal.errors import AuthError, RateLimitError
 from portal.models import User
-from portal.services import accounts
+from portal.services import accounts, web_sessions
 
 bp = Blueprint("auth", __name__)
 
@@ -38,20 +42,31 @@ def check_csrf() -> None:
         abort(400, "missing or wrong CSRF token: reload the page and try again")
 
 
+def session_limits() -> web_sessions.SessionLimits:
+    settings = current_app.extensions["aiportal.settings"]
+    return web_sessions.SessionLimits(idle_s=settings.session_idle_s, max_age_s=settings.session_max_age_s)
+
+
+def current_session_id() -> str | None:
+    """The id of the web session this request came with, once :func:`_session_user` accepted it."""
+    return g.get("session_id")
+
+
 def _session_user() -> User | None:
-    uid = session.get("uid")
-    if uid is None:
+    sid = session.get("sid")
+    if not sid:
+        if session.get("uid") is not None:
+            session.clear()     # a cookie of before server-side sessions: log in again
         return None
-    user = db().get(User, uid)
-    if user is None or user.disabled or session.get("pw") != _pw_mark(user):
+    db_ = db()
+    user = web_sessions.user_for_session(db_, sid, session_limits())
+    if db_.dirty or db_.deleted:
+        db_.commit()        # last seen (at most once a minute), or a timed-out session removed
+    if user is None:
         session.clear()
         return None
+    g.session_id = sid
     return user
-
-
-def _pw_mark(user: User) -> str:
-    """Ties a session to the password it was opened with: changing the password ends it."""
-    return (user.password_hash or "")[-12:]
 
 
 def _bearer_user() -> User | None:
@@ -60,9 +75,16 @@ def _bearer_user() -> User | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     settings = current_app.extensions["aiportal.settings"]
+    limits = accounts.TokenLimits(per_address=settings.token_failures_per_address,
+                                  window_s=settings.token_failure_window_s)
+    address = request.remote_addr or "unknown"
     session_ = db()
+    accounts.check_token_limit(session_, address, limits)      # 429 before the token is even looked at
     user = accounts.user_for_token(session_, token.strip(), settings.admin_token_sha256)
-    if session_.new or session_.dirty:
+    if user is None:
+        accounts.record_token_failure(session_, address, limits)
+        session_.commit()      # the failure counts towards the limit
+    elif session_.new or session_.dirty:
         session_.commit()      # last_used_at (at most once a minute), or the admin account on first use
     return user
 
@@ -138,9 +160,10 @@ def login():
             db().commit()      # the failure counts towards the limit
             flash(str(e))
             return render_template("login.html", name=name), 401
-        db().commit()
         session.clear()
-        session["uid"], session["pw"] = user.id, _pw_mark(user)
+        session["sid"] = web_sessions.open_session(db(), user, request.remote_addr or "unknown",
+                                                   request.user_agent.string, session_limits())
+        db().commit()
         csrf_token()
         return redirect(_safe_next(request.args.get("next")))
     return render_template("login.html")
@@ -149,5 +172,7 @@ def login():
 @bp.post("/logout")
 def logout():
     check_csrf()
+    web_sessions.end_session(db(), session.get("sid", ""))
+    db().commit()
     session.clear()
     return redirect(url_for("auth.login"))

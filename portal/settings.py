@@ -53,6 +53,15 @@ class Settings:
     #: web servers in front of the portal whose X-Forwarded-For/-Proto to trust (the portal
     #: role puts nginx in front: 1); 0 when clients reach gunicorn directly
     proxy_hops: int = 0
+    #: a web session ends after this long without a request (its last-seen time is written at
+    #: most once a minute, so it may last up to a minute longer)
+    session_idle_s: float = 8 * 3600.0
+    #: and this long after its login, however busy (absolute timeout)
+    session_max_age_s: float = 7 * 86400.0
+    #: wrong ``Authorization: Bearer`` tokens: after this many from one client address within
+    #: token_failure_window_s, that address's API calls get 429 until the window has passed
+    token_failures_per_address: int = 20
+    token_failure_window_s: int = 300
     shared_root: str = "/srv/aiportal/shared"
     slurm_conf: str = "/etc/slurm/slurm.conf"
     cluster_name: str = "aiportal"
@@ -171,6 +180,9 @@ class Settings:
     notify_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
+        for name in ("session_idle_s", "session_max_age_s", "token_failures_per_address", "token_failure_window_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError("%s = %r: must be more than 0" % (name, getattr(self, name)))
         # the health check's copies of the shared settings are always these (typed once)
         if (self.health.slurm_conf, self.health.shared_root) != (self.slurm_conf, self.shared_root):
             object.__setattr__(self, "health", replace(self.health, slurm_conf=self.slurm_conf,

@@ -56,7 +56,7 @@ def operation(method: str, rule: str, summary: str, answers: Mapping[int, Answer
               **kw: Any) -> Callable[[Callable], Callable]:
     """Declare a view: its route on :data:`bp` and its entry in the OpenAPI document."""
     op = Operation(method=method.upper(), rule=rule, summary=summary, answers=answers,
-                   errors=tuple(sorted(set(errors) | ({401} if kw.get("auth", True) else set()))), **kw)
+                   errors=tuple(sorted(set(errors) | ({401, 429} if kw.get("auth", True) else set()))), **kw)
 
     def register(view: Callable) -> Callable:
         OPERATIONS.append(op)

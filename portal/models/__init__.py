@@ -4,4 +4,4 @@ API and the CLI send) and a public model (what the API answers), in one module p
 from portal.models.tables import (ApiToken, BuildState, DataSourceRecord, Event, EventKind, IdempotencyKey,  # noqa: F401
                                   Image, ImageBuild, ImageState, RegistryCredential,
                                   Job, LoginFailure, NodeCondition, NodeRecord, Project, ProjectMember,
-                                  Service, ServiceReplica, ServiceState, User, new_id, utcnow)
+                                  Service, ServiceReplica, ServiceState, User, WebSession, new_id, utcnow)

@@ -1,12 +1,12 @@
-"""Accounts' models: the caller (``GET /me``), API tokens (create, public, created once) and
-projects (create, public)."""
+"""Accounts' models: the caller (``GET /me``), API tokens (create, public, created once), web
+sessions (public, ended) and projects (create, public)."""
 from __future__ import annotations
 
 from pydantic import ConfigDict, Field, field_validator
 from sqlmodel import SQLModel
 
 from portal.models.common import OptionalTimestamp, Timestamp
-from portal.models.tables import ApiToken, Project
+from portal.models.tables import ApiToken, Project, WebSession
 
 
 class Me(SQLModel):
@@ -56,6 +56,32 @@ class TokenCreated(SQLModel):
     token: str
     prefix: str
     message: str = "copy the token now: it is not shown again"
+
+
+class SessionPublic(SQLModel):
+    """A logged-in browser of the caller's (never its id: only the server's own number)."""
+
+    id: int
+    created_at: Timestamp
+    last_seen_at: Timestamp = Field(description="updated at most once a minute")
+    address: str = Field(description="the client address it logged in from")
+    user_agent: str = Field(description="the browser it logged in with (its first 128 characters)")
+    current: bool = Field(description="the session this request came with")
+
+    @classmethod
+    def of(cls, s: WebSession, current: bool = False) -> "SessionPublic":
+        return cls(id=s.id, created_at=s.created_at, last_seen_at=s.last_seen_at, address=s.address,
+                   user_agent=s.user_agent, current=current)
+
+
+class SessionList(SQLModel):
+    sessions: list[SessionPublic]
+
+
+class SessionsEnded(SQLModel):
+    """The answer to "log out everywhere"."""
+
+    ended: int = Field(description="how many web sessions ended (API tokens are not touched)")
 
 
 class ProjectCreate(SQLModel):

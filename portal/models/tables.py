@@ -1,6 +1,7 @@
 """The portal's database tables (SQLModel), and the data models the API speaks.
 
-Tables: users, projects (with members), API tokens (hashed), login failures (rate limit),
+Tables: users, projects (with members), API tokens (hashed), web sessions (hashed), login
+failures (rate limits of logins and of wrong API tokens),
 jobs, events (a job's timeline; node events for the cluster page), idempotency keys (the first
 answer to a create request, for its retries), images, data sources
 (keys sealed with the site's data key), inference services and their replicas. The schema is created and changed only by the Alembic
@@ -116,8 +117,26 @@ class ApiToken(SQLModel, table=True):
     revoked_at: dt.datetime | None = None
 
 
+class WebSession(SQLModel, table=True):
+    """A logged-in browser. The cookie holds the session's random id; only its sha256 is kept.
+    Logging out deletes the row; so do "log out everywhere", a password change (the account's
+    other sessions) and the idle and absolute timeouts (``session_idle_s``, ``session_max_age_s``)."""
+
+    __tablename__ = "web_sessions"
+    id: int | None = Field(default=None, primary_key=True)
+    id_sha256: str = Field(max_length=64, sa_column_kwargs={"unique": True})
+    user_id: int = Field(foreign_key="users.id", index=True)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    #: updated at most once a minute (no write per request)
+    last_seen_at: dt.datetime = Field(default_factory=utcnow)
+    #: the client address and user agent it was opened from (to tell sessions apart)
+    address: str = Field(default="", max_length=64)
+    user_agent: str = Field(default="", max_length=128)
+
+
 class LoginFailure(SQLModel, table=True):
-    """A failed login, kept for the rate limit (by account name and by client address)."""
+    """A failed login (keys ``name:NAME``, ``addr:ADDRESS``) or a wrong API token (key
+    ``token:ADDRESS``), kept for the rate limits."""
 
     __tablename__ = "login_failures"
     id: int | None = Field(default=None, primary_key=True)

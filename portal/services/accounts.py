@@ -1,5 +1,6 @@
 """Accounts: users (each maps to the Unix account its jobs run as), projects, passwords,
-API tokens and the login rate limit. Pure use cases over a database session; no Flask."""
+API tokens and the rate limits of logins and of wrong API tokens. Pure use cases over a
+database session; no Flask."""
 from __future__ import annotations
 
 import datetime as dt
@@ -17,6 +18,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from portal.errors import AuthError, ConflictError, NotFoundError, RateLimitError, ValidationError
 from portal.models.accounts import ProjectCreate
 from portal.models import ApiToken, LoginFailure, Project, ProjectMember, User, utcnow
+from portal.services import web_sessions
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _UNIX_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -86,9 +88,23 @@ def add_user(db: Session, name: str, unix_user: str, password: str | None = None
     return user
 
 
-def set_password(db: Session, user: User, password: str) -> None:
+def set_password(db: Session, user: User, password: str, keep_session: str | None = None) -> None:
+    """A new password for ``user``; every web session of the account ends but ``keep_session``
+    (the id of the session that changed it, if any)."""
     user.password_hash = generate_password_hash(check_password(password))
     db.add(user)
+    web_sessions.end_sessions(db, user, keep=keep_session)
+
+
+def change_password(db: Session, user: User, current: str, new: str, keep_session: str | None = None) -> None:
+    """The user's own change: ``current`` must be the password now; the account's other web
+    sessions end (``keep_session``, the one that asked, stays)."""
+    if not user.password_hash:
+        raise ValidationError("current_password", "this account has no password (it logs in with the site's "
+                                                  "admin token); an admin sets one with `aiportal user passwd`")
+    if not check_password_hash(user.password_hash, current or ""):
+        raise ValidationError("current_password", "that is not your current password")
+    set_password(db, user, new, keep_session=keep_session)
 
 
 def get_user(db: Session, name: str) -> User:
@@ -128,10 +144,38 @@ def authenticate(db: Session, name: str, password: str, address: str,
     if not ok or user is None or user.disabled or not user.password_hash:
         db.add(LoginFailure(key=name_key, at=now))
         db.add(LoginFailure(key=addr_key, at=now))
-        db.exec(delete(LoginFailure).where(LoginFailure.at < since))
+        db.exec(delete(LoginFailure).where(LoginFailure.at < since, LoginFailure.key.notlike("token:%")))
         raise AuthError("wrong user name or password")
     db.exec(delete(LoginFailure).where(LoginFailure.key == name_key))
     return user
+
+
+@dataclass(frozen=True)
+class TokenLimits:
+    """At most ``per_address`` wrong API tokens per client address within ``window_s``; then
+    every API call from that address that sends a token is refused (429), whether its token is
+    right or not, until the window has passed. Other addresses are not affected."""
+
+    per_address: int = 20
+    window_s: int = 300
+
+
+def check_token_limit(db: Session, address: str, limits: TokenLimits = TokenLimits()) -> None:
+    """RateLimitError when ``address`` sent too many wrong tokens within the window."""
+    since = utcnow() - dt.timedelta(seconds=limits.window_s)
+    if _failures(db, "token:%s" % address[:100], since) >= limits.per_address:
+        raise RateLimitError("too many wrong API tokens from %s; try again in %d minutes with a valid token "
+                             "(`aiportal token create` or the Tokens page)" % (address[:100],
+                                                                               max(1, limits.window_s // 60)),
+                             retry_after=limits.window_s)
+
+
+def record_token_failure(db: Session, address: str, limits: TokenLimits = TokenLimits()) -> None:
+    """Count one wrong token from ``address`` (committed by the caller)."""
+    now = utcnow()
+    db.add(LoginFailure(key="token:%s" % address[:100], at=now))
+    db.exec(delete(LoginFailure).where(LoginFailure.key.startswith("token:"),
+                                       LoginFailure.at < now - dt.timedelta(seconds=limits.window_s)))
 
 
 def token_hash(token: str) -> str:

@@ -14,7 +14,7 @@ its field, with the user's input kept.
 | images | ``GET|POST /images`` |
 | Dockerfile builds (upload, list, live log) | ``GET|POST /images/builds``, ``GET /images/builds/ID`` |
 | data sources (browse a prefix) | ``GET /data?source=NAME&prefix=s3://...``, ``POST /data``, ``POST /data/NAME/delete`` |
-| API tokens | ``GET|POST /tokens``, ``POST /tokens/ID/revoke`` |
+| account: API tokens, web sessions, password | ``GET|POST /tokens``, ``POST /tokens/ID/revoke``, ``POST /account/sessions/revoke`` (log out everywhere), ``POST /account/password`` |
 | inference services (deploy, scale, update, delete) | ``GET|POST /services``, ``POST /services/NAME/scale|update|delete`` |
 """
 from portal.web.common import bp  # noqa: F401 (the app registers it)

@@ -29,6 +29,7 @@ ENDPOINTS = [
     ("GET", "/api/v1/registries"), ("POST", "/api/v1/registries"), ("DELETE", "/api/v1/registries/localhost:5000"),
     ("GET", "/api/v1/images/choices"), ("GET", "/api/v1/images/check"),
     ("POST", "/api/v1/jobs/x/stage-out"), ("GET", "/api/v1/jobs/x/stage-out/log"),
+    ("GET", "/api/v1/sessions"), ("POST", "/api/v1/sessions/revoke"),
 ]
 
 

@@ -102,7 +102,8 @@ def logged_in(client, name="alice"):
 PAGES = ["/", "/jobs", "/jobs?page=2", "/jobs/new", "/jobs/JOB", "/jobs/JOB/plot.svg", "/cluster", "/images",
          "/data", "/data?source=x&prefix=s3://b", "/tokens"]
 FORMS = ["/jobs/new", "/jobs/JOB/cancel", "/jobs/JOB/resubmit", "/jobs/JOB/stage-out", "/cluster/nodes/g1n1/drain",
-         "/cluster/nodes/g1n1/resume", "/images", "/data", "/data/src/delete", "/tokens", "/tokens/1/revoke"]
+         "/cluster/nodes/g1n1/resume", "/images", "/data", "/data/src/delete", "/tokens", "/tokens/1/revoke",
+         "/account/sessions/revoke", "/account/password"]
 
 
 @pytest.mark.parametrize("url", PAGES)
