@@ -168,6 +168,8 @@ def _fence() -> list[str]:
         "fi",
         'printf "%%s %%s\\n" "$run_id" "$(hostname)" > "$fence.$$" && mv -f "$fence.$$" "$fence" || '
         '{ log "cannot write the fence file $fence"; exit %d; }' % EXIT_STAGE_IN_FAILED,
+        "# where one run's lines end and the next's begin (runs share the job's log, one at a time)",
+        'log "run $run_id on $(hostname)${prev:+ (the run before: $prev)}"',
         "# every end of this run says so, with its exit status and whether a signal stopped it (the next run",
         "# waits for that; the portal reads it for a run Slurm forgot), and ends the watchdog",
         "trap 'st=$?; if [ \"$watchdog\" -gt 0 ]; then kill \"$watchdog\" 2>/dev/null; fi; "
