@@ -25,6 +25,7 @@ from flask import (Blueprint, abort, current_app, flash, g, jsonify, redirect, r
 from portal.db_session import db
 from portal.errors import AuthError, RateLimitError
 from portal.models import User
+from portal.scopes import FULL, Grant
 from portal.services import accounts, web_sessions
 
 bp = Blueprint("auth", __name__)
@@ -80,12 +81,14 @@ def _bearer_user() -> User | None:
     address = request.remote_addr or "unknown"
     session_ = db()
     accounts.check_token_limit(session_, address, limits)      # 429 before the token is even looked at
-    user = accounts.user_for_token(session_, token.strip(), settings.admin_token_sha256)
-    if user is None:
+    found = accounts.caller_for_token(session_, token.strip(), settings.admin_token_sha256)
+    if found is None:
         accounts.record_token_failure(session_, address, limits)
         session_.commit()      # the failure counts towards the limit
-    elif session_.new or session_.dirty:
+        return None
+    if session_.new or session_.dirty:
         session_.commit()      # last_used_at (at most once a minute), or the admin account on first use
+    user, g.grant = found
     return user
 
 
@@ -110,12 +113,32 @@ def unauthorized(message: str):
     return resp
 
 
-def api_auth(view):
-    """API: a Bearer token, or the browser's session plus ``X-CSRF-Token`` for unsafe methods."""
+def insufficient_scope(scope: str | None, grant: Grant):
+    """403 for a token whose scopes do not allow the operation (RFC 6750's ``insufficient_scope``)."""
+    has = " ".join(grant.scopes) if grant.scopes is not None else "the account's full access"
+    if scope is None:
+        message = ("this operation needs a token with the account's full access (made without --scope); this token "
+                   "has: %s" % has)
+    else:
+        message = ("this operation needs the scope %s; this token has: %s. Make a token that has it: "
+                   "`aiportal token create --scope %s`" % (scope, has, scope))
+    resp = jsonify(error="insufficient_scope", message=message)
+    resp.status_code = 403
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="aiportal", error="insufficient_scope"%s' % (
+        ', scope="%s"' % scope if scope else "")
+    return resp
+
+
+def api_auth(view, scope: str | None = None):
+    """API: a Bearer token, or the browser's session plus ``X-CSRF-Token`` for unsafe methods.
+    ``scope``: what the operation needs of a token (:func:`portal.scopes.needed`: "" any valid
+    token, None the account's full access); a session has full access."""
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
+        g.grant = FULL
         user = _bearer_user()
         if user is None and not request.headers.get("Authorization"):
+            g.grant = FULL
             user = _session_user()
             if user is not None and request.method not in ("GET", "HEAD", "OPTIONS"):
                 sent = request.headers.get("X-CSRF-Token", "")
@@ -124,6 +147,8 @@ def api_auth(view):
         if user is None:
             return unauthorized("send 'Authorization: Bearer TOKEN' (create one with `aiportal token create` "
                                 "or on the Tokens page)")
+        if not g.grant.allows(scope):
+            return insufficient_scope(scope, g.grant)
         g.user = user
         return view(*args, **kwargs)
     return wrapped

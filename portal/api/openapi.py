@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import pydantic
 from pydantic.json_schema import models_json_schema
 
-from portal import __version__
+from portal import __version__, scopes
 from portal.api.operations import OPERATIONS
 
 _REF = "#/components/schemas/{model}"
@@ -77,6 +77,11 @@ def openapi_document() -> dict[str, Any]:
                 "application/json": {"schema": schema_of(op.body, "validation")}}}
         if not op.auth:
             entry["security"] = []
+        else:
+            # what a scoped token needs for it (portal/scopes.py); a session has full access
+            need = scopes.needed(op.method, op.rule)
+            entry["security"] = [{"bearer": [need] if need else []}]
+            entry["x-aiportal-scope"] = need if need is not None else "full access"
         paths.setdefault(op.path, {})[op.method.lower()] = entry
     return {
         "openapi": "3.1.0",
@@ -86,7 +91,10 @@ def openapi_document() -> dict[str, Any]:
         "servers": [{"url": "/api/v1"}],
         "security": [{"bearer": []}],
         "paths": paths,
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": schemas},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": (
+            "an API token; a token made with scopes may call only the operations whose scope it has "
+            "(x-aiportal-scope): %s" % "; ".join("%s: %s" % kv for kv in scopes.SCOPES.items()))}},
+            "schemas": schemas},
     }
 
 

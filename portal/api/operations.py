@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import pydantic
 from flask import Blueprint, jsonify, request
 
+from portal import scopes
 from portal.auth import api_auth
 from portal.db_session import db
 from portal.errors import ValidationError
@@ -56,12 +57,13 @@ def operation(method: str, rule: str, summary: str, answers: Mapping[int, Answer
               **kw: Any) -> Callable[[Callable], Callable]:
     """Declare a view: its route on :data:`bp` and its entry in the OpenAPI document."""
     op = Operation(method=method.upper(), rule=rule, summary=summary, answers=answers,
-                   errors=tuple(sorted(set(errors) | ({401, 429} if kw.get("auth", True) else set()))), **kw)
+                   errors=tuple(sorted(set(errors) | ({401, 403, 429} if kw.get("auth", True) else set()))), **kw)
 
     def register(view: Callable) -> Callable:
         OPERATIONS.append(op)
         _BY_RULE[(op.method, "/api/v1" + rule)] = op
-        bp.add_url_rule(rule, view.__name__, api_auth(view) if op.auth else view, methods=[op.method])
+        bp.add_url_rule(rule, view.__name__, api_auth(view, scopes.needed(op.method, rule)) if op.auth else view,
+                        methods=[op.method])
         return view
     return register
 

@@ -18,7 +18,7 @@ def list_tokens():
            body=TokenCreate, body_required=False)
 def create_token():
     req = body(TokenCreate, required=False)
-    token, rec = accounts.create_token(db(), g.user, req.name, req.expires_days)
+    token, rec = accounts.create_token(db(), g.user, req.name, req.expires_days, req.scopes, req.service)
     db().commit()
     return answer(TokenCreated(id=rec.id, token=token, prefix=rec.prefix), 201)
 

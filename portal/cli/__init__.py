@@ -18,11 +18,12 @@ Jobs, through the portal's JSON API (like any other client):
     aiportal stage finish JOB [--wait] [--json]  finish a pending stage-out: the portal runs `aiportal stage out`
                                                  in a Slurm job as you (--wait: print its log, exit 0 when done)
     aiportal cluster [--json]                    partitions and nodes
-    aiportal token create [--name N] [--expires-days D] | list | revoke ID
+    aiportal token create [--name N] [--expires-days D] [--scope S ...] [--service NAME] | list | revoke ID
                                                  the caller's own API tokens
     aiportal registry login HOST --username U [--password-stdin] | list | logout HOST
                                                  your registry accounts (checked, kept sealed)
     aiportal image choices [--json] | check REF  images to pick; would REF run for you?
+    aiportal image rm ID|REF                     delete one of your registered images
     aiportal image build [-f Dockerfile] [CONTEXT] --tag REGISTRY/REPO:TAG
                                                  build in a Slurm job as you, push to the registry
     aiportal service deploy NAME --image SIF --model URI [--model-file F] [--class C] [--version V]
@@ -79,6 +80,7 @@ import os
 import sys
 
 from portal import __version__
+from portal.scopes import SCOPES
 from portal.cli import registries, site_images, stage
 from portal.cli.builds import cmd_build_run, cmd_image_build, cmd_image_build_cancel, cmd_image_builds
 from portal.cli.accounts import (_add_config, _add_password, cmd_project_add, cmd_token_create, cmd_token_list,
@@ -309,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--user", help="for this user, straight on the database (root, on the portal host)")
     c.add_argument("--name", help="a label to tell tokens apart")
     c.add_argument("--expires-days", type=int, metavar="D", help="valid for D days (default: until revoked)")
+    c.add_argument("--scope", action="append", metavar="SCOPE", dest="scopes",
+                   help="what it may do, repeatable: %s (default: the account's full access)" % ", ".join(SCOPES))
+    c.add_argument("--service", metavar="NAME",
+                   help="it may call only this service of yours (an invoke key: --scope defaults to services:invoke)")
     _add_config(c)
     c.set_defaults(func=cmd_token_create)
     c = tsub.add_parser("list", help="tokens (never the tokens themselves)")

@@ -162,7 +162,8 @@ def _token_rows(tokens) -> list[dict]:
     return [{"id": t.id, "name": t.name, "prefix": t.prefix, "created_at": t.created_at.isoformat(),
              "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
              "expires_at": t.expires_at.isoformat() if t.expires_at else None,
-             "revoked": t.revoked_at is not None} for t in tokens]
+             "revoked": t.revoked_at is not None, "scopes": t.scopes.split() if t.scopes else None,
+             "service_id": t.service_id} for t in tokens]
 
 
 def cmd_token_create(args) -> int:
@@ -172,10 +173,16 @@ def cmd_token_create(args) -> int:
             user = accounts.get_user(db, args.user)
             if user.disabled:
                 raise CliError("user %s is disabled; `aiportal user enable %s` first" % (user.name, user.name))
-            token, rec = accounts.create_token(db, user, args.name or "", args.expires_days)
+            token, rec = accounts.create_token(db, user, args.name or "", args.expires_days, args.scopes,
+                                               args.service)
             rec_id, expires = rec.id, rec.expires_at
     else:
-        ans = _api(args, "POST", "/tokens", {"name": args.name or "", "expires_days": args.expires_days})
+        req = {"name": args.name or "", "expires_days": args.expires_days}
+        if args.scopes:
+            req["scopes"] = args.scopes
+        if args.service:
+            req["service"] = args.service
+        ans = _api(args, "POST", "/tokens", req)
         token, rec_id, expires = ans["token"], ans["id"], None
     print(token)
     sys.stdout.flush()
@@ -194,12 +201,15 @@ def cmd_token_list(args) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    print("%-5s %-16s %-16s %-17s %-17s %-17s %s" % ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "EXPIRES",
-                                                    "REVOKED"))
+    print("%-5s %-16s %-16s %-17s %-17s %-17s %-8s %s" % ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "EXPIRES",
+                                                          "REVOKED", "SCOPES"))
     for t in rows:
-        print("%-5s %-16s %-16s %-17s %-17s %-17s %s" % (t["id"], t["name"][:16] or "-", t["prefix"] + "...",
-                                                        _when(t["created_at"]), _when(t["last_used_at"]),
-                                                        _when(t["expires_at"]), "yes" if t["revoked"] else ""))
+        scopes = " ".join(t.get("scopes") or ()) or "full access"
+        if t.get("service_id"):
+            scopes += " (one service)"
+        print("%-5s %-16s %-16s %-17s %-17s %-17s %-8s %s" % (
+            t["id"], t["name"][:16] or "-", t["prefix"] + "...", _when(t["created_at"]), _when(t["last_used_at"]),
+            _when(t["expires_at"]), "yes" if t["revoked"] else "", scopes))
     return 0
 
 

@@ -30,6 +30,7 @@ from sqlmodel import Session, select
 from inference.gateway import Gateway, GatewayError, Route, run
 from inference.balancer import Target
 from inference.controller import Phase
+from portal.scopes import FULL, Grant
 from portal.services import accounts
 from portal.models import Service, ServiceReplica, ServiceState
 from portal.settings import Settings
@@ -62,6 +63,7 @@ class OpenRoute:
 
     owner_id: int
     route: Route
+    service_id: str = ""
 
 
 def routing_table(db: Session) -> dict[str, RouteRow]:
@@ -93,7 +95,7 @@ class PortalDirectory:
         self.loaded = 0.0
         self._refresh: asyncio.Task | None = None
         self._miss: asyncio.Future | None = None
-        self.tokens: dict[str, tuple[float, int | None, bool]] = {}
+        self.tokens: dict[str, tuple[float, int | None, bool, Grant]] = {}
 
     # -- database reads (in a worker thread) ---------------------------------------------------
 
@@ -119,16 +121,16 @@ class PortalDirectory:
                         log.error("%s; requests to service %s will be refused by its replicas", e, name)
                         key = ""
                 keys[sealed] = key
-            out[name] = OpenRoute(row.owner_id, Route(name, row.targets, row.max_body, key))
+            out[name] = OpenRoute(row.owner_id, Route(name, row.targets, row.max_body, key), row.service_id)
         self.keys = keys
         return out
 
-    def _read_caller(self, token: str) -> tuple[int | None, bool]:
+    def _read_caller(self, token: str) -> tuple[int | None, bool, Grant]:
         with Session(self.engine) as db:
-            user = accounts.user_for_token(db, token, self.settings.admin_token_sha256)
+            found = accounts.caller_for_token(db, token, self.settings.admin_token_sha256)
             if db.new or db.dirty:
                 db.commit()
-            return (user.id, user.is_admin) if user is not None else (None, False)
+            return (found[0].id, found[0].is_admin, found[1]) if found is not None else (None, False, FULL)
 
     # -- cached answers -------------------------------------------------------------------------
 
@@ -172,18 +174,18 @@ class PortalDirectory:
             if task is not None and not task.done():
                 task.cancel()
 
-    async def caller(self, token: str) -> tuple[int | None, bool]:
+    async def caller(self, token: str) -> tuple[int | None, bool, Grant]:
         key = hashlib.sha256(token.encode()).hexdigest()
         hit = self.tokens.get(key)
         now = time.monotonic()
         if hit is not None and now - hit[0] <= self.ttl:
-            return hit[1], hit[2]
+            return hit[1], hit[2], hit[3]
         found = await asyncio.to_thread(self._read_caller, token)
         self.tokens[key] = (time.monotonic(), *found)
         return found
 
     async def route(self, token: str, name: str) -> Route:
-        user_id, is_admin = await self.caller(token)
+        user_id, is_admin, grant = await self.caller(token)
         if user_id is None:
             raise GatewayError(401, "unauthorized", "the API token is unknown, revoked or expired; create a new one "
                                "(`aiportal token create`)", {"WWW-Authenticate": 'Bearer realm="aiportal"'})
@@ -193,9 +195,17 @@ class PortalDirectory:
             # rather than answer 404/503 for up to router_refresh_s
             await self._reread()
             entry = self.table.get(name)
-        if entry is None or (entry.owner_id != user_id and not is_admin):
+        if entry is None or (entry.owner_id != user_id and not is_admin) or (
+                grant.service_id is not None and grant.service_id != entry.service_id):
+            # a key bound to another service: the same answer as a service that is not there
             raise GatewayError(404, "unknown_service", "there is no service named %r that you may call; your "
                                "services: `aiportal service list`" % name)
+        if not grant.may_call(entry.service_id):
+            raise GatewayError(403, "insufficient_scope", "this token may not call services: it has %s; make one "
+                               "that may: `aiportal token create --scope services:invoke --service %s`"
+                               % (" ".join(grant.scopes or ()), name),
+                               {"WWW-Authenticate": 'Bearer realm="aiportal", error="insufficient_scope", '
+                                                    'scope="services:invoke"'})
         return entry.route
 
 

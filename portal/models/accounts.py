@@ -21,6 +21,12 @@ class TokenCreate(SQLModel):
 
     name: str = Field(default="", description="a label to tell tokens apart (its first 64 characters are kept)")
     expires_days: int | None = Field(default=None, ge=1, le=3650, description="days until it expires (none: never)")
+    scopes: list[str] | None = Field(default=None, min_length=1, description=(
+        "what it may do (jobs:read, jobs:write, services:invoke, services:manage, data:read, data:write, admin); "
+        "none: the account's full access"))
+    service: str | None = Field(default=None, description=(
+        "the name of one of your services: the token may call only that one (an invoke key; scopes default "
+        "to services:invoke)"))
 
     @field_validator("name")
     @classmethod
@@ -38,11 +44,14 @@ class TokenPublic(SQLModel):
     last_used_at: OptionalTimestamp = None
     expires_at: OptionalTimestamp = None
     revoked: bool
+    scopes: list[str] | None = Field(default=None, description="what it may do; null: the account's full access")
+    service_id: str | None = Field(default=None, description="the one service it may call (an invoke key)")
 
     @classmethod
     def of(cls, t: ApiToken) -> "TokenPublic":
         return cls(id=t.id, name=t.name, prefix=t.prefix, created_at=t.created_at, last_used_at=t.last_used_at,
-                   expires_at=t.expires_at, revoked=t.revoked_at is not None)
+                   expires_at=t.expires_at, revoked=t.revoked_at is not None,
+                   scopes=t.scopes.split() if t.scopes else None, service_id=t.service_id)
 
 
 class TokenList(SQLModel):

@@ -115,6 +115,10 @@ class ApiToken(SQLModel, table=True):
     last_used_at: dt.datetime | None = None
     expires_at: dt.datetime | None = None
     revoked_at: dt.datetime | None = None
+    #: what it may do (:mod:`portal.scopes`), space-separated; "" = the account's full access
+    scopes: str = Field(default="", max_length=256)
+    #: the one service it may call (an invoke key); its id, so a later service of that name is not it
+    service_id: str | None = Field(default=None, max_length=36)
 
 
 class WebSession(SQLModel, table=True):

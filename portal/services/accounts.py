@@ -17,7 +17,9 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from portal.errors import AuthError, ConflictError, NotFoundError, RateLimitError, ValidationError
 from portal.models.accounts import ProjectCreate
-from portal.models import ApiToken, LoginFailure, Project, ProjectMember, User, utcnow
+from portal.models import ApiToken, LoginFailure, Project, ProjectMember, Service, User, utcnow
+from portal import scopes as scopemod
+from portal.scopes import FULL, Grant
 from portal.services import web_sessions
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -182,13 +184,31 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(db: Session, user: User, name: str = "", expires_days: int | None = None) -> tuple[str, ApiToken]:
-    """A new API token for ``user``: returns the clear token (shown once) and its record."""
+def create_token(db: Session, user: User, name: str = "", expires_days: int | None = None,
+                 scopes: list[str] | None = None, service: str | None = None) -> tuple[str, ApiToken]:
+    """A new API token for ``user``: returns the clear token (shown once) and its record.
+    ``scopes`` (:mod:`portal.scopes`; None: the account's full access); ``service``: the name
+    of one of the user's services it is bound to (an invoke key: scopes default to
+    ``services:invoke``)."""
     if expires_days is not None and not 1 <= expires_days <= 3650:
         raise ValidationError("expires_days", "between 1 and 3650 days")
+    chosen = scopemod.parse(scopes) if scopes is not None else None
+    service_id = None
+    if service is not None:
+        svc = db.exec(select(Service).where(Service.name == service)).first()
+        if svc is None or (svc.user_id != user.id and not user.is_admin):
+            raise ValidationError("service", "no service named %r of yours; your services: `aiportal service list`"
+                                  % service)
+        service_id = svc.id
+        chosen = chosen or ("services:invoke",)
+        if "services:invoke" not in chosen:
+            raise ValidationError("scopes", "a token bound to a service calls it: include services:invoke")
+    if chosen is not None and "admin" in chosen and not user.is_admin:
+        raise ValidationError("scopes", "admin is for an admin account's tokens")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     rec = ApiToken(user_id=user.id, name=name[:64], token_sha256=token_hash(token), prefix=token[:12],
-                   expires_at=utcnow() + dt.timedelta(days=expires_days) if expires_days else None)
+                   expires_at=utcnow() + dt.timedelta(days=expires_days) if expires_days else None,
+                   scopes=" ".join(chosen) if chosen else "", service_id=service_id)
     db.add(rec)
     db.flush()
     return token, rec
@@ -196,7 +216,15 @@ def create_token(db: Session, user: User, name: str = "", expires_days: int | No
 
 def user_for_token(db: Session, token: str, bootstrap_sha256: str = "") -> User | None:
     """The user an API token belongs to (None: unknown, revoked, expired, or a disabled user).
-    The site's bootstrap admin token (its sha256 from settings) stands for the ``admin`` user."""
+    The site's bootstrap admin token (its sha256 from settings) stands for the ``admin`` user.
+    What the token may do: :func:`caller_for_token`."""
+    found = caller_for_token(db, token, bootstrap_sha256)
+    return found[0] if found else None
+
+
+def caller_for_token(db: Session, token: str, bootstrap_sha256: str = "") -> tuple[User, Grant] | None:
+    """The user an API token belongs to and what it may do (:class:`portal.scopes.Grant`);
+    None: unknown, revoked, expired, or a disabled user."""
     if not token:
         return None
     digest = token_hash(token)
@@ -212,9 +240,9 @@ def user_for_token(db: Session, token: str, bootstrap_sha256: str = "") -> User 
         if rec.last_used_at is None or (now - rec.last_used_at).total_seconds() > 60:
             rec.last_used_at = now      # at most one write a minute per token
             db.add(rec)
-        return user
+        return user, Grant.of(rec.scopes, rec.service_id)
     if bootstrap_sha256 and hmac.compare_digest(digest, bootstrap_sha256):
-        return ensure_admin(db)
+        return ensure_admin(db), FULL
     return None
 
 
