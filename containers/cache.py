@@ -259,6 +259,23 @@ class SifCache:
                             self.lock_path(digest).unlink(missing_ok=True)
         return removed
 
+    def remove(self, digest: str) -> bool:
+        """Remove one entry (its SIF, marker, lock and index records), as :meth:`prune` does;
+        False when its lock is held (a conversion, or :meth:`hold`) and nothing was removed.
+        Whether anything still uses the entry is the caller's to know."""
+        with self._lock(digest, exclusive=True, wait=False) as held:
+            if not held:
+                log.info("keeping %s: its lock is held", digest)
+                return False
+            self.path_for(digest).unlink(missing_ok=True)
+            self._used_path(digest).unlink(missing_ok=True)
+            self.lock_path(digest).unlink(missing_ok=True)
+        for path, record in self._records().items():
+            if record["digest"] == digest:
+                path.unlink(missing_ok=True)
+        log.info("removed %s", digest)
+        return True
+
     @contextmanager
     def hold(self, digest: str) -> Iterator[Path]:
         """Keep ``digest`` from being pruned while the block runs (a shared lock)."""

@@ -56,6 +56,11 @@ class NotFoundError(PortalError):
     code = "not_found"
     status = 404
 
+    @classmethod
+    def of(cls, what: str, hint: str = "") -> "NotFoundError":
+        """The one answer for a missing object and another user's: ``WHAT: not found, or not yours``."""
+        return cls("%s: not found, or not yours%s" % (what, " (%s)" % hint if hint else ""))
+
 
 class ForbiddenError(PortalError):
     code = "forbidden"

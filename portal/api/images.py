@@ -1,11 +1,11 @@
-"""Images: register, list, the shared SIF cache."""
+"""Images: register, list, delete, the shared SIF cache."""
 from __future__ import annotations
 
 from flask import g
 
 from portal.api.operations import answer, body, operation
 from portal.db_session import backend, box, db, settings
-from portal.models.images import CacheEntryPublic, CacheList, ImageCreate, ImageList, ImagePublic
+from portal.models.images import CacheEntryPublic, CacheList, ImageCreate, ImageDeletedPublic, ImageList, ImagePublic
 from portal.services import images
 
 
@@ -20,6 +20,15 @@ def list_images():
 def register_image():
     img = images.register_image(db(), settings(), backend(), box(), g.user, body(ImageCreate).ref.strip())
     return answer(ImagePublic.of(img), 201)
+
+
+@operation("DELETE", "/images/<int:image_id>", "delete an image (its owner or an admin); its SIF leaves the shared "
+           "cache only when no other image, site image, unfinished job or service uses it", {200: ImageDeletedPublic},
+           (404,))
+def delete_image(image_id: int):
+    done = images.delete_image(db(), settings(), g.user, image_id)
+    return answer(ImageDeletedPublic(image=ImagePublic.of(done.image), sif_removed=done.sif_removed,
+                                     kept_because=list(done.kept_because)))
 
 
 @operation("GET", "/images/cache", "the shared SIF cache (admins: every entry; users: their images' entries)",

@@ -4,6 +4,8 @@
     aiportal registry list | logout HOST
     aiportal image choices [--json]      site base images, your recent images, your registries' tags
     aiportal image check REF             would REF run for you? (exists, readable, converted)
+    aiportal image rm ID|REF             delete one of your registered images (its SIF leaves the
+                                         cache only when nothing else uses it)
 
 The password is read from stdin, a file or a prompt (never argv), sent once to the portal, which
 checks it against the registry and keeps it sealed.
@@ -94,6 +96,29 @@ def cmd_image_check(args) -> int:
     return 0 if ans["ok"] else 1
 
 
+def _image_id(args, which: str) -> int:
+    """An image's id, or the id of the caller's one registered image with this reference."""
+    if which.isdigit():
+        return int(which)
+    found = [i["id"] for i in _api(args, "GET", "/images")["images"] if i["ref"] == which]
+    if len(found) != 1:
+        raise CliError("image %s: %s" % (which, "not found, or not yours (the Images page; GET /api/v1/images)" if not found else
+                                         "registered %d times (ids %s); give the id" % (
+                                             len(found), ", ".join(map(str, found)))))
+    return found[0]
+
+
+def cmd_image_rm(args) -> int:
+    ans = _api(args, "DELETE", "/images/%d" % _image_id(args, args.image))
+    if args.json:
+        _print_json(ans)
+        return 0
+    img = ans["image"]
+    print("deleted image %s (%s); its SIF %s" % (img["id"], img["ref"], "was removed from the cache"
+                                                 if ans["sif_removed"] else "stays: " + "; ".join(ans["kept_because"])))
+    return 0
+
+
 def add_parsers(sub, image_sub) -> None:
     """``registry ...`` under the top level, ``choices`` and ``check`` under ``image``."""
     p = sub.add_parser("registry", help="your accounts at OCI registries (checked at once, kept sealed)")
@@ -118,3 +143,8 @@ def add_parsers(sub, image_sub) -> None:
     c.add_argument("ref")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_image_check)
+    c = image_sub.add_parser("rm", help="delete one of your registered images (admins: anyone's); its SIF leaves "
+                                        "the cache only when no other image, site image, job or service uses it")
+    c.add_argument("image", metavar="ID|REF", help="the image's id, or its reference when you registered it once")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_image_rm)

@@ -1,5 +1,6 @@
 """Images' models: register one by reference (:class:`ImageCreate`), an image as the API shows it
-(:class:`ImagePublic`), an entry of the shared SIF cache (:class:`CacheEntryPublic`)."""
+(:class:`ImagePublic`), what deleting one did (:class:`ImageDeletedPublic`), an entry of the shared
+SIF cache (:class:`CacheEntryPublic`)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -33,6 +34,14 @@ class ImagePublic(SQLModel):
         return cls(id=img.id, ref=img.ref, digest=img.digest, sif=img.sif_path, state=img.state.value,
                    conversion_job_id=img.conversion_job_id, message=img.message, created_at=img.created_at,
                    updated_at=img.updated_at)
+
+
+class ImageDeletedPublic(SQLModel):
+    image: ImagePublic = Field(description="the image as it was")
+    sif_removed: bool = Field(description="its SIF left the shared cache (only when nothing else uses it)")
+    kept_because: list[str] = Field(description="why the SIF stays, when it does: other images, a site image, "
+                                                "unfinished jobs or services that use it, a conversion under way, "
+                                                "or a file outside the cache")
 
 
 class ImageList(SQLModel):

@@ -81,7 +81,7 @@ def get_source(db: Session, user: User, name: str) -> DataSourceRecord:
     rec = db.exec(select(DataSourceRecord).where(DataSourceRecord.user_id == user.id,
                                                  DataSourceRecord.name == name)).first()
     if rec is None:
-        raise NotFoundError("you have no data source named %r" % name)
+        raise NotFoundError.of("data source %r" % name)
     return rec
 
 

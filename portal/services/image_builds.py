@@ -293,7 +293,7 @@ def get_build(db, user, build_id: int) -> ImageBuild:
     """One build the user may see (admins: any); someone else's is NotFoundError."""
     build = db.get(ImageBuild, build_id) if 0 < build_id < 1 << 63 else None   # SQL integers are 64-bit
     if build is None or (build.user_id != user.id and not user.is_admin):
-        raise NotFoundError("no build %s of yours; see `aiportal image builds`" % build_id)
+        raise NotFoundError.of("build %s" % build_id, "`aiportal image builds`")
     return build
 
 

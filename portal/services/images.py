@@ -24,7 +24,7 @@ from containers.cache import SifCache
 from containers.errors import ImageRefError
 from containers.refs import ImageRef, RefKind, parse_image_ref
 from containers.registry import RegistryAuth, write_authfile
-from portal.errors import ValidationError
+from portal.errors import NotFoundError, ValidationError
 from portal.models import Image, ImageState, utcnow
 from portal.services import registries
 from portal.settings import Settings
@@ -88,13 +88,50 @@ def _incoming(settings: Settings, digest: str, ref: ImageRef) -> Path:
     return dest
 
 
-def check_user_can_read(user: str, path: str) -> None:
-    """The portal runs as root and copies archives for the builder account: it must first make
-    sure the user could read the file themselves (users' folders are private)."""
+#: the one answer for a path the user cannot use: whether it is missing or someone else's is not
+#: told apart (the same words, the same status, after the same work)
+NOT_FOUND_OR_NOT_YOURS = "not found, or not readable by your account (Unix user %s)"
+
+
+def user_can_read(user: str, path: str) -> bool:
+    """Whether Unix user ``user`` can read the regular file ``path`` themselves. As root (the
+    portal), always asked as the user (``runuser ... test -r``), so a missing file and another
+    user's private file cost the same and answer the same; otherwise (tests, a portal not run as
+    root) whether the file exists and this process can read it."""
+    if os.geteuid() != 0:
+        return os.path.isfile(path) and os.access(path, os.R_OK)
     res = subprocess.run(["runuser", "-u", user, "--", "test", "-r", path, "-a", "-f", path],
                          capture_output=True, timeout=30, check=False)
-    if res.returncode != 0:
-        raise ImageRefError(path, "is not a file that Unix user %s can read" % user)
+    return res.returncode == 0
+
+
+def check_user_can_read(user: str, path: str) -> None:
+    """The portal runs as root and copies archives for the builder account, and jobs run as the
+    user: a file an image reference names must be one the user could read themselves (users'
+    folders are private). Missing and unreadable files get the same ImageRefError."""
+    if not user_can_read(user, path):
+        raise ImageRefError(path, NOT_FOUND_OR_NOT_YOURS % user)
+
+
+def names_a_file(ref: ImageRef) -> bool:
+    """Whether the job's user must be able to read the file ``ref`` names (a SIF or an archive)."""
+    return ref.kind is RefKind.SIF or (ref.kind in CONVERTIBLE and ref.kind is not RefKind.DOCKER)
+
+
+def check_image_file(user: str, ref_text: str, field: str = "image") -> None:
+    """A SIF or archive reference must name a file ``user`` can read (422 naming ``field``, the same
+    for a missing file and another user's); other references pass."""
+    try:
+        ref = parse_image_ref(ref_text)
+    except ImageRefError:
+        return                      # the syntax is check_image's to refuse
+    if names_a_file(ref) and not user_can_read(user, str(ref.path)):
+        raise unreadable_image(field, str(ref.path), user)
+
+
+def unreadable_image(field: str, path: str, user: str) -> ValidationError:
+    """The 422 for an image file the user cannot read (or that does not exist: the same answer)."""
+    return ValidationError(field, "%s: %s" % (path, NOT_FOUND_OR_NOT_YOURS % user))
 
 
 def _authfile(settings: Settings, auth: RegistryAuth, host: str) -> Path:
@@ -122,7 +159,7 @@ def request_image(settings: Settings, backend, ref_text: str, user: str | None =
     if ref.kind is RefKind.DOCKER and ref.digest is None:
         raise ImageRefError(ref_text, "a registry image runs pinned to a digest; the portal resolves the tag "
                                       "when the job is submitted")
-    if user is not None and ref.kind in CONVERTIBLE and ref.kind is not RefKind.DOCKER and os.geteuid() == 0:
+    if user is not None and names_a_file(ref):
         check_user_can_read(user, str(ref.path))
     if ref.kind is RefKind.SIF:
         return ImageRequest(ref, Path(ref.path), "", None)
@@ -248,6 +285,71 @@ def stored_images(db, user, ready_only: bool = False) -> list:
     return list(db.exec(q))
 
 
+def get_image(db, user, image_id: int) -> Image:
+    """One registered image ``user`` may see (theirs; admins: any); else NotFoundError, the same
+    for someone else's and a missing one."""
+    img = db.get(Image, image_id) if 0 < image_id < 1 << 63 else None    # SQL integers are 64-bit
+    if img is None or (img.user_id != user.id and not user.is_admin):
+        raise NotFoundError.of("image %s" % image_id, "the Images page; GET /api/v1/images")
+    return img
+
+
+@dataclass(frozen=True)
+class ImageDeleted:
+    """What deleting a registered image did: the row is gone; its SIF in the shared cache was
+    removed (``sif_removed``) or kept, and why (``kept_because``)."""
+
+    image: Image
+    sif_removed: bool
+    kept_because: tuple[str, ...]
+
+
+def sif_still_used(db, settings: Settings, img: Image) -> list[str]:
+    """Why the cached SIF of ``img`` must stay after its row is gone (empty: nothing uses it).
+    A SIF outside the cache (a registered /PATH.sif) is its owner's file, never removed here."""
+    from sqlalchemy import or_
+    from slurm.states import TERMINAL
+    from portal.models import Job, Service
+    cache = SifCache(Path(settings.image_cache))
+    if not img.digest or Path(img.sif_path) != cache.path_for(img.digest):
+        return ["it is not in the image cache (a file the portal does not own)"]
+    why = []
+    others = db.exec(select(Image.id).where(Image.id != img.id, Image.sif_path == img.sif_path)).all()
+    if others:
+        why.append("%d other registered image(s) use it" % len(others))
+    if any(s.digest == img.digest for s in registries.site_images(settings)):
+        why.append("it is a site base image")
+    jobs = db.exec(select(Job.id).where(Job.state.not_in(list(TERMINAL)),
+                                        or_(Job.image == img.sif_path, Job.script.contains(img.sif_path)))).all()
+    if jobs:
+        why.append("%d unfinished job(s) use it (it stays until they end; the cache keeps it after)" % len(jobs))
+    services = db.exec(select(Service.name).where(or_(Service.spec_json.contains(img.sif_path),
+                                                      Service.next_spec_json.contains(img.sif_path)))).all()
+    if services:
+        why.append("service(s) %s run it" % ", ".join(sorted(services)))
+    if img.state is ImageState.CONVERTING:
+        why.append("its conversion job %s is still running (jobs may wait on it)" % img.conversion_job_id)
+    return why
+
+
+def delete_image(db, settings: Settings, user, image_id: int) -> ImageDeleted:
+    """Delete a registered image (its owner, or an admin). Its SIF leaves the shared cache only
+    when nothing else uses it (:func:`sif_still_used`): jobs that run it, or wait to, keep it."""
+    row = get_image(db, user, image_id)
+    why = sif_still_used(db, settings, row)
+    img = Image.model_validate(row.model_dump())        # the image as it was, for the answer
+    db.delete(row)
+    db.commit()
+    removed = False
+    if not why:
+        removed = SifCache(Path(settings.image_cache)).remove(img.digest)
+        if not removed:
+            why = ["it is being converted or held right now"]
+    log.info("image %s (%s) deleted by %s; SIF %s%s", image_id, img.ref, user.name, img.sif_path,
+             " removed" if removed else " kept: " + "; ".join(why))
+    return ImageDeleted(img, removed, tuple(why))
+
+
 def cache_entries(db, settings: Settings, user) -> list[dict]:
     """The SIF cache's entries: all for admins, those of the user's own images for others."""
     entries = SifCache(Path(settings.image_cache)).entries()
@@ -307,13 +409,10 @@ def check_ref(db, settings: Settings, box, user, ref_text: str):
         return ImageCheck(ref=ref_text, ok=True, pinned=pinned, cached=cached, sif=str(sif) if cached else None,
                           message="ready" if cached else "found; converted when the first job starts")
     if ref.kind is RefKind.SIF:
-        if not Path(ref.location).is_file():
-            return ImageCheck(ref=ref_text, ok=False, message="%s does not exist" % ref.location)
-        if user.unix_user and os.geteuid() == 0:
-            try:
-                check_user_can_read(user.unix_user, ref.location)
-            except ImageRefError as e:
-                return ImageCheck(ref=ref_text, ok=False, message=e.reason)
+        readable = user_can_read(user.unix_user, ref.location) if user.unix_user else Path(ref.location).is_file()
+        if not readable:
+            return ImageCheck(ref=ref_text, ok=False, message="%s: %s" % (
+                ref.location, NOT_FOUND_OR_NOT_YOURS % (user.unix_user or user.name)))
         return ImageCheck(ref=ref_text, ok=True, cached=True, sif=ref.location, message="ready")
     if ref.kind in CONVERTIBLE:
         return ImageCheck(ref=ref_text, ok=True, message="converted when the first job starts")

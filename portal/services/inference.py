@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 from pathlib import Path
 from typing import Any, Mapping
@@ -92,15 +91,10 @@ def _check_runs_here(db: Session, settings: Settings, box: SecretBox, user: User
         replica_job(spec, node_type, service="check", replica_id="0" * 36, job_dir="/check", runtime_path="/check")
     except (ServiceSpecError, SpecError) as e:
         raise ValidationError(getattr(e, "field", "spec"), str(e)) from None
-    from portal.services.images import check_user_can_read
-    from containers.errors import ImageRefError
-    if not Path(spec.image).is_file():
-        raise ValidationError("image", "%s does not exist; give a .sif on the shared filesystem" % spec.image)
-    if os.geteuid() == 0:
-        try:
-            check_user_can_read(user.unix_user, spec.image)
-        except ImageRefError as e:
-            raise ValidationError("image", str(e)) from None
+    from portal.services.images import unreadable_image, user_can_read
+    # one question, asked as the user: a missing file and another user's answer alike
+    if not user_can_read(user.unix_user, spec.image):
+        raise unreadable_image("image", spec.image, user.unix_user)
     try:
         check_job_data(settings, user.unix_user, [spec.model], None, datasources.sources_of(db, box, user))
     except StorageError as e:
@@ -160,7 +154,7 @@ def list_services(db: Session, user: User) -> list[Service]:
 def get_service(db: Session, user: User, name: str) -> Service:
     svc = db.exec(select(Service).where(Service.name == name)).first()
     if svc is None or (svc.user_id != user.id and not user.is_admin):
-        raise NotFoundError("you have no service named %r (`aiportal service list`)" % name)
+        raise NotFoundError.of("service %r" % name, "`aiportal service list`")
     return svc
 
 

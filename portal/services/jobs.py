@@ -168,7 +168,7 @@ def get_job(db: Session, user: User, job_id: str) -> Job:
     users' jobs are not told apart from missing ones)."""
     job = db.get(Job, job_id) if job_id and len(job_id) <= 36 else None
     if job is None or (job.user_id != user.id and not user.is_admin):
-        raise NotFoundError("job %s does not exist" % job_id)
+        raise NotFoundError.of("job %s" % job_id, "`aiportal jobs`")
     return job
 
 

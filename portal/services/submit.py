@@ -22,7 +22,7 @@ from containers.refs import RefKind, parse_image_ref
 from containers.registry import RegistryAuth
 from portal.errors import ValidationError
 from portal.models.jobs import JobCreate
-from portal.services.images import CONVERTIBLE, request_image
+from portal.services.images import CONVERTIBLE, check_image_file, request_image
 from portal.services.job_data import attach_credentials, check_job_data
 from portal.settings import Settings
 from slurm.errors import SpecError
@@ -116,11 +116,13 @@ def build_spec(settings: Settings, job: JobCreate, sub: Submission, image: str |
 def check(settings: Settings, job: JobCreate, sub: Submission, sources: Mapping[str, DataSource] | None = None,
           roots: Sequence[str] | None = None, image_auth: RegistryAuth | None = None) -> Checked:
     """Every check a submission gets, each once: image syntax, the spec, each data location
-    (StorageError subclasses name the location and the fix). A registry image must already be
-    pinned to its digest (``images.pin_image``, which checks it with the user's account)."""
+    (StorageError subclasses name the location and the fix), then that the user can read the
+    file a SIF or archive image names (a missing file gets the same 422). A registry image must
+    already be pinned to its digest (``images.pin_image``, which checks it with the user's account)."""
     check_image(job.image)
     spec = build_spec(settings, job, sub)
     needed = check_job_data(settings, sub.user, job.inputs, job.output, sources, roots)
+    check_image_file(sub.user, job.image)
     return Checked(job, sub, spec, needed, image_auth)
 
 

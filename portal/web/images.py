@@ -61,6 +61,17 @@ def _render(rows, cache, **kw):
                            **kw)
 
 
+@bp.route("/images/<int:image_id>/delete", methods=["POST"])
+@login_required
+def image_delete(image_id: int):
+    """Delete a registered image (its owner or an admin); the flash says what became of its SIF."""
+    done = images.delete_image(db(), _settings(), g.user, image_id)
+    flash("image %s deleted (%s); its SIF %s" % (
+        image_id, done.image.ref, "was removed from the cache" if done.sif_removed
+        else "stays: " + "; ".join(done.kept_because)), "info")
+    return redirect(url_for("web.images_page"))
+
+
 @bp.route("/images/registries", methods=["POST"])
 @login_required
 def registry_login():

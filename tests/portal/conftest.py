@@ -35,6 +35,22 @@ from slurm.states import JobState
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22", "root-admin": "admin-password-3"}
+#: an image file every account can read (the portal refuses a SIF the job's user cannot read, and a
+#: missing one alike): for tests whose jobs the fake backend takes and nothing runs
+TEST_SIF = "/tmp/aiportal-tests/readable.sif"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_sif():
+    """TEST_SIF exists, 0644 in a 0755 folder (other test runs may share it: written whole, once)."""
+    path = Path(TEST_SIF)
+    path.parent.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(path.parent, 0o755)
+    if not path.is_file():
+        tmp = path.with_name(".%s.%d" % (path.name, os.getpid()))
+        tmp.write_bytes(b"not a real image: the fake backend never runs it\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
 
 
 @dataclass

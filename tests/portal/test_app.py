@@ -6,9 +6,9 @@ import pytest
 from sqlmodel import Session, select
 
 from portal.models import DataSourceRecord, Job
-from tests.portal.conftest import ADMIN_TOKEN, PASSWORDS, bearer, csrf_of, login
+from tests.portal.conftest import ADMIN_TOKEN, PASSWORDS, TEST_SIF, bearer, csrf_of, login
 
-SIF = "/srv/aiportal/shared/images/base/debian-python.sif"
+SIF = TEST_SIF
 JOB = {"image": SIF, "node_type": "1card", "command": ["python3", "-c", "print(1)"]}
 
 # every API endpoint, with a method and a body that would be valid for its owner
@@ -18,7 +18,8 @@ ENDPOINTS = [
     ("POST", "/api/v1/jobs/x/resubmit"), ("GET", "/api/v1/jobs/x/log"), ("GET", "/api/v1/jobs/x/progress"),
     ("GET", "/api/v1/jobs/x/outputs"), ("GET", "/api/v1/jobs/x/outputs/a.txt"), ("GET", "/api/v1/cluster"),
     ("POST", "/api/v1/cluster/nodes/g1n1/drain"), ("POST", "/api/v1/cluster/nodes/g1n1/resume"),
-    ("GET", "/api/v1/images"), ("POST", "/api/v1/images"), ("GET", "/api/v1/images/cache"),
+    ("GET", "/api/v1/images"), ("POST", "/api/v1/images"), ("DELETE", "/api/v1/images/1"),
+    ("GET", "/api/v1/images/cache"),
     ("GET", "/api/v1/datasources"), ("POST", "/api/v1/datasources"), ("DELETE", "/api/v1/datasources/x"),
     ("GET", "/api/v1/datasources/x/browse"), ("GET", "/api/v1/tokens"), ("POST", "/api/v1/tokens"),
     ("DELETE", "/api/v1/tokens/1"), ("GET", "/api/v1/services"), ("POST", "/api/v1/services"),

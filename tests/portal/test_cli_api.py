@@ -138,7 +138,7 @@ def test_another_users_job_is_not_found(live_portal, token_files, followed):
     for argv in (("show", job_id), ("logs", job_id), ("cancel", job_id)):
         res = bob(*argv)
         assert res.code == 2
-        assert res.err == "aiportal: job %s does not exist\n" % job_id
+        assert res.err == "aiportal: job %s: not found, or not yours (`aiportal jobs`)\n" % job_id
     assert job_id not in bob("jobs", "--json", "--all-pages").out
 
 
@@ -514,7 +514,8 @@ def test_service_commands(live_portal, token_files, base_image, tmp_path):
     at once, before the controller's next cycle could matter)."""
     alice = as_user(live_portal, token_files, "alice")
     bad = alice("service", "deploy", "cli-bad", "--image", "/nope.sif", "--model", "/srv/aiportal/shared/users/alice")
-    assert bad.code == 2 and bad.err.startswith("aiportal: image: /nope.sif does not exist")
+    assert bad.code == 2 and bad.err.startswith("aiportal: image: /nope.sif: not found, or not readable by your "
+                                                "account (Unix user alice)")
     bad = alice("service", "deploy", "Bad_Name", "--image", str(base_image), "--model", "/x")
     assert bad.code == 2 and "name: 1-48 lower-case letters" in bad.err
     name = "cli-%s" % os.urandom(3).hex()

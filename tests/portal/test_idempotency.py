@@ -20,9 +20,9 @@ from sqlmodel import Session, select
 
 from portal.models import IdempotencyKey, Job, Service, utcnow
 from portal.services import idempotency
-from tests.portal.conftest import _remove_job_folders, api_call, bearer
+from tests.portal.conftest import TEST_SIF, _remove_job_folders, api_call, bearer
 
-SIF = "/srv/aiportal/shared/images/base/debian-python.sif"
+SIF = TEST_SIF
 JOB = {"image": SIF, "node_type": "1card", "command": ["python3", "-c", "print(1)"]}
 
 

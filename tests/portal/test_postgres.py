@@ -19,11 +19,11 @@ from portal import db as dbmod
 from portal.app import create_app
 from portal.models import Job, User
 from portal.services import accounts
-from tests.portal.conftest import FakeBackend, bearer
+from tests.portal.conftest import TEST_SIF, FakeBackend, bearer
 
 pytestmark = pytest.mark.postgres
 
-JOB = {"image": "/srv/aiportal/shared/images/base/debian-python.sif", "node_type": "1card", "command": ["true"]}
+JOB = {"image": TEST_SIF, "node_type": "1card", "command": ["true"]}
 
 
 def _pg_bin(name: str) -> str | None:
