@@ -22,6 +22,7 @@ from sqlmodel import Session, select
 from portal.models import Image, ImageState, Job, Service
 from slurm.states import JobState
 from tests.portal.conftest import TEST_SIF, api_call, bearer, csrf_of, login, start_test_portal
+from tests.portal.test_browser import browser  # noqa: F401 (fixture)
 
 HEX = "ab" * 32
 DIGEST = "sha256:" + HEX
@@ -346,5 +347,41 @@ def test_a_started_portal_answers_alike_and_the_cli_deletes(tmp_path, private):
         done = cli("trust-a", "image", "rm", TEST_SIF, "--json")
         assert done.code == 0 and json.loads(done.out)["image"]["id"] == second["id"]
         assert api_call(portal, "GET", "/images", a)[1]["images"] == []
+    finally:
+        portal.stop()
+
+
+@pytest.mark.portal
+def test_the_delete_button_asks_first_in_a_browser(tmp_path, browser):
+    """Headless Chromium on a portal of the test's own (a throwaway account on alice's Unix
+    account): Delete asks; dismissed, the image stays; accepted, it goes and the page says what
+    became of its SIF."""
+    from selenium.webdriver.common.by import By
+    from tests.portal.test_browser import screenshot_dir, wait_for
+    (tmp_path / "portal").mkdir()
+    portal = start_test_portal(tmp_path / "portal", users=(("trust-web", "alice", False),),
+                               passwords={"trust-web": "trust-web-password-1"})
+    try:
+        status, img = api_call(portal, "POST", "/images", portal.tokens["trust-web"], {"ref": TEST_SIF})
+        assert status == 201
+        d, shots = browser, screenshot_dir(tmp_path)
+        d.get(portal.url + "/login")
+        d.find_element(By.ID, "name").send_keys("trust-web")
+        d.find_element(By.ID, "password").send_keys("trust-web-password-1")
+        d.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
+        wait_for("logged in", lambda: "/login" not in d.current_url, 20)
+        d.get(portal.url + "/images")
+        button = "delete-image-%d" % img["id"]
+        d.find_element(By.ID, button).click()
+        alert = d.switch_to.alert
+        assert "Delete image %d?" % img["id"] in alert.text
+        alert.dismiss()
+        assert d.find_elements(By.ID, button)
+        d.find_element(By.ID, button).click()
+        d.switch_to.alert.accept()
+        wait_for("the image deleted", lambda: "image %d deleted" % img["id"] in d.page_source, 20)
+        d.save_screenshot(str(shots / "images-deleted.png"))
+        assert not d.find_elements(By.ID, button)
+        assert api_call(portal, "GET", "/images", portal.tokens["trust-web"])[1]["images"] == []
     finally:
         portal.stop()
