@@ -3,7 +3,7 @@ as `make run` installs it, in front of `aiportal router`): every refusal is the 
 answer, whatever the body's size. The router used to answer and close before it had read the
 body; nginx, still sending it, then answered some of them with its own HTML 502.
 
-The service is alice's, deployed with no replica (min_replicas 0: no Slurm job); refusals need
+The service is a throwaway user's (its Unix account: alice), deployed with no replica (min_replicas 0: no Slurm job); refusals need
 none. Bodies are made once and sent 50 times per size."""
 from __future__ import annotations
 
@@ -37,21 +37,25 @@ PORTAL = SimpleNamespace(url="http://%s:%d" % (HOST, PORT))
 
 @pytest.fixture(scope="module")
 def alice():
-    """An API token of alice's (made with the installed CLI, as root), revoked at the end."""
-    res = subprocess.run(["aiportal", "token", "create", "--user", "alice", "--name", "front-door-test",
-                          "--expires-days", "1"], capture_output=True, text=True, timeout=60)
+    """An API token of a throwaway portal user of the test's own (its jobs would run as the Unix
+    account alice; alice's own portal account and objects are not touched), made with the
+    installed CLI as root; the user is disabled at the end (its tokens with it)."""
+    name = "frontdoor-%s" % uuid.uuid4().hex[:8]
+    res = subprocess.run(["aiportal", "user", "add", name, "--unix-user", "alice"], capture_output=True, text=True,
+                         timeout=60)
     assert res.returncode == 0, res.stderr
-    token = res.stdout.strip()
-    yield token
-    status, tokens = api_call(PORTAL, "GET", "/tokens", token)
-    for t in tokens["tokens"] if status == 200 else ():
-        if t["prefix"] and token.startswith(t["prefix"]):
-            api_call(PORTAL, "DELETE", "/tokens/%s" % t["id"], token)
+    try:
+        res = subprocess.run(["aiportal", "token", "create", "--user", name, "--name", "front-door-test",
+                              "--expires-days", "1"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        yield res.stdout.strip()
+    finally:
+        subprocess.run(["aiportal", "user", "disable", name], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def service(alice, base_image):
-    """A service of alice's with the default body limit (16 MiB) and no replica; deleted at the end."""
+    """A service of the throwaway user's, with the default body limit (16 MiB) and no replica; deleted at the end."""
     pw = pwd.getpwnam("alice")
     model = SHARED_ROOT / "users" / "alice" / ("front-door-test-%s" % uuid.uuid4().hex[:8])
     shutil.copytree(TOY, model, ignore=shutil.ignore_patterns("__pycache__"))
