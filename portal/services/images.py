@@ -207,10 +207,10 @@ def request_image(settings: Settings, backend, ref_text: str, user: str | None =
 
 def pin_image(db, settings: Settings, box, user, ref_text: str, field: str = "image") -> tuple[str, RegistryAuth | None]:
     """A registry reference pinned to its digest with the user's account, and that account
-    (see :func:`portal.services.registries.pin`: 422 naming ``field``, 403 for a cached image the
-    user cannot read, 503 when the registry is down); other references as they are, None."""
-    cache = SifCache(Path(settings.image_cache))
-    pinned = registries.pin(db, settings, box, user, ref_text, field, cached=lambda d: cache.path_for(d).is_file())
+    (see :func:`portal.services.registries.pin`: 422 naming ``field`` for an image the user's
+    account cannot read, cached or not; 503 when the registry is down); other references as they
+    are, None."""
+    pinned = registries.pin(db, settings, box, user, ref_text, field)
     if pinned is None:
         return ref_text, None
     return str(pinned.ref), pinned.auth

@@ -28,7 +28,7 @@ from containers.errors import ImageRefError
 from containers.refs import ImageRef, RefKind, parse_image_ref
 from containers.registry import (RegistryAuth, RegistryAuthError, RegistryClient, RegistryConfig, RegistryError,
                                  RegistryNotFound, RegistryUnavailable, check_host)
-from portal.errors import ForbiddenError, NotFoundError, PortalError, ValidationError
+from portal.errors import NotFoundError, PortalError, ValidationError
 from portal.models import RegistryCredential, utcnow
 from portal.settings import Settings
 
@@ -247,14 +247,13 @@ def _account(db, settings: Settings, box, user, ref: ImageRef) -> RegistryAuth |
     return auth
 
 
-def pin(db, settings: Settings, box, user, ref_text: str, field: str = "image",
-        cached: "callable | None" = None) -> Pinned | None:
+def pin(db, settings: Settings, box, user, ref_text: str, field: str = "image") -> Pinned | None:
     """``docker://NAME[:TAG|@DIGEST]`` -> the same image pinned to its digest, checked readable
     with the user's account now; None for references that are not registry images.
 
-    ``cached(digest)`` says whether the SIF cache holds that digest: a cached image the user
-    cannot read is a 403 naming the image (the cache must not hand it out), otherwise a 422
-    naming ``field``. An unreachable registry is a 503. Nothing is stored either way."""
+    An image the user's account cannot read is a 422 naming ``field``, whether or not the SIF
+    cache holds its digest (the cache does not hand it out, and the answer does not tell that
+    someone ran it). An unreachable registry is a 503. Nothing is stored either way."""
     try:
         ref = parse_image_ref(ref_text)
     except ImageRefError:
@@ -272,9 +271,6 @@ def pin(db, settings: Settings, box, user, ref_text: str, field: str = "image",
     try:
         digest = client.resolve(ref.repository, ref.reference)
     except (RegistryAuthError, RegistryNotFound) as e:
-        if ref.digest and cached is not None and cached(ref.digest):
-            raise ForbiddenError("image %s is cached here, but your registry account cannot read it (%s); "
-                                 "ask its owner for access" % (ref_text, e.reason)) from None
         hint = ("" if auth else "; if it is private, add your account: aiportal registry login %s" % ref.registry)
         raise ValidationError(field, "%s: %s%s" % (ref_text, e.reason, hint)) from None
     except RegistryUnavailable as e:
