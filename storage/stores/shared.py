@@ -24,15 +24,17 @@ def _inside(path: str, root: str) -> bool:
 
 def check_symlinks(path: str, roots: Sequence[str], uri: str) -> None:
     """The path as the filesystem resolves it (its longest existing part) must stay under the
-    same roots: a symlink anywhere on the way may not lead out of them."""
+    same roots: a symlink anywhere on the way may not lead out of them. The refusal names neither
+    the part that exists nor where it resolves to: the portal resolves as root, and both would
+    tell what is in someone else's folder behind the symlink."""
     existing = path
     while existing != "/" and not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     real = os.path.realpath(existing)
     real_roots = [os.path.realpath(r) for r in roots]
     if roots and not any(_inside(real, r) for r in real_roots):
-        raise LocationError(uri, "goes through a symlink that leads out of the data roots (%s resolves to %s); "
-                                 "give the real path inside %s" % (existing, real, ", ".join(roots)))
+        raise LocationError(uri, "goes through a symlink that leads out of the data roots; give the real path "
+                                 "inside %s" % ", ".join(roots))
 
 
 class SharedStore(Store[DataLocation]):

@@ -385,3 +385,21 @@ def test_the_delete_button_asks_first_in_a_browser(tmp_path, browser):
         assert api_call(portal, "GET", "/images", portal.tokens["trust-web"])[1]["images"] == []
     finally:
         portal.stop()
+
+
+def test_a_symlink_into_someone_elses_folder_does_not_tell_what_is_there(client, tokens, fake_backend, private,
+                                                                         settings):
+    """A symlink in alice's own folder that leads into a folder of bob's: the refusal is the same
+    whether the file behind it exists or not (the portal resolves as root)."""
+    link = Path(settings.shared_root) / "users" / "alice" / "peek"
+    link.symlink_to(Path(private["closed"]).parent)
+    answers = {}
+    for name in ("model.sif", "none.sif"):
+        path = "%s/%s" % (link, name)
+        r = client.post("/api/v1/jobs", headers=bearer(tokens["alice"]),
+                        json={"image": TEST_SIF, "node_type": "1card", "command": ["true"], "inputs": [path]})
+        body = r.get_json()
+        answers[name] = (r.status_code, body["error"], shape(body["message"], path))
+    same_answers(answers)
+    assert answers["none.sif"][0] == 400 and "symlink that leads out of the data roots" in answers["none.sif"][2]
+    assert fake_backend.submitted == []
