@@ -7,12 +7,12 @@ import threading
 from flask import Response, current_app, g, request, stream_with_context
 from sqlmodel import Session
 
-from portal.api.operations import answer, int_arg, operation, owners
+from portal.api.operations import BOOLEAN, answer, bool_arg, int_arg, operation, owners
 from portal.db_session import backend, box, db, settings
 from portal.errors import ValidationError
 from portal.logs import tail as logtail
 from portal.logs.follow import follow_log
-from portal.logs.stream import sse
+from portal.logs.stream import LOG_EVENT_SCHEMA, sse
 from portal.models import ImageBuild, User
 from portal.models.builds import BuildList, BuildPublic
 from portal.services import image_builds
@@ -27,7 +27,11 @@ def _public(b: ImageBuild) -> BuildPublic:
 
 @operation("POST", "/images/build", "build a Dockerfile in a Slurm job as the caller and push it "
            "(body: the context as a tar, Content-Type application/x-tar)", {202: BuildPublic},
-           (400, 404, 422, 503), query={
+           (400, 404, 422, 503), raw_body={"application/octet-stream": {
+               "type": "string", "format": "binary", "description": "a tar (or tar.gz) of the build context; "
+               "sent as application/x-tar, application/tar or application/gzip too"}},
+           refuses="a body that is not a tar of the build context with its Dockerfile, a tag that is not "
+                   "REGISTRY/REPOSITORY:TAG of a registry the caller has an account at", query={
                "tag": {"type": "string", "description": "REGISTRY/REPOSITORY:TAG to push"},
                "dockerfile": {"type": "string", "description": "the Dockerfile's path in the context (default Dockerfile)"}})
 def start_build():
@@ -62,12 +66,13 @@ def cancel_build(build_id: int):
 
 @operation("GET", "/images/builds/<int:build_id>/log",
            "the build's log (plain text from ?offset; ?follow=1: Server-Sent Events until the build has ended)",
-           {200: {"type": "string"}}, (404, 422, 503), media=("text/plain", "text/event-stream"), query={
-               "offset": {"type": "integer", "minimum": 0}, "follow": {"type": "string", "enum": ["0", "1"]}})
+           {200: {"type": "string"}}, (404, 422, 503), media=("text/plain", "text/event-stream"),
+           events=LOG_EVENT_SCHEMA, query={
+               "offset": {"type": "integer", "minimum": 0}, "follow": BOOLEAN})
 def build_log(build_id: int):
+    offset, follow = int_arg("offset", 0, 0, 1 << 50), bool_arg("follow")
     build = image_builds.get_build(db(), g.user, build_id)
-    offset = int_arg("offset", 0, 0, 1 << 50)
-    if request.args.get("follow") in ("1", "true", "yes"):
+    if follow:
         last = request.headers.get("Last-Event-ID", "")
         if last.isdigit():
             offset = int(last)

@@ -16,7 +16,9 @@ def list_datasources():
 
 
 @operation("POST", "/datasources", "register a data source (keys sealed at rest)", {201: DataSourcePublic},
-           (400, 403, 409, 422, 503), body=DataSourceCreate)
+           (400, 403, 409, 422, 503), body=DataSourceCreate,
+           refuses="a name, endpoint URL, bucket list, bandwidth or worker count that does not parse, keys that do "
+                   "not open each bucket (with check)")
 def add_datasource():
     rec = datasources.register(db(), box(), g.user, body(DataSourceCreate))
     db().commit()

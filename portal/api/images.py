@@ -16,7 +16,8 @@ def list_images():
 
 
 @operation("POST", "/images", "register an image (archives and registry images are converted by a Slurm job)",
-           {201: ImagePublic}, (400, 403, 422, 503), body=ImageCreate)
+           {201: ImagePublic}, (400, 403, 422, 503), body=ImageCreate,
+           refuses="an image file that does not exist or the caller cannot read")
 def register_image():
     img = images.register_image(db(), settings(), backend(), box(), g.user, body(ImageCreate).ref.strip())
     return answer(ImagePublic.of(img), 201)

@@ -4,10 +4,11 @@ from __future__ import annotations
 from flask import Response, current_app, g, jsonify, request, stream_with_context
 
 from portal.api.idempotency import KEY_HEADER, Stored, idempotent
-from portal.api.operations import answer, body, int_arg, operation, owners
+from portal.api.operations import BOOLEAN, answer, bool_arg, body, int_arg, operation, owners
 from portal.db_session import backend, box, db, settings
 from portal.errors import ValidationError
 from portal.logs import stream as logstream
+from portal.logs.stream import LOG_EVENT_SCHEMA
 from portal.models import Job
 from portal.models.jobs import EventPublic, JobCreate, JobDetail, JobPage, JobPublic
 from portal.services import accounts, jobs, outputs
@@ -17,12 +18,17 @@ _WRITE_ERRORS = (400, 403, 404, 409, 422, 502, 503)
 _OUTPUTS = {"type": "object", "properties": {"output": {"type": ["string", "null"]}, "files": {"type": "array", "items": {
     "type": "object", "properties": {"path": {"type": "string"}, "size": {"type": "integer"},
                                      "url": {"type": "string"}}}}}}
+#: what a submission's 422 may say that the document cannot
+_SITE = ("an image that does not exist or the caller cannot read, a node type, GPU count, time limit or project "
+         "this site does not have, a data location or output that does not exist or is not the caller's, a command "
+         "that does not split into words")
 _PROGRESS = {"type": "object", "properties": {"points": {"type": "array", "items": {"type": "object"}}}}
 
 
 @operation("GET", "/jobs", "jobs the caller may see, newest first", {200: JobPage}, (422,), query={
     "limit": {"type": "integer", "minimum": 1, "maximum": 500}, "offset": {"type": "integer", "minimum": 0},
-    "state": {"type": "string", "description": "only jobs in this state (repeatable)"}})
+    "state": {"type": "string", "enum": [s.value for s in JobState] + [s.value.lower() for s in JobState],
+              "description": "only jobs in this state (repeatable)"}})
 def list_jobs():
     limit = int_arg("limit", 50, 1, 500)
     offset = int_arg("offset", 0, 0, 10**9)
@@ -48,7 +54,7 @@ def _stored_job(job_id: str) -> Stored | None:
 
 
 @operation("POST", "/jobs", "submit a training job", {201: JobPublic}, _WRITE_ERRORS, body=JobCreate,
-           headers=KEY_HEADER)
+           headers=KEY_HEADER, refuses=_SITE)
 def submit_job():
     """With an ``Idempotency-Key``, a retry gets the first answer again, never a second job."""
     create = body(JobCreate)
@@ -58,7 +64,7 @@ def submit_job():
 
 @operation("POST", "/scripts", "the exact batch script a submission renders to (nothing is submitted)",
            {200: {"type": "object", "required": ["script"], "properties": {"script": {"type": "string"}}}},
-           (400, 422), body=JobCreate)
+           (400, 422), body=JobCreate, refuses=_SITE)
 def job_script():
     return jsonify(script=jobs.render_script(db(), settings(), g.user, body(JobCreate)))
 
@@ -86,16 +92,17 @@ def resubmit_job(job_id: str):
 
 
 @operation("GET", "/jobs/<job_id>/log", "the job's log (plain text from ?offset; ?follow=1: Server-Sent Events)",
-           {200: {"type": "string"}}, (404, 422, 503), media=("text/plain", "text/event-stream"), query={
-               "offset": {"type": "integer", "minimum": 0}, "follow": {"type": "string", "enum": ["0", "1"]},
+           {200: {"type": "string"}}, (404, 422, 503), media=("text/plain", "text/event-stream"),
+           events=LOG_EVENT_SCHEMA, query={
+               "offset": {"type": "integer", "minimum": 0}, "follow": BOOLEAN,
                "task": {"type": "string", "description": "array task"}})
 def job_log(job_id: str):
     """``?offset=N`` bytes on (``X-Log-Offset`` is where to go on); ``?follow=1`` streams it as
     Server-Sent Events until the job has ended."""
+    offset, follow = int_arg("offset", 0, 0, 1 << 50), bool_arg("follow")
     job = jobs.get_job(db(), g.user, job_id)
-    offset = int_arg("offset", 0, 0, 1 << 50)
     task = request.args.get("task")
-    if request.args.get("follow") in ("1", "true", "yes"):
+    if follow:
         last = request.headers.get("Last-Event-ID", "")
         if last.isdigit():
             offset = int(last)

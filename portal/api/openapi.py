@@ -44,6 +44,8 @@ def openapi_document() -> dict[str, Any]:
     refs, defs = models_json_schema(keyed, ref_template=_REF)
     schemas = dict(defs.get("$defs", {}))
     schemas["Error"] = ERROR
+    for model in inputs:        # unknown body fields are refused for every operation (operations._known_body_fields)
+        schemas[refs[(model, "validation")]["$ref"].rsplit("/", 1)[1]]["additionalProperties"] = False
 
     def schema_of(answer, mode: str) -> Mapping[str, Any]:
         return refs[(answer, mode)] if _is_model(answer) else answer
@@ -56,17 +58,20 @@ def openapi_document() -> dict[str, Any]:
                 responses[str(status)] = {"description": "no content"}
             else:
                 schema = schema_of(answer, "serialization")
-                responses[str(status)] = {"description": "OK", "content": {m: {"schema": schema} for m in op.media}}
+                responses[str(status)] = {"description": "OK", "content": {
+                    m: {"schema": op.events if m == "text/event-stream" and op.events else schema} for m in op.media}}
         for status in op.errors:
-            responses[str(status)] = {"description": _ERROR_TEXT[status], "content": {
+            text = _ERROR_TEXT[status] + ("; also refused: " + op.refuses if status == 422 and op.refuses else "")
+            responses[str(status)] = {"description": text, "content": {
                 "application/json": {"schema": {"$ref": _REF.format(model="Error")}}}}
         entry: dict[str, Any] = {"summary": op.summary, "operationId": "%s_%s" % (
             op.method.lower(), op.path.strip("/").replace("/", "_").replace("{", "").replace("}", "").replace(".", "_")),
             "responses": responses}
         params = [{"name": name, "in": "path", "required": True,
-                   "schema": {"type": "integer"} if "<int:%s>" % name in op.rule else {"type": "string"}}
+                   "schema": dict(op.params.get(name) or (
+                       {"type": "integer"} if "<int:%s>" % name in op.rule else {"type": "string"}))}
                   for name in _path_names(op.path)]
-        params += [{"name": name, "in": "query", "required": False, "schema": dict(schema)}
+        params += [{"name": name, "in": "query", "required": name in op.required_query, "schema": dict(schema)}
                    for name, schema in op.query.items()]
         params += [{"name": name, "in": "header", "required": False, "description": h["description"],
                     "schema": dict(h["schema"])} for name, h in op.headers.items()]
@@ -75,6 +80,9 @@ def openapi_document() -> dict[str, Any]:
         if op.body is not None:
             entry["requestBody"] = {"required": op.body_required, "content": {
                 "application/json": {"schema": schema_of(op.body, "validation")}}}
+        if op.raw_body:
+            entry["requestBody"] = {"required": True, "content": {m: {"schema": dict(schema)}
+                                                                  for m, schema in op.raw_body.items()}}
         if not op.auth:
             entry["security"] = []
         else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flask import g, request
 
+from containers.registry import HOST_PATTERN
 from portal.api.operations import answer, body, operation
 from portal.db_session import box, db, settings
 from portal.errors import ValidationError
@@ -16,14 +17,16 @@ def list_registries():
 
 
 @operation("POST", "/registries", "add (or replace) an account at a registry; checked against it first",
-           {201: RegistryPublic}, (400, 422, 503), body=RegistryLogin)
+           {201: RegistryPublic}, (400, 422, 503), body=RegistryLogin,
+           refuses="a login the registry does not accept")
 def add_registry():
     login = body(RegistryLogin)
     row = registries.login(db(), settings(), box(), g.user, login.registry, login.username, login.password)
     return answer(RegistryPublic.of(row), 201)
 
 
-@operation("DELETE", "/registries/<host>", "forget the caller's account at a registry", {204: None}, (404, 422))
+@operation("DELETE", "/registries/<host>", "forget the caller's account at a registry", {204: None}, (404, 422),
+           params={"host": {"type": "string", "pattern": "^(?:%s)$" % HOST_PATTERN, "maxLength": 255}})
 def delete_registry(host: str):
     registries.logout(db(), g.user, host)
     return "", 204
@@ -36,7 +39,8 @@ def image_choices():
 
 
 @operation("GET", "/images/check", "check an image reference as it is typed (exists, readable, cached)",
-           {200: ImageCheck}, (422,), query={"ref": {"type": "string", "description": "the reference"}})
+           {200: ImageCheck}, (422,), query={"ref": {"type": "string", "minLength": 1, "description": "the reference"}},
+           required_query=("ref",))
 def image_check():
     ref = request.args.get("ref", "")
     if not ref:

@@ -15,7 +15,7 @@ def list_tokens():
 
 
 @operation("POST", "/tokens", "create an API token (shown once)", {201: TokenCreated}, (400, 422),
-           body=TokenCreate, body_required=False)
+           body=TokenCreate, body_required=False, refuses="a service that is not one of the caller's")
 def create_token():
     req = body(TokenCreate, required=False)
     token, rec = accounts.create_token(db(), g.user, req.name, req.expires_days, req.scopes, req.service)

@@ -81,6 +81,24 @@ def progress(settings, db: Session, job: Job) -> list[logtail.Progress]:
     return [points[step] for step in sorted(points)]
 
 
+#: one Server-Sent Event of a followed log (a job's or a build's), as the OpenAPI document
+#: declares it: ``log`` with the text and the offset after it (also its id), or ``end``
+LOG_EVENT_SCHEMA = {"oneOf": [
+    {"type": "object", "required": ["event", "data", "id"], "properties": {
+        "event": {"const": "log"}, "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+            "type": "object", "required": ["text", "offset"],
+            "properties": {"text": {"type": "string"}, "offset": {"type": "integer", "minimum": 0}}}},
+        "retry": {"type": "integer"}}},
+    {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"const": "end"}, "id": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+            "type": "object", "required": ["state"], "properties": {"state": {"const": "ended"}}}},
+        "retry": {"type": "integer"}}}],
+    "description": "one event: `log` (data: {text, offset}; id: the offset to resume from with Last-Event-ID) "
+                   "or `end` (data: {state: ended}) once it is over; comments are heartbeats"}
+
+
 def sse(event: str | None, data: dict, event_id: int | None = None) -> str:
     out = ""
     if event_id is not None:

@@ -32,6 +32,17 @@ from slurm.sweep import expand_grid
 MAX_SWEEP = 1000
 
 _STR = {"type": "string"}
+#: text with something in it but blanks (what the validators below take for a required field)
+_WORDS = {"type": "string", "pattern": "\\S"}
+#: one value of a sweep's parameter
+_SWEEP_VALUE = {"type": ["string", "number"]}
+#: null, read as the field's default (as an empty string is)
+_NULL = {"type": "null"}
+_OR_NULL = {"type": ["string", "null"]}
+
+
+def _is_number_or_text(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 def _lines(value: Any) -> list[str]:
@@ -58,29 +69,36 @@ class JobBase(SQLModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="train", description="a name to find the job by (letters, digits, '.', '_', '-')")
+    name: str = Field(default="train", description="a name to find the job by (letters, digits, '.', '_', '-')",
+                      json_schema_extra=_OR_NULL)
     image: str = Field(description="a registered image, a .sif path, docker-archive:/PATH.tar or oci-archive:/PATH.tar",
-                       examples=["/srv/aiportal/shared/images/base/debian-python.sif"])
-    node_type: str = Field(description="1card or 4card (see GET /cluster)", examples=["1card"])
+                       examples=["/srv/aiportal/shared/images/base/debian-python.sif"], json_schema_extra=_WORDS)
+    node_type: str = Field(description="1card or 4card (see GET /cluster)", examples=["1card"],
+                           json_schema_extra=_WORDS)
     command: Annotated[list[str], WithJsonSchema(
-        {"oneOf": [{"type": "array", "items": _STR, "minItems": 1}, _STR],
+        {"oneOf": [{"type": "array", "items": _STR, "minItems": 1}, _WORDS],
          "description": "the command run in the image: a list of arguments, or one string split like a shell "
                         "would (no shell runs it)"}, mode="validation")]
     inputs: Annotated[list[str], WithJsonSchema(
-        {"oneOf": [{"type": "array", "items": _STR}, _STR],
+        {"oneOf": [{"type": "array", "items": _STR}, _STR, _NULL],
          "description": "s3://SOURCE/bucket/prefix or shared paths, staged into /data/data (a list, or one per line)"},
         mode="validation")] = []
     output: str | None = Field(default=None, description="where /data/output is kept when the job ends")
     env: Annotated[dict[str, str], WithJsonSchema(
-        {"oneOf": [{"type": "object", "additionalProperties": _STR}, _STR],
-         "description": "environment variables: an object, or NAME=VALUE lines"}, mode="validation")] = {}
-    time_limit: str = Field(default="01:00:00", description="minutes, HH:MM:SS or D-HH:MM:SS", examples=["01:00:00"])
+        {"oneOf": [{"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
+                   _STR, {"type": "array", "items": _STR}, _NULL],
+         "description": "environment variables: an object (a number or true/false is written as text, null as "
+                        "empty), or NAME=VALUE lines (one string, or a list of them)"}, mode="validation")] = {}
+    time_limit: str = Field(default="01:00:00", description="minutes, HH:MM:SS or D-HH:MM:SS", examples=["01:00:00"],
+                            json_schema_extra=_OR_NULL)
     gpus: int | None = Field(default=None, description="GPUs (default: all of the node type's)")
     sweep: Annotated[dict[str, list[str]], WithJsonSchema(
-        {"oneOf": [{"type": "object", "additionalProperties": {"type": "array", "items": {"type": ["string", "number"]}}},
-                   _STR],
+        {"oneOf": [{"type": "object", "additionalProperties": {"oneOf": [
+                       {"type": "array", "items": _SWEEP_VALUE}, _SWEEP_VALUE]}},
+                   _STR, {"type": "array", "items": _STR}, _NULL],
          "description": "a parameter grid: one array task per combination, each as environment variables "
-                        "(an object of lists, or NAME=V1,V2 lines)"}, mode="validation")] = {}
+                        "(an object of lists, or NAME=V1,V2 lines: one string, or a list of them)"},
+        mode="validation")] = {}
     project: str | None = Field(default=None, description="the project the job is charged to")
 
     #: what to tell a user who left a required field out
@@ -146,6 +164,8 @@ class JobBase(SQLModel):
     @classmethod
     def _env(cls, v: Any) -> dict[str, str]:
         if isinstance(v, Mapping):
+            if any(isinstance(val, (Mapping, list, tuple)) for val in v.values()):
+                raise ValueError("give each variable a text value")
             return {str(k): "" if val is None else str(val) for k, val in v.items()}
         if v not in (None, "") and not isinstance(v, (str, list, tuple)):
             raise ValueError("give an object of NAME: VALUE, or NAME=VALUE lines")
@@ -171,15 +191,15 @@ class JobBase(SQLModel):
     @classmethod
     def _sweep(cls, v: Any) -> dict[str, list[str]]:
         """``{"LR": [0.1, 0.01]}`` or lines ``LR=0.1,0.01``."""
-        if not v:
+        if v is None or (isinstance(v, (str, Mapping)) and not v):
             return {}
         grid: dict[str, list[str]] = {}
         if isinstance(v, Mapping):
             for k, vs in v.items():
-                if isinstance(vs, (str, int, float)):
+                if _is_number_or_text(vs):
                     vs = [vs]
-                if not isinstance(vs, (list, tuple)):
-                    raise ValueError("give each parameter a list of values")
+                if not isinstance(vs, (list, tuple)) or not all(_is_number_or_text(x) for x in vs):
+                    raise ValueError("give each parameter a list of values (text or numbers)")
                 grid[str(k)] = [str(x) for x in vs]
         else:
             try:

@@ -11,6 +11,7 @@ from pydantic import ConfigDict, Field
 from sqlmodel import SQLModel
 
 from inference.controller import Phase
+from inference.service import MAX_BODY_BYTES, NAME_RE, VERSION_RE
 from portal.models.common import OptionalTimestamp, Timestamp
 from portal.models.tables import Service, ServiceReplica
 
@@ -29,31 +30,33 @@ class ServiceSpecFields(SQLModel):
                                                              "folder (default model.py)")
     class_name: str = Field(default=None, description="the class: load_model(self), "
                                                              "execute(self, data, batch_size)")
-    version: str = Field(default=None)
-    gpus: int = Field(default=None)
-    cpus: int = Field(default=None)
-    memory_mb: int = Field(default=None)
-    max_batch_size: int = Field(default=None)
-    max_wait_ms: float = Field(default=None)
-    max_body_bytes: int = Field(default=None)
+    version: str = Field(default=None, json_schema_extra={"pattern": VERSION_RE.pattern})
+    # the ranges inference.service.ServiceSpec checks, as the document states them
+    gpus: int = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 8})
+    cpus: int = Field(default=None, json_schema_extra={"minimum": 1, "maximum": 64})
+    memory_mb: int = Field(default=None, json_schema_extra={"minimum": 100, "maximum": 1048576})
+    max_batch_size: int = Field(default=None, json_schema_extra={"minimum": 1, "maximum": 1024})
+    max_wait_ms: float = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 10000})
+    max_body_bytes: int = Field(default=None, json_schema_extra={"minimum": 1, "maximum": MAX_BODY_BYTES})
 
 
 class ServicePolicyFields(SQLModel):
     model_config = _STRICT
 
-    replicas: int | None = Field(default=None, description="a fixed count (min = max)")
+    replicas: int | None = Field(default=None, description="a fixed count (min = max)", json_schema_extra={"minimum": 0, "maximum": 64})
     min_replicas: int | None = Field(default=None, ge=0, le=64)
     max_replicas: int | None = Field(default=None, ge=1, le=64)
     target_inflight: float | None = Field(default=None, description="requests in flight per replica the "
-                                                                    "autoscaler aims at")
+                                                                    "autoscaler aims at", json_schema_extra={"minimum": 0.1, "maximum": 10000})
     scale_down_delay_s: float | None = Field(default=None, description="seconds of low load before a replica "
-                                                                       "is removed")
+                                                                       "is removed", json_schema_extra={"minimum": 0, "maximum": 86400})
 
 
 class ServiceCreate(ServiceSpecFields, ServicePolicyFields):
     """Deploy a service: replicas on the infer partition behind POST|PUT /service/NAME."""
 
-    name: str = Field(description="lower-case letters, digits, '-': the URL /service/NAME")
+    name: str = Field(description="lower-case letters, digits, '-': the URL /service/NAME",
+                      json_schema_extra={"pattern": NAME_RE.pattern})
     image: str = Field(description="a .sif path on the shared filesystem")
     model: str = Field(description="the model folder: s3://SOURCE/bucket/prefix or a shared path")
 
@@ -96,7 +99,10 @@ class ServicePublic(SQLModel):
     id: str
     name: str
     owner: str | None = None
-    state: Literal["RUNNING", "UPDATING", "DELETING"]
+    state: Literal["RUNNING", "UPDATING", "DELETING"] = Field(description=(
+        "RUNNING; UPDATING: a new version rolls out or runs beside the current one; DELETING: "
+        "DELETE was accepted (202) and the controller is stopping its replicas: it still answers "
+        "GET until the last replica has ended, then the service is gone (404)"))
     url: str
     spec: dict[str, Any]
     generation: int

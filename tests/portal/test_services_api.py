@@ -8,6 +8,7 @@ from sqlmodel import Session, select
 
 from portal.models import Service
 from portal.daemons.controller import ServiceController
+from slurm.states import JobState
 from tests.portal.conftest import ADMIN_TOKEN, bearer, csrf_of, login
 
 
@@ -263,3 +264,26 @@ def test_services_page_deploys_and_shows_field_errors(client, users, fake_backen
     r = client.post("/services/web-toy/delete", data={"csrf": csrf_of(client, "/services")})
     assert r.status_code == 302 and "DELETING" in client.get("/services").get_data(as_text=True)
     assert client.post("/services/web-toy/delete", data={}).status_code == 400     # no CSRF token
+
+
+def test_a_deleted_service_says_deleting_until_the_controller_has_stopped_it(client, tokens, fake_backend, image,
+                                                                             model_dir, engine, settings):
+    """DELETE answers 202 at once; the service stays readable, saying DELETING (as documented),
+    until the controller has cancelled its replicas and removed it; then 404."""
+    from portal.api.openapi import openapi_document
+    alice = bearer(tokens["alice"])
+    assert client.post("/api/v1/services", headers=alice, json=body(image, model_dir)).status_code == 201
+    controller = ServiceController(engine, fake_backend, settings)
+    controller.cycle()
+    assert client.delete("/api/v1/services/toy", headers=alice).status_code == 202
+    shown = client.get("/api/v1/services/toy", headers=alice)
+    assert shown.status_code == 200 and shown.get_json()["state"] == "DELETING"
+    for _ in range(5):
+        controller.cycle()
+        for jid, st in list(fake_backend.jobs.items()):
+            if any(c[0] == jid for c in fake_backend.cancelled):
+                fake_backend.jobs[jid] = type(st)(jid, JobState.CANCELLED, "", user=st.user, comment=st.comment)
+    assert client.get("/api/v1/services/toy", headers=alice).status_code == 404
+    doc = openapi_document()
+    assert "DELETING" in doc["paths"]["/services/{name}"]["delete"]["summary"]
+    assert "DELETING" in doc["components"]["schemas"]["ServicePublic"]["properties"]["state"]["description"]
