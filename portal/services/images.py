@@ -304,29 +304,40 @@ class ImageDeleted:
     kept_because: tuple[str, ...]
 
 
-def sif_still_used(db, settings: Settings, img: Image) -> list[str]:
+def sif_still_used(db, settings: Settings, img: Image, user) -> list[str]:
     """Why the cached SIF of ``img`` must stay after its row is gone (empty: nothing uses it).
-    A SIF outside the cache (a registered /PATH.sif) is its owner's file, never removed here."""
+    A SIF outside the cache (a registered /PATH.sif) is its owner's file, never removed here.
+    ``user`` (who asks) hears of their own images, jobs and services by count and name; of other
+    accounts', an admin does too, anyone else only that other accounts use it."""
     from sqlalchemy import or_
     from slurm.states import TERMINAL
     from portal.models import Job, Service
     cache = SifCache(Path(settings.image_cache))
     if not img.digest or Path(img.sif_path) != cache.path_for(img.digest):
         return ["it is not in the image cache (a file the portal does not own)"]
-    why = []
-    others = db.exec(select(Image.id).where(Image.id != img.id, Image.sif_path == img.sif_path)).all()
-    if others:
-        why.append("%d other registered image(s) use it" % len(others))
+    why, others_use = [], False
+    users = db.exec(select(Image.user_id).where(Image.id != img.id, Image.sif_path == img.sif_path)).all()
+    jobs = db.exec(select(Job.user_id).where(Job.state.not_in(list(TERMINAL)),
+                                             or_(Job.image == img.sif_path, Job.script.contains(img.sif_path)))).all()
+    services = db.exec(select(Service.user_id, Service.name).where(
+        or_(Service.spec_json.contains(img.sif_path), Service.next_spec_json.contains(img.sif_path)))).all()
+
+    def seen(owner: int) -> bool:
+        nonlocal others_use
+        if owner == user.id or user.is_admin:
+            return True
+        others_use = True
+        return False
     if any(s.digest == img.digest for s in registries.site_images(settings)):
         why.append("it is a site base image")
-    jobs = db.exec(select(Job.id).where(Job.state.not_in(list(TERMINAL)),
-                                        or_(Job.image == img.sif_path, Job.script.contains(img.sif_path)))).all()
-    if jobs:
-        why.append("%d unfinished job(s) use it (it stays until they end; the cache keeps it after)" % len(jobs))
-    services = db.exec(select(Service.name).where(or_(Service.spec_json.contains(img.sif_path),
-                                                      Service.next_spec_json.contains(img.sif_path)))).all()
-    if services:
-        why.append("service(s) %s run it" % ", ".join(sorted(services)))
+    if n := sum(seen(u) for u in users):
+        why.append("%d other registered image(s) use it" % n)
+    if n := sum(seen(u) for u in jobs):
+        why.append("%d unfinished job(s) use it (it stays until they end; the cache keeps it after)" % n)
+    if names := sorted(name for u, name in services if seen(u)):
+        why.append("service(s) %s run it" % ", ".join(names))
+    if others_use:
+        why.append("other accounts' images, jobs or services use it")
     if img.state is ImageState.CONVERTING:
         why.append("its conversion job %s is still running (jobs may wait on it)" % img.conversion_job_id)
     return why
@@ -336,7 +347,7 @@ def delete_image(db, settings: Settings, user, image_id: int) -> ImageDeleted:
     """Delete a registered image (its owner, or an admin). Its SIF leaves the shared cache only
     when nothing else uses it (:func:`sif_still_used`): jobs that run it, or wait to, keep it."""
     row = get_image(db, user, image_id)
-    why = sif_still_used(db, settings, row)
+    why = sif_still_used(db, settings, row, user)
     img = Image.model_validate(row.model_dump())        # the image as it was, for the answer
     db.delete(row)
     db.commit()

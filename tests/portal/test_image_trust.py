@@ -252,7 +252,8 @@ def test_a_sif_something_else_uses_stays(client, tokens, engine, users, settings
     first, second = add_image(engine, users["alice"], sif), add_image(engine, users["bob"], sif)
     r = client.delete("/api/v1/images/%d" % first, headers=alice)
     assert r.get_json()["sif_removed"] is False and sif.exists()
-    assert r.get_json()["kept_because"] == ["1 other registered image(s) use it"]
+    # bob's image is not alice's to count or name
+    assert r.get_json()["kept_because"] == ["other accounts' images, jobs or services use it"]
     with Session(engine) as db:
         job = Job(user_id=users["bob"].id, name="j", state=JobState.RUNNING, image="docker://h/x@" + DIGEST,
                   script="apptainer exec %s true\n" % sif)
@@ -290,7 +291,7 @@ def test_a_sif_something_else_uses_stays(client, tokens, engine, users, settings
 
 def test_the_images_page_deletes_with_csrf(client, users, engine, settings):
     sif = cached(settings)
-    mine = add_image(engine, users["alice"], sif)
+    mine, again = add_image(engine, users["alice"], sif), add_image(engine, users["alice"], sif)
     bobs = add_image(engine, users["bob"], sif)
     assert login(client, "alice").status_code == 302
     token = csrf_of(client, "/tokens")
@@ -301,9 +302,11 @@ def test_the_images_page_deletes_with_csrf(client, users, engine, settings):
     assert client.post("/images/%d/delete" % bobs, data={"csrf": token}).status_code == 404
     r = client.post("/images/%d/delete" % mine, data={"csrf": token}, follow_redirects=True)
     assert r.status_code == 200 and "image %d deleted" % mine in r.get_data(as_text=True)
-    assert "1 other registered image(s) use it" in r.get_data(as_text=True) and sif.exists()
+    # her own other image counted; bob's only as "other accounts'"
+    assert "1 other registered image(s) use it; other accounts&#39; images, jobs or services use it" in \
+        r.get_data(as_text=True) and sif.exists()
     with Session(engine) as db:
-        assert [i.id for i in db.exec(select(Image))] == [bobs]
+        assert sorted(i.id for i in db.exec(select(Image))) == [again, bobs]
 
 
 # -- through a started portal and the CLI --------------------------------------------------------
