@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
-           413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           413: "Content Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 #: the longest request (or replica answer) head read, in bytes
 MAX_HEAD = 64 * 1024

@@ -19,6 +19,8 @@ class Route:
 
 
 class Directory(Protocol):
-    async def route(self, token: str, name: str) -> Route:
-        """The service ``name`` as the caller of ``token`` may use it; raises GatewayError
-        (401 for a bad token, 404 for a service that is unknown or not theirs)."""
+    async def route(self, token: str, name: str, client: str = "") -> Route:
+        """The service ``name`` as the caller of ``token`` (from the address ``client``) may use
+        it; raises GatewayError (401 for a bad token, 403 for a token without the scope, 404
+        for a service that is unknown or not theirs, 429 for an address that sent too many
+        wrong tokens)."""

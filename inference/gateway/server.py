@@ -30,6 +30,16 @@ FORWARD_HEADERS = ("content-type", "accept", "x-request-id")
 RETURN_HEADERS = ("content-type", "x-model-version")
 
 
+def client_of(request: Request, writer: asyncio.StreamWriter) -> str:
+    """The caller's address: on a unix socket (behind the site's nginx, which sets it) the
+    X-Forwarded-For nginx sent (its last address: nginx's own ``$remote_addr``); on TCP the peer's."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    forwarded = request.headers.get("x-forwarded-for", "")
+    return forwarded.rsplit(",", 1)[-1].strip()[:100] or "unix-socket"
+
+
 class Gateway:
     """One gateway: ``timeout`` for a replica's answer (then 504), ``connect_timeout`` for a
     connection to a replica, ``eject_s`` a failed replica sits out, ``max_attempts`` replicas
@@ -89,7 +99,7 @@ class Gateway:
         """Answer one request; True when the connection may carry another."""
         keep = request.keep_alive
         try:
-            route, length = await self._check(request)
+            route, length = await self._check(request, client_of(request, writer))
         except GatewayError as e:
             # refused before its body was read: answered, then the body is read and thrown away
             # (see _drain); the connection carries on when all of it was
@@ -154,7 +164,7 @@ class Gateway:
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             return False
 
-    async def _check(self, request: Request) -> tuple[Route, int | None]:
+    async def _check(self, request: Request, client: str = "") -> tuple[Route, int | None]:
         """Check a request's head: its route and body length (None: chunked); GatewayError for
         every refusal."""
         m = NAME_RE.fullmatch(request.path)
@@ -171,7 +181,7 @@ class Gateway:
                                "service's owner (`aiportal token create`, or the Tokens page)",
                                {"WWW-Authenticate": 'Bearer realm="aiportal"'})
         try:
-            route = await self.directory.route(token.strip(), name)
+            route = await self.directory.route(token.strip(), name, client)
         except GatewayError:
             raise
         except Exception as e:

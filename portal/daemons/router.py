@@ -6,7 +6,10 @@ database, without a query on the request path:
 - **who is calling**: ``Authorization: Bearer TOKEN``, an API token of the service's owner (or
   of an admin). Checked tokens are remembered for ``router_refresh_s`` seconds (a revoked token
   stops working within that time); unknown ones too, so a flood of bad tokens costs one query
-  per token and interval;
+  per token and interval. Each wrong token counts towards its client address's limit, the same
+  count as the API's (``token_failures_per_address`` in ``token_failure_window_s``): then 429
+  with Retry-After for every token from that address until the window has passed. The address
+  is nginx's ``X-Forwarded-For`` on the unix socket, the peer's on TCP;
 - **where the service's replicas are**: the routing table (services and their READY replicas,
   written by the controller in the reconcile cycle) is re-read in the background every
   ``router_refresh_s`` seconds; requests use the table at hand, except that one for a service
@@ -30,6 +33,7 @@ from sqlmodel import Session, select
 from inference.gateway import Gateway, GatewayError, Route, run
 from inference.balancer import Target
 from inference.controller import Phase
+from portal.errors import RateLimitError
 from portal.scopes import FULL, Grant
 from portal.services import accounts
 from portal.models import Service, ServiceReplica, ServiceState
@@ -96,6 +100,8 @@ class PortalDirectory:
         self._refresh: asyncio.Task | None = None
         self._miss: asyncio.Future | None = None
         self.tokens: dict[str, tuple[float, int | None, bool, Grant]] = {}
+        #: client address -> until when (monotonic) it is refused: too many wrong tokens
+        self.limited: dict[str, float] = {}
 
     # -- database reads (in a worker thread) ---------------------------------------------------
 
@@ -125,10 +131,20 @@ class PortalDirectory:
         self.keys = keys
         return out
 
-    def _read_caller(self, token: str) -> tuple[int | None, bool, Grant]:
+    def _read_caller(self, token: str, client: str = "") -> tuple[int | None, bool, Grant]:
+        """Who ``token`` is; a wrong one counts towards ``client``'s limit, the same count as
+        the API's (``token_failures_per_address`` in ``token_failure_window_s``): RateLimitError
+        once it is reached, for a right token too."""
+        limits = accounts.TokenLimits(per_address=self.settings.token_failures_per_address,
+                                      window_s=self.settings.token_failure_window_s)
         with Session(self.engine) as db:
+            if client:
+                accounts.check_token_limit(db, client, limits)
             found = accounts.caller_for_token(db, token, self.settings.admin_token_sha256)
-            if db.new or db.dirty:
+            if found is None and client:
+                accounts.record_token_failure(db, client, limits)
+                db.commit()         # the failure counts (its clean-up query has flushed it already)
+            elif db.new or db.dirty:
                 db.commit()
             return (found[0].id, found[0].is_admin, found[1]) if found is not None else (None, False, FULL)
 
@@ -174,18 +190,30 @@ class PortalDirectory:
             if task is not None and not task.done():
                 task.cancel()
 
-    async def caller(self, token: str) -> tuple[int | None, bool, Grant]:
+    async def caller(self, token: str, client: str = "") -> tuple[int | None, bool, Grant]:
+        """Who ``token`` is (cached ``ttl`` seconds, unknown tokens too); GatewayError 429 while
+        ``client`` is over its limit of wrong tokens (held here until its window has passed, so
+        a limited address costs no query)."""
+        now = time.monotonic()
+        until = self.limited.get(client)
+        if until is not None:
+            if now < until:
+                raise _too_many(client, until - now)
+            del self.limited[client]
         key = hashlib.sha256(token.encode()).hexdigest()
         hit = self.tokens.get(key)
-        now = time.monotonic()
         if hit is not None and now - hit[0] <= self.ttl:
             return hit[1], hit[2], hit[3]
-        found = await asyncio.to_thread(self._read_caller, token)
+        try:
+            found = await asyncio.to_thread(self._read_caller, token, client)
+        except RateLimitError as e:
+            self.limited[client] = time.monotonic() + e.retry_after
+            raise _too_many(client, e.retry_after) from e
         self.tokens[key] = (time.monotonic(), *found)
         return found
 
-    async def route(self, token: str, name: str) -> Route:
-        user_id, is_admin, grant = await self.caller(token)
+    async def route(self, token: str, name: str, client: str = "") -> Route:
+        user_id, is_admin, grant = await self.caller(token, client)
         if user_id is None:
             raise GatewayError(401, "unauthorized", "the API token is unknown, revoked or expired; create a new one "
                                "(`aiportal token create`)", {"WWW-Authenticate": 'Bearer realm="aiportal"'})
@@ -207,6 +235,12 @@ class PortalDirectory:
                                {"WWW-Authenticate": 'Bearer realm="aiportal", error="insufficient_scope", '
                                                     'scope="services:invoke"'})
         return entry.route
+
+
+def _too_many(client: str, retry_after: float) -> GatewayError:
+    return GatewayError(429, "rate_limited", "too many wrong API tokens from %s; try again in %d s with a valid "
+                        "token (`aiportal token create`)" % (client, max(1, int(retry_after))),
+                        {"Retry-After": str(max(1, int(retry_after)))})
 
 
 def serve(settings: Settings, engine, listen: str, ready=None) -> None:

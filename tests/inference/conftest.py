@@ -101,7 +101,7 @@ class StaticDirectory:
     def __init__(self, routes: dict | None = None):
         self.routes = routes or {}
 
-    async def route(self, token, name):
+    async def route(self, token, name, client=""):
         from inference.gateway import GatewayError
         if token not in {t for t, _ in self.routes.values()} | {"other-user"}:
             raise GatewayError(401, "unauthorized", "the API token is unknown")

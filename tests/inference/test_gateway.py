@@ -360,7 +360,7 @@ def test_parse_head_reads_the_request_line_and_headers():
 
 def test_a_failing_directory_gets_503_not_a_dropped_connection(gateways):
     class Broken:
-        async def route(self, token, name):
+        async def route(self, token, name, client=""):
             raise OSError("database is locked")
     gw = gateways(Broken())
     status, r, out = post(gw)
