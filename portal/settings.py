@@ -150,6 +150,10 @@ class Settings:
     router_refresh_s: float = 0.5
     #: how long the router waits for a replica's answer
     router_timeout_s: float = 300.0
+    #: a public service takes calls without a token at most this often a second from one client
+    #: address, and this many at once (then 429 with Retry-After)
+    public_rate_per_s: float = 5.0
+    public_burst: int = 20
 
     # -- health checks: the [health] table of site.toml (every node reads it; docs/health.md) --
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -180,7 +184,8 @@ class Settings:
     notify_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("session_idle_s", "session_max_age_s", "token_failures_per_address", "token_failure_window_s"):
+        for name in ("session_idle_s", "session_max_age_s", "token_failures_per_address", "token_failure_window_s",
+                     "public_rate_per_s", "public_burst"):
             if getattr(self, name) <= 0:
                 raise ConfigError("%s = %r: must be more than 0" % (name, getattr(self, name)))
         # the health check's copies of the shared settings are always these (typed once)

@@ -20,7 +20,8 @@ class Route:
 
 class Directory(Protocol):
     async def route(self, token: str, name: str, client: str = "") -> Route:
-        """The service ``name`` as the caller of ``token`` (from the address ``client``) may use
-        it; raises GatewayError (401 for a bad token, 403 for a token without the scope, 404
+        """The service ``name`` as the caller of ``token`` (from the address ``client``; "" when
+        the request has none) may use it; raises GatewayError (401 for a bad or missing token, 403
+        for a token without the scope, 404
         for a service that is unknown or not theirs, 429 for an address that sent too many
         wrong tokens)."""

@@ -176,12 +176,10 @@ class Gateway:
                                "(curl -X POST URL -T FILE)", {"Allow": "POST, PUT"})
         name = m.group(1)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise GatewayError(401, "unauthorized", "send 'Authorization: Bearer TOKEN' with an API token of the "
-                               "service's owner (`aiportal token create`, or the Tokens page)",
-                               {"WWW-Authenticate": 'Bearer realm="aiportal"'})
+        token = token.strip() if scheme.lower() == "bearer" else ""
         try:
-            route = await self.directory.route(token.strip(), name, client)
+            # no token: "" (a public service takes it; the directory answers 401 for the rest)
+            route = await self.directory.route(token, name, client)
         except GatewayError:
             raise
         except Exception as e:

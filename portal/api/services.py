@@ -8,7 +8,8 @@ from portal.api.idempotency import KEY_HEADER, Stored, idempotent
 from portal.api.operations import answer, body, operation, owners
 from portal.db_session import backend, box, db, settings
 from portal.models import Service
-from portal.models.services import ServiceCreate, ServiceList, ServicePublic, ServiceScale, ServiceUpdate
+from portal.models.services import (ServiceAccess, ServiceCreate, ServiceList, ServicePublic, ServiceScale,
+                                    ServiceUpdate)
 from portal.services import inference
 
 
@@ -63,6 +64,13 @@ def show_service(name: str):
            (400, 404, 409, 422), body=ServiceScale, params=_NAME)
 def scale_service(name: str):
     return _out(inference.scale(db(), g.user, name, body(ServiceScale)))
+
+
+@operation("POST", "/services/<name>/access", "who may call it: public (anyone, without a token, rate-limited "
+           "per client address) or not (a token of the owner's, or an invoke key)", {200: ServicePublic},
+           (400, 404, 409, 422), body=ServiceAccess, params=_NAME)
+def service_access(name: str):
+    return _out(inference.set_access(db(), g.user, name, body(ServiceAccess).public))
 
 
 @operation("POST", "/services/<name>/update", "a new version: rolling update (one replica at a time), or gray "

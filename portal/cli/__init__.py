@@ -92,7 +92,8 @@ from portal.cli.daemons import (cmd_db_upgrade, cmd_fail_node, cmd_health_check,
                                 cmd_router)
 from portal.cli.jobs import _add_job_arguments, cmd_cancel, cmd_jobs, cmd_logs, cmd_show, cmd_submit
 from portal.cli.services import (_add_policy_arguments, _add_spec_arguments, cmd_service_delete, cmd_service_deploy,
-                                 cmd_service_list, cmd_service_scale, cmd_service_show, cmd_service_update)
+                                 cmd_service_list, cmd_service_scale, cmd_service_show, cmd_service_update,
+                                 cmd_service_access)
 from portal.cli.tools import cmd_cluster, cmd_image_convert, cmd_image_list, cmd_script
 
 
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", help="lower-case letters, digits and '-': the URL /service/NAME")
     _add_spec_arguments(c, required=True)
     _add_policy_arguments(c)
+    c.add_argument("--public", action="store_true",
+                   help="anyone may call it without a token (rate-limited per client address)")
     c.add_argument("--wait", action="store_true", help="wait until the replicas are ready")
     c.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS")
     c.add_argument("--json", action="store_true", help="print the API's JSON")
@@ -290,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_arguments(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_service_scale)
+    c = ssub.add_parser("access", help="who may call it: --public (anyone, without a token) or --private "
+                                       "(a token of yours, or an invoke key)")
+    c.add_argument("name")
+    who = c.add_mutually_exclusive_group(required=True)
+    who.add_argument("--public", dest="public", action="store_true")
+    who.add_argument("--private", dest="public", action="store_false")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_service_access)
     c = ssub.add_parser("update", help="a new version: rolling update (one replica at a time), or a gray release "
                                        "with --weight")
     c.add_argument("name")

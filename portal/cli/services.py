@@ -71,6 +71,8 @@ def _wait_service(args, name: str, done, what: str) -> dict:
 
 def cmd_service_deploy(args) -> int:
     body = {"name": args.name, **_fields(args, _SPEC_ARGS), **_fields(args, _POLICY_ARGS)}
+    if args.public:
+        body["public"] = True
     svc = create(args, "/services", body, "service")
     if args.wait:
         svc = _wait_service(args, args.name, lambda s: s["ready_replicas"] >= max(1, s["desired_replicas"]) or (
@@ -80,8 +82,20 @@ def cmd_service_deploy(args) -> int:
     if args.json:
         _print_json(svc)
     else:
-        print("service %s deployed: POST or PUT %s%s (Authorization: Bearer TOKEN)" % (
-            svc["name"], args.url.rstrip("/"), svc["url"]))
+        print("service %s deployed: POST or PUT %s%s (%s)" % (
+            svc["name"], args.url.rstrip("/"), svc["url"],
+            "public: no token needed" if svc.get("public") else "Authorization: Bearer TOKEN"))
+    return 0
+
+
+def cmd_service_access(args) -> int:
+    svc = _api(args, "POST", _svc_path(args.name, "/access"), {"public": args.public})
+    if args.json:
+        _print_json(svc)
+    else:
+        print("service %s: %s" % (svc["name"], "public: anyone may call %s%s without a token (rate-limited per "
+                                  "address)" % (args.url.rstrip("/"), svc["url"]) if svc["public"] else
+                                  "private: callers send a token of yours or an invoke key"))
     return 0
 
 

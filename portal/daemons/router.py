@@ -59,6 +59,7 @@ class RouteRow:
     max_body: int
     targets: tuple[Target, ...]
     key_sealed: str | None
+    public: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class OpenRoute:
     owner_id: int
     route: Route
     service_id: str = ""
+    public: bool = False
 
 
 def routing_table(db: Session) -> dict[str, RouteRow]:
@@ -82,7 +84,7 @@ def routing_table(db: Session) -> dict[str, RouteRow]:
                 weight = svc.next_weight if r.generation == svc.next_generation else 100 - svc.next_weight
             ready[r.service_id].append(Target(key=r.id, host=r.host, port=r.port, version=r.version, weight=weight))
     return {s.name: RouteRow(service_id=s.id, owner_id=s.user_id, max_body=int(s.spec.get("max_body_bytes") or 0),
-                             targets=tuple(ready[s.id]), key_sealed=s.key_sealed)
+                             targets=tuple(ready[s.id]), key_sealed=s.key_sealed, public=s.public)
             for s in services.values()}
 
 
@@ -102,6 +104,8 @@ class PortalDirectory:
         self.tokens: dict[str, tuple[float, int | None, bool, Grant]] = {}
         #: client address -> until when (monotonic) it is refused: too many wrong tokens
         self.limited: dict[str, float] = {}
+        #: calls without a token to public services, per service and client address
+        self.public_calls = TokenBucket(settings.public_rate_per_s, settings.public_burst)
 
     # -- database reads (in a worker thread) ---------------------------------------------------
 
@@ -127,7 +131,8 @@ class PortalDirectory:
                         log.error("%s; requests to service %s will be refused by its replicas", e, name)
                         key = ""
                 keys[sealed] = key
-            out[name] = OpenRoute(row.owner_id, Route(name, row.targets, row.max_body, key), row.service_id)
+            out[name] = OpenRoute(row.owner_id, Route(name, row.targets, row.max_body, key), row.service_id,
+                                  row.public)
         self.keys = keys
         return out
 
@@ -212,17 +217,35 @@ class PortalDirectory:
         self.tokens[key] = (time.monotonic(), *found)
         return found
 
-    async def route(self, token: str, name: str, client: str = "") -> Route:
-        user_id, is_admin, grant = await self.caller(token, client)
-        if user_id is None:
-            raise GatewayError(401, "unauthorized", "the API token is unknown, revoked or expired; create a new one "
-                               "(`aiportal token create`)", {"WWW-Authenticate": 'Bearer realm="aiportal"'})
+    async def _entry(self, name: str) -> OpenRoute | None:
         entry = (await self.services()).get(name)
         if entry is None or not entry.route.targets:
             # a service deployed, or a replica become READY, since the last read: read again now
             # rather than answer 404/503 for up to router_refresh_s
             await self._reread()
             entry = self.table.get(name)
+        return entry
+
+    async def route(self, token: str, name: str, client: str = "") -> Route:
+        if not token:
+            # without a token only a public service answers; any other, and one that is not there,
+            # get the same 401 (nothing said about which services exist)
+            entry = await self._entry(name)
+            if entry is None or not entry.public:
+                raise GatewayError(401, "unauthorized", "send 'Authorization: Bearer TOKEN' with an API token of the "
+                                   "service's owner, or an invoke key for it (`aiportal token create --service "
+                                   "NAME`)", {"WWW-Authenticate": 'Bearer realm="aiportal"'})
+            wait = self.public_calls.take((name, client))
+            if wait:
+                raise GatewayError(429, "rate_limited", "service %s takes at most %g calls a second from one address "
+                                   "without a token; send a token to go beyond" % (name, self.public_calls.rate),
+                                   {"Retry-After": str(max(1, int(wait + 0.999)))})
+            return entry.route
+        user_id, is_admin, grant = await self.caller(token, client)
+        if user_id is None:
+            raise GatewayError(401, "unauthorized", "the API token is unknown, revoked or expired; create a new one "
+                               "(`aiportal token create`)", {"WWW-Authenticate": 'Bearer realm="aiportal"'})
+        entry = await self._entry(name)
         if entry is None or (entry.owner_id != user_id and not is_admin) or (
                 grant.service_id is not None and grant.service_id != entry.service_id):
             # a key bound to another service: the same answer as a service that is not there
@@ -235,6 +258,29 @@ class PortalDirectory:
                                {"WWW-Authenticate": 'Bearer realm="aiportal", error="insufficient_scope", '
                                                     'scope="services:invoke"'})
         return entry.route
+
+
+class TokenBucket:
+    """Calls per key (service, client address): ``rate`` a second, ``burst`` at once. Keys idle
+    long enough to be full again are forgotten, so memory stays bounded by the active callers."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def take(self, key: tuple[str, str], now: float | None = None) -> float:
+        """0 when a call may go now (and it is counted), else how many seconds until one may."""
+        now = time.monotonic() if now is None else now
+        level, at = self.buckets.get(key, (float(self.burst), now))
+        level = min(float(self.burst), level + (now - at) * self.rate)
+        if len(self.buckets) > 10000:
+            full = self.burst / self.rate if self.rate > 0 else 0
+            self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < full}
+        if level >= 1.0:
+            self.buckets[key] = (level - 1.0, now)
+            return 0.0
+        self.buckets[key] = (level, now)
+        return (1.0 - level) / self.rate if self.rate > 0 else 60.0
 
 
 def _too_many(client: str, retry_after: float) -> GatewayError:

@@ -59,6 +59,9 @@ class ServiceCreate(ServiceSpecFields, ServicePolicyFields):
                       json_schema_extra={"pattern": NAME_RE.pattern})
     image: str = Field(description="a .sif path on the shared filesystem")
     model: str = Field(description="the model folder: s3://SOURCE/bucket/prefix or a shared path")
+    public: bool = Field(default=False, description=(
+        "callable by anyone without a token (a rate limit per client address holds it); default: only "
+        "with a token of yours (or an invoke key)"))
 
 
 class ServiceUpdate(ServiceSpecFields):
@@ -71,6 +74,14 @@ class ServiceUpdate(ServiceSpecFields):
 
 class ServiceScale(ServicePolicyFields):
     """The replica count, or the autoscaling range."""
+
+
+class ServiceAccess(SQLModel):
+    """Who may call a service."""
+
+    model_config = _STRICT
+    public: bool = Field(description="true: anyone, without a token (rate-limited per client address); "
+                                     "false: only with a token of the owner's (or an invoke key)")
 
 
 class ReplicaPublic(SQLModel):
@@ -114,6 +125,7 @@ class ServicePublic(SQLModel):
     desired_replicas: int
     target_inflight: float
     scale_down_delay_s: float
+    public: bool = Field(default=False, description="callable without a token (rate-limited per client address)")
     message: str
     created_at: Timestamp
     updated_at: Timestamp
@@ -128,7 +140,8 @@ class ServicePublic(SQLModel):
                    next_spec=json.loads(svc.next_spec_json) if svc.next_spec_json else None,
                    next_weight=svc.next_weight, min_replicas=svc.min_replicas, max_replicas=svc.max_replicas,
                    desired_replicas=svc.desired, target_inflight=svc.target_inflight,
-                   scale_down_delay_s=svc.scale_down_delay_s, message=svc.message, created_at=svc.created_at,
+                   scale_down_delay_s=svc.scale_down_delay_s, public=svc.public, message=svc.message,
+                   created_at=svc.created_at,
                    updated_at=svc.updated_at, ready_replicas=sum(1 for r in replicas if r.phase is Phase.READY),
                    replicas=[ReplicaPublic.of(r) for r in replicas])
 

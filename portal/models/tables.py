@@ -351,6 +351,8 @@ class Service(SQLModel, table=True):
     next_weight: int | None = None
     min_replicas: int = 1
     max_replicas: int = 1
+    #: callable without a token (its owner's choice; a rate limit per client address holds it)
+    public: bool = False
     #: the replica count the autoscaler wants now (between min and max)
     desired: int = 1
     target_inflight: float = 4.0

@@ -71,7 +71,7 @@ def parse_deploy(body: Mapping[str, Any]) -> tuple[str, ServiceSpec, ScalePolicy
         name = check_name(body.get("name"))
     except ServiceSpecError as e:
         raise _invalid(e) from None
-    spec_body = {k: v for k, v in body.items() if k not in POLICY_FIELDS + ("name", "replicas")}
+    spec_body = {k: v for k, v in body.items() if k not in POLICY_FIELDS + ("name", "replicas", "public")}
     try:
         spec = ServiceSpec.from_json(spec_body)
     except ServiceSpecError as e:
@@ -134,7 +134,7 @@ def deploy(db: Session, settings: Settings, box: SecretBox, user: User, create: 
     svc = Service(id=service_id or new_id(), user_id=user.id, name=name, spec_json=json.dumps(spec.to_json()),
                   min_replicas=policy.min_replicas, max_replicas=policy.max_replicas,
                   desired=policy.min_replicas, target_inflight=float(policy.target_inflight),
-                  scale_down_delay_s=float(policy.scale_down_delay_s),
+                  scale_down_delay_s=float(policy.scale_down_delay_s), public=bool(create.public),
                   key_sealed=box.seal(secrets.token_urlsafe(KEY_BYTES)))
     svc.service_dir = str(Path(settings.shared_root) / "services" / svc.id)
     prepare_service_dir(settings, user.unix_user, Path(svc.service_dir))
@@ -163,6 +163,21 @@ def replicas_of(db: Session, svc: Service, include_ended: bool = False) -> list[
     if not include_ended:
         q = q.where(ServiceReplica.phase != Phase.ENDED)
     return list(db.exec(q.order_by(ServiceReplica.created_at)))
+
+
+def set_access(db: Session, user: User, name: str, public: bool) -> Service:
+    """Make a service callable without a token (``public``) or only with one (the router sees it
+    within ``router_refresh_s``)."""
+    svc = get_service(db, user, name)
+    if svc.state is ServiceState.DELETING:
+        raise ConflictError("service %s is being deleted" % name)
+    if svc.public != public:
+        svc.public = public
+        svc.updated_at = utcnow()
+        db.add(svc)
+        db.commit()
+        log.info("service %s made %s by %s", name, "public" if public else "private", user.name)
+    return svc
 
 
 def scale(db: Session, user: User, name: str, change: ServiceScale) -> Service:

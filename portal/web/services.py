@@ -88,8 +88,13 @@ def service_action(name: str, action: str):
         elif action == "delete":
             inference.delete(db(), g.user, name)
             flash("service %s: deleting" % name, "info")
+        elif action in ("public", "private"):
+            inference.set_access(db(), g.user, name, action == "public")
+            flash("service %s: %s" % (name, "public: anyone may call it without a token (rate-limited per address)"
+                                      if action == "public" else "private: callers need a token or an invoke key"),
+                  "info")
         else:
-            return portal_error(ValidationError("action", "scale, update or delete"))
+            return portal_error(ValidationError("action", "scale, update, public, private or delete"))
     except (PortalError, StorageError, SlurmError) as e:
         db().rollback()
         return _render_services(None, {}, ["%s: %s" % (name, e)], error_status(e)[1])

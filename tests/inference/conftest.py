@@ -104,7 +104,8 @@ class StaticDirectory:
     async def route(self, token, name, client=""):
         from inference.gateway import GatewayError
         if token not in {t for t, _ in self.routes.values()} | {"other-user"}:
-            raise GatewayError(401, "unauthorized", "the API token is unknown")
+            raise GatewayError(401, "unauthorized", "the API token is unknown or missing",
+                               {"WWW-Authenticate": 'Bearer realm="aiportal"'})
         owner, route = self.routes.get(name, (None, None))
         if route is None or owner != token:
             raise GatewayError(404, "unknown_service", "there is no service named %r that you may call" % name)
