@@ -82,6 +82,8 @@ class Grant:
         """Whether an operation needing ``scope`` (:func:`needed`) is allowed."""
         if scope is None:
             return self.full
+        if self.service_id is not None:
+            return scope in ("", "services:invoke")     # an invoke key: its one service, nothing else
         return scope == "" or self.scopes is None or scope in self.scopes
 
     def may_call(self, service_id: str) -> bool:

@@ -8,8 +8,9 @@ database, without a query on the request path:
   stops working within that time); unknown ones too, so a flood of bad tokens costs one query
   per token and interval. Each wrong token counts towards its client address's limit, the same
   count as the API's (``token_failures_per_address`` in ``token_failure_window_s``): then 429
-  with Retry-After for every token from that address until the window has passed. The address
-  is nginx's ``X-Forwarded-For`` on the unix socket, the peer's on TCP;
+  with Retry-After for each new wrong token from that address until the window has passed; a
+  right token always passes (every local account shares 127.0.0.1). The address is nginx's
+  ``X-Forwarded-For`` on the unix socket, the peer's on TCP;
 - **where the service's replicas are**: the routing table (services and their READY replicas,
   written by the controller in the reconcile cycle) is re-read in the background every
   ``router_refresh_s`` seconds; requests use the table at hand, except that one for a service
@@ -102,8 +103,6 @@ class PortalDirectory:
         self._refresh: asyncio.Task | None = None
         self._miss: asyncio.Future | None = None
         self.tokens: dict[str, tuple[float, int | None, bool, Grant]] = {}
-        #: client address -> until when (monotonic) it is refused: too many wrong tokens
-        self.limited: dict[str, float] = {}
         #: calls without a token to public services, per service and client address
         self.public_calls = TokenBucket(settings.public_rate_per_s, settings.public_burst)
 
@@ -143,10 +142,10 @@ class PortalDirectory:
         limits = accounts.TokenLimits(per_address=self.settings.token_failures_per_address,
                                       window_s=self.settings.token_failure_window_s)
         with Session(self.engine) as db:
-            if client:
-                accounts.check_token_limit(db, client, limits)
             found = accounts.caller_for_token(db, token, self.settings.admin_token_sha256)
             if found is None and client:
+                # a right token always passes (see portal/auth.py); a wrong one over the limit: 429
+                accounts.check_token_limit(db, client, limits)
                 accounts.record_token_failure(db, client, limits)
                 db.commit()         # the failure counts (its clean-up query has flushed it already)
             elif db.new or db.dirty:
@@ -196,15 +195,9 @@ class PortalDirectory:
                 task.cancel()
 
     async def caller(self, token: str, client: str = "") -> tuple[int | None, bool, Grant]:
-        """Who ``token`` is (cached ``ttl`` seconds, unknown tokens too); GatewayError 429 while
-        ``client`` is over its limit of wrong tokens (held here until its window has passed, so
-        a limited address costs no query)."""
+        """Who ``token`` is (cached ``ttl`` seconds, unknown tokens too); GatewayError 429 for a
+        new wrong token while ``client`` is over its limit of wrong tokens."""
         now = time.monotonic()
-        until = self.limited.get(client)
-        if until is not None:
-            if now < until:
-                raise _too_many(client, until - now)
-            del self.limited[client]
         key = hashlib.sha256(token.encode()).hexdigest()
         hit = self.tokens.get(key)
         if hit is not None and now - hit[0] <= self.ttl:
@@ -212,7 +205,6 @@ class PortalDirectory:
         try:
             found = await asyncio.to_thread(self._read_caller, token, client)
         except RateLimitError as e:
-            self.limited[client] = time.monotonic() + e.retry_after
             raise _too_many(client, e.retry_after) from e
         self.tokens[key] = (time.monotonic(), *found)
         return found
@@ -230,7 +222,9 @@ class PortalDirectory:
         if not token:
             # without a token only a public service answers; any other, and one that is not there,
             # get the same 401 (nothing said about which services exist)
-            entry = await self._entry(name)
+            # the table at hand, never read again for it: a re-read for a name that is not there
+            # would take longer than the answer for a private one, telling them apart
+            entry = (await self.services()).get(name)
             if entry is None or not entry.public:
                 raise GatewayError(401, "unauthorized", "send 'Authorization: Bearer TOKEN' with an API token of the "
                                    "service's owner, or an invoke key for it (`aiportal token create --service "
@@ -267,15 +261,17 @@ class TokenBucket:
     def __init__(self, rate: float, burst: int):
         self.rate, self.burst = rate, burst
         self.buckets: dict[tuple[str, str], tuple[float, float]] = {}
+        self.pruned_at = 0.0
 
     def take(self, key: tuple[str, str], now: float | None = None) -> float:
         """0 when a call may go now (and it is counted), else how many seconds until one may."""
         now = time.monotonic() if now is None else now
         level, at = self.buckets.get(key, (float(self.burst), now))
         level = min(float(self.burst), level + (now - at) * self.rate)
-        if len(self.buckets) > 10000:
-            full = self.burst / self.rate if self.rate > 0 else 0
+        if len(self.buckets) > 10000 and now - self.pruned_at >= 1.0:      # at most once a second
+            full = self.burst / self.rate
             self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < full}
+            self.pruned_at = now
         if level >= 1.0:
             self.buckets[key] = (level - 1.0, now)
             return 0.0

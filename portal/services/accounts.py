@@ -17,7 +17,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from portal.errors import AuthError, ConflictError, NotFoundError, RateLimitError, ValidationError
 from portal.models.accounts import ProjectCreate
-from portal.models import ApiToken, LoginFailure, Project, ProjectMember, Service, User, utcnow
+from portal.models import ApiToken, LoginFailure, Project, ProjectMember, Service, ServiceState, User, utcnow
 from portal import scopes as scopemod
 from portal.scopes import FULL, Grant
 from portal.services import web_sessions
@@ -155,8 +155,9 @@ def authenticate(db: Session, name: str, password: str, address: str,
 @dataclass(frozen=True)
 class TokenLimits:
     """At most ``per_address`` wrong API tokens per client address within ``window_s``; then
-    every API call from that address that sends a token is refused (429), whether its token is
-    right or not, until the window has passed. Other addresses are not affected."""
+    each further wrong token from that address is refused with 429 until the window has passed.
+    A right token always passes (the callers check the limit only for a token that failed):
+    every local account shares 127.0.0.1 behind nginx. Other addresses are not affected."""
 
     per_address: int = 20
     window_s: int = 300
@@ -199,10 +200,13 @@ def create_token(db: Session, user: User, name: str = "", expires_days: int | No
         if svc is None or (svc.user_id != user.id and not user.is_admin):
             raise ValidationError("service", "no service named %r of yours; your services: `aiportal service list`"
                                   % service)
+        if svc.state is ServiceState.DELETING:
+            raise ValidationError("service", "service %r is being deleted" % service)
         service_id = svc.id
         chosen = chosen or ("services:invoke",)
-        if "services:invoke" not in chosen:
-            raise ValidationError("scopes", "a token bound to a service calls it: include services:invoke")
+        if chosen != ("services:invoke",):
+            raise ValidationError("scopes", "a token bound to a service (an invoke key) may only call it: its "
+                                  "scopes are services:invoke alone; make a token without --service for the rest")
     if chosen is not None and "admin" in chosen and not user.is_admin:
         raise ValidationError("scopes", "admin is for an admin account's tokens")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)

@@ -51,7 +51,9 @@ def test_a_public_service_answers_without_a_token_and_a_private_one_never_says_i
     assert _ask(directory, tokens["alice"], "toy")[:2] == (200, "toy")             # a token: no limit of this kind
     # a private service and one that is not there: the same 401 without a token
     assert _ask(directory, "", "private")[:2] == (401, "unauthorized")
+    loaded = directory.loaded
     assert _ask(directory, "", "nothing-here")[:2] == (401, "unauthorized")
+    assert directory.loaded == loaded       # no re-read for it: no slower answer telling it apart
     # a wrong token to a public service is still a wrong token
     assert _ask(directory, "wrong", "toy")[:2] == (401, "unauthorized")
     # the owner makes it private again; another user cannot change it

@@ -113,3 +113,14 @@ def test_an_invoke_key_calls_its_one_service_and_nothing_else(client, tokens, fa
     # revoked: refused by the router within router_refresh_s (a fresh directory here)
     assert client.delete("/api/v1/tokens/%d" % key["id"], headers=bearer(tokens["alice"])).status_code == 204
     assert asyncio.run(ask(key["token"], "toy")) == (401, "unauthorized")
+
+
+def test_an_invoke_key_has_no_other_scope(client, tokens, fake_backend, image, model_dir):  # noqa: F811
+    assert client.post("/api/v1/services", headers=bearer(tokens["alice"]),
+                       json=body(image, model_dir)).status_code == 201
+    status, ans = _token(client, tokens["alice"], service="toy", scopes=["services:invoke", "services:manage"])
+    assert status == 422 and "scopes" in str(ans)
+    # and a bound grant allows nothing but calling, whatever its scopes say
+    bound = Grant(("services:invoke", "services:manage"), "some-service")
+    assert not bound.allows("services:manage") and not bound.allows("jobs:read") and bound.allows("")
+    assert bound.allows("services:invoke") and bound.may_call("some-service")
