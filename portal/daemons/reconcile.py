@@ -425,6 +425,31 @@ def _utc(t: dt.datetime | None) -> dt.datetime | None:
     return None if t is None else (t.astimezone(dt.timezone.utc) if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
 
 
+def own_end(job: Job, run: int | None = None, read=fence_done) -> tuple[int, dt.datetime] | None:
+    """How a portal job's run (``run``: Slurm's restart count; None: its last) ended on its own,
+    by the job folder's fence record (``read``: :func:`slurm.render.fence_done`): its exit
+    status and when. None for a run that has not ended there, one a signal stopped (a time
+    limit, a cancel, a requeue: Slurm's to say), plain sbatch jobs and arrays (no such record),
+    or a record that cannot be read (logged)."""
+    if job.external or not job.job_dir or not job.slurm_job_id:
+        return None
+    try:
+        end = read(job.job_dir, job.slurm_job_id, run)
+    except OSError as e:
+        log.warning("job %s: cannot read its fence record in %s: %s", job.id, job.job_dir, e)
+        return None
+    if end is None or end[1]:
+        return None
+    return end[0], dt.datetime.fromtimestamp(end[2], dt.timezone.utc)
+
+
+def _as_recorded(code: int, reason: str, nodes: str, ended: dt.datetime, restarts: int | None = None,
+                 started: dt.datetime | None = None) -> Observed:
+    """A run's end as its job folder records it."""
+    return Observed(JobState.COMPLETED if code == 0 else JobState.FAILED, reason, nodes, code, 0, restarts,
+                    started=started, ended=ended)
+
+
 def ended_here(p: Plan, jobs: Mapping[str, Job], lost: dict[str, str]) -> None:
     """Of the jobs Slurm forgot, those whose run had ended on its own before (the job folder's
     fence record says so: its exit status, not stopped by a signal; slurmdbd may even have given
@@ -433,21 +458,13 @@ def ended_here(p: Plan, jobs: Mapping[str, Job], lost: dict[str, str]) -> None:
     no longer knows) is submitted again."""
     for job_id in list(lost):
         job = jobs[job_id]
-        if job.external or not job.job_dir or not job.slurm_job_id:
+        end = own_end(job)
+        if end is None:
             continue
-        try:
-            end = fence_done(job.job_dir, job.slurm_job_id)
-        except OSError as e:
-            log.warning("job %s: cannot read its fence record in %s: %s", job.id, job.job_dir, e)
-            continue
-        if end is None or end[1]:
-            continue
-        code, _, when = end
-        p.updates[job_id] = Observed(
-            JobState.COMPLETED if code == 0 else JobState.FAILED,
-            "Slurm lost its record of job %s (%s); the run had ended with exit code %d, as its job folder records"
-            % (job.slurm_job_id, lost.pop(job_id), code), job.nodes, code, 0,
-            ended=dt.datetime.fromtimestamp(when, dt.timezone.utc))
+        code, ended = end
+        p.updates[job_id] = _as_recorded(
+            code, "Slurm lost its record of job %s (%s); the run had ended with exit code %d, as its job folder "
+            "records" % (job.slurm_job_id, lost.pop(job_id), code), job.nodes, ended)
 
 
 #: Slurm's ends of a run it ended itself (a limit, a node, a cancel). A controller restarted from
@@ -472,35 +489,30 @@ def unheard_ends(p: Plan, jobs: Iterable[Job], live: Records, now: dt.datetime, 
     jobs have no such record: as Slurm says."""
     stale = []
     for job in jobs:
-        if job.external or not job.job_dir or not job.slurm_job_id:
+        if job.external or not job.slurm_job_id:
             continue
         update = p.updates.get(job.id)
         obs = update or fold(live.of(job.slurm_job_id, identity(job)))
         if obs is None or not (obs.state is JobState.RUNNING or (update and obs.state in ENDED_BY_SLURM)):
             continue
-        try:
-            end = read(job.job_dir, job.slurm_job_id, obs.restarts)
-        except OSError as e:
-            log.warning("job %s: cannot read its fence record in %s: %s", job.id, job.job_dir, e)
+        end = own_end(job, obs.restarts, read)
+        if end is None:
             continue
-        if end is None or end[1]:
-            continue
-        code, _, when = end
-        ended = dt.datetime.fromtimestamp(when, dt.timezone.utc)
+        code, ended = end
         if obs.state is JobState.RUNNING:
-            if (now - ended).total_seconds() < grace_s:
+            since = (now - ended).total_seconds()
+            if since < grace_s:
                 continue
-            said = "Slurm still shows it running %d s later: cancelled there" % (now - ended).total_seconds()
+            said = "Slurm still shows it running %d s later: cancelled there" % since
             stale.append(job.slurm_job_id)
         elif obs.ended is not None and _utc(obs.ended) < ended:
             continue        # Slurm ended it before the record was written: a later end of its own
         else:
             said = "Slurm says %s" % obs.state.value
-        p.updates[job.id] = Observed(
-            JobState.COMPLETED if code == 0 else JobState.FAILED,
-            "the run ended on its own with exit code %d, as its job folder records; %s (its controller did not "
-            "hear the end: it restarted from older state)" % (code, said), obs.nodes or job.nodes, code, 0,
-            obs.restarts, started=obs.started, ended=ended)
+        p.updates[job.id] = _as_recorded(
+            code, "the run ended on its own with exit code %d, as its job folder records; %s (its controller did not "
+            "hear the end: it restarted from older state)" % (code, said), obs.nodes or job.nodes, ended,
+            obs.restarts, obs.started)
     return stale
 
 
