@@ -53,6 +53,22 @@ def _test_sif():
         os.replace(tmp, path)
 
 
+@pytest.fixture
+def model_dir(settings):
+    """The toy model (tests/inference/toy_model) in alice's folder of the test's shared root."""
+    d = Path(settings.shared_root) / "users" / "alice" / "toy"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "inference" / "toy_model", d)
+    for p in [d, *d.iterdir()]:
+        shutil.chown(p, "alice", "alice")
+    return str(d)
+
+
+@pytest.fixture
+def image(base_image):
+    """The site's base image (a SIF path) as the services API takes it."""
+    return str(base_image)
+
+
 @dataclass
 class FakeBackend(SlurmBackend):
     """Records submissions and answers from a table; for tests that must not use the cluster."""

@@ -59,15 +59,6 @@ def same_answers(answers: dict) -> None:
 
 # -- the API: services, jobs, images, the image check -------------------------------------------
 
-@pytest.fixture
-def model_dir(settings):
-    d = Path(settings.shared_root) / "users" / "alice" / "toy"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "inference" / "toy_model", d)
-    for p in [d, *d.iterdir()]:
-        shutil.chown(p, "alice", "alice")
-    return str(d)
-
-
 def test_deploying_with_another_users_image_answers_like_a_missing_one(client, tokens, fake_backend, model_dir,
                                                                        private, engine):
     answers = {}

@@ -11,7 +11,7 @@ import pytest
 from inference.gateway import GatewayError
 from portal.daemons.router import PortalDirectory, TokenBucket
 from tests.portal.conftest import bearer
-from tests.portal.test_services_api import body, image, model_dir  # noqa: F401 (fixtures)
+from tests.portal.test_services_api import body
 
 
 def _ask(directory, token, name, client="192.0.2.1"):
@@ -35,7 +35,7 @@ def test_token_bucket_table():
 
 
 def test_a_public_service_answers_without_a_token_and_a_private_one_never_says_it_exists(
-        client, tokens, fake_backend, image, model_dir, engine, settings):  # noqa: F811
+        client, tokens, fake_backend, image, model_dir, engine, settings):
     alice = bearer(tokens["alice"])
     r = client.post("/api/v1/services", headers=alice, json=body(image, model_dir, public=True))
     assert r.status_code == 201 and r.get_json()["public"] is True
@@ -67,7 +67,7 @@ def test_a_public_service_answers_without_a_token_and_a_private_one_never_says_i
 
 
 def test_a_call_without_a_token_reaches_a_public_services_route_through_the_gateway(
-        client, tokens, fake_backend, image, model_dir, engine, settings):  # noqa: F811
+        client, tokens, fake_backend, image, model_dir, engine, settings):
     """Through a real gateway on TCP: no token, a public service without ready replicas: 503
     (it got past the token check); a private one: 401."""
     import http.client
@@ -94,7 +94,7 @@ def test_a_call_without_a_token_reaches_a_public_services_route_through_the_gate
 
 
 def test_the_services_page_makes_a_service_public_and_private_again(client, users, tokens, fake_backend, image,
-                                                                   model_dir):  # noqa: F811
+                                                                   model_dir):
     from tests.portal.conftest import csrf_of, login
     assert client.post("/api/v1/services", headers=bearer(tokens["alice"]),
                        json=body(image, model_dir)).status_code == 201

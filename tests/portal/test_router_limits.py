@@ -14,7 +14,7 @@ from inference.gateway.http1 import Request
 from inference.gateway.server import client_of
 from portal.daemons.router import PortalDirectory
 from tests.portal.conftest import bearer
-from tests.portal.test_services_api import body, image, model_dir  # noqa: F401 (fixtures)
+from tests.portal.test_services_api import body
 
 
 def _ask(directory, token, name, client):
@@ -27,7 +27,7 @@ def _ask(directory, token, name, client):
     return asyncio.run(go())
 
 
-def test_wrong_tokens_at_the_router_are_limited_per_address(client, tokens, fake_backend, image, model_dir,  # noqa: F811
+def test_wrong_tokens_at_the_router_are_limited_per_address(client, tokens, fake_backend, image, model_dir,
                                                             engine, settings):
     assert client.post("/api/v1/services", headers=bearer(tokens["alice"]),
                        json=body(image, model_dir)).status_code == 201

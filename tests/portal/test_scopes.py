@@ -10,7 +10,7 @@ from portal import scopes
 from portal.api import OPERATIONS
 from portal.scopes import Grant
 from tests.portal.conftest import bearer
-from tests.portal.test_services_api import body, image, model_dir  # noqa: F401 (fixtures)
+from tests.portal.test_services_api import body
 
 
 def test_every_operation_needs_a_known_scope_or_full_access():
@@ -80,7 +80,7 @@ def test_bad_scopes_are_refused_naming_the_field(client, tokens, req, field):
     assert status == 422 and field in str(ans), ans
 
 
-def test_an_invoke_key_calls_its_one_service_and_nothing_else(client, tokens, fake_backend, image, model_dir,  # noqa: F811
+def test_an_invoke_key_calls_its_one_service_and_nothing_else(client, tokens, fake_backend, image, model_dir,
                                                             engine, settings):
     from inference.gateway import GatewayError
     from portal.daemons.router import PortalDirectory
@@ -115,7 +115,7 @@ def test_an_invoke_key_calls_its_one_service_and_nothing_else(client, tokens, fa
     assert asyncio.run(ask(key["token"], "toy")) == (401, "unauthorized")
 
 
-def test_an_invoke_key_has_no_other_scope(client, tokens, fake_backend, image, model_dir):  # noqa: F811
+def test_an_invoke_key_has_no_other_scope(client, tokens, fake_backend, image, model_dir):
     assert client.post("/api/v1/services", headers=bearer(tokens["alice"]),
                        json=body(image, model_dir)).status_code == 201
     status, ans = _token(client, tokens["alice"], service="toy", scopes=["services:invoke", "services:manage"])

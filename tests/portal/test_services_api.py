@@ -13,22 +13,6 @@ from tests.portal.conftest import ADMIN_TOKEN, bearer, csrf_of, login
 
 
 
-@pytest.fixture
-def model_dir(settings):
-    import shutil
-    from pathlib import Path
-    d = Path(settings.shared_root) / "users" / "alice" / "toy"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "inference" / "toy_model", d)
-    for p in [d, *d.iterdir()]:
-        shutil.chown(p, "alice", "alice")
-    return str(d)
-
-
-@pytest.fixture
-def image(base_image):
-    return str(base_image)
-
-
 def body(image, model_dir, **kw):
     return {"name": "toy", "image": image, "model": model_dir, **kw}
 
