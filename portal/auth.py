@@ -85,8 +85,7 @@ def _bearer_user() -> User | None:
         # a right token always passes: every local account reaches the portal from the same address
         # (127.0.0.1 behind nginx), and 20 wrong tokens must not lock everyone out; wrong ones over
         # the limit get 429 (guessing a 256-bit token is hopeless anyway: this is defence in depth)
-        accounts.check_token_limit(session_, address, limits)
-        accounts.record_token_failure(session_, address, limits)
+        accounts.wrong_token(session_, address, limits)
         session_.commit()      # the failure counts towards the limit
         return None
     if session_.new or session_.dirty:

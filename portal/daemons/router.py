@@ -145,8 +145,7 @@ class PortalDirectory:
             found = accounts.caller_for_token(db, token, self.settings.admin_token_sha256)
             if found is None and client:
                 # a right token always passes (see portal/auth.py); a wrong one over the limit: 429
-                accounts.check_token_limit(db, client, limits)
-                accounts.record_token_failure(db, client, limits)
+                accounts.wrong_token(db, client, limits)
                 db.commit()         # the failure counts (its clean-up query has flushed it already)
             elif db.new or db.dirty:
                 db.commit()

@@ -181,6 +181,13 @@ def record_token_failure(db: Session, address: str, limits: TokenLimits = TokenL
                                        LoginFailure.at < now - dt.timedelta(seconds=limits.window_s)))
 
 
+def wrong_token(db: Session, address: str, limits: TokenLimits = TokenLimits()) -> None:
+    """A wrong token from ``address``: RateLimitError when the address is over its limit already,
+    else counted (committed by the caller). The API and the router both call it."""
+    check_token_limit(db, address, limits)
+    record_token_failure(db, address, limits)
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
