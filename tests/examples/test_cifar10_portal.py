@@ -207,27 +207,53 @@ def _slurmd_pid(node: str) -> int | None:
 
 
 def _job_processes(slurm_id: str) -> list[int]:
-    """The job's slurmstepd processes (``slurmstepd: [ID.batch]`` and any other step) and
-    everything below them: what dies with the node."""
+    """The job's slurmstepd processes (``slurmstepd: [ID.batch]`` and any other step), everything
+    below them, and every process whose environment names the job (one orphaned when its parent
+    was killed): what dies with the node."""
     parents: dict[int, int] = {}
     roots = []
+    mark = b"SLURM_JOB_ID=%s\0" % slurm_id.encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
             cmd = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        if cmd.startswith(b"slurmstepd: [%s." % slurm_id.encode()):
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state == "Z":        # dead already, waiting to be reaped
+            continue
+        parents[int(entry.name)] = int(ppid)
+        if cmd.startswith(b"slurmstepd: [%s." % slurm_id.encode()) or (b"\0" + environ).find(b"\0" + mark) >= 0:
             roots.append(int(entry.name))
-    found, todo = [], list(roots)
+    found, todo = set(), list(roots)
     while todo:
         pid = todo.pop()
-        found.append(pid)
-        todo += [child for child, parent in parents.items() if parent == pid]
-    return found
+        if pid not in found:
+            found.add(pid)
+            todo += [child for child, parent in parents.items() if parent == pid]
+    return sorted(found)
+
+
+def _kill_job_processes(slurm_id: str, timeout: float = 15) -> list[bytes]:
+    """Stop, then kill, every process of the job until none is left (a process it forks between
+    the scan and the kill is found by the next scan); the command lines of those killed."""
+    killed: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while victims := _job_processes(slurm_id):
+        assert time.monotonic() < deadline, "processes of job %s still alive after %ss: %s" % (slurm_id, timeout, victims)
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for victim in victims:
+                try:
+                    if sig == signal.SIGSTOP:
+                        killed.append(Path("/proc/%d/cmdline" % victim).read_bytes())
+                    os.kill(victim, sig)
+                except (ProcessLookupError, FileNotFoundError):
+                    pass
+        time.sleep(0.2)
+    return killed
 
 
 def _scontrol_job(slurm_id: str) -> dict[str, str]:
@@ -286,14 +312,9 @@ def test_node_failure_requeues_and_resumes_from_the_last_checkpoint(live_portal,
 
     # the node dies: slurmd first, then the job's processes on it (stopped, then killed)
     os.kill(pid, signal.SIGKILL)
-    victims = _job_processes(slurm_id)
-    assert victims, "no processes of job %s found" % slurm_id
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for victim in victims:
-            try:
-                os.kill(victim, sig)
-            except ProcessLookupError:
-                pass
+    killed = _kill_job_processes(slurm_id)
+    assert any(b"[%s.batch]" % slurm_id.encode() in cmd for cmd in killed), (
+        "the batch step of job %s was not among its processes: %s" % (slurm_id, killed))
     killed_at = time.monotonic()
     before = job_log(live_portal, job["id"])
     last_ckpt = max(int(s) for s in re.findall(r"checkpoint at step (\d+) ", before))
@@ -332,7 +353,9 @@ def test_node_failure_requeues_and_resumes_from_the_last_checkpoint(live_portal,
     # the second run resumed from the first run's last checkpoint and did only what was left
     second = log[len(before):] if log.startswith(before) else log
     assert log.count("starting at step 0") == 1
-    resumed = int(re.search(r"resuming from step (\d+) \(checkpoint ckpt-(\d+)\)", second).group(1))
+    found = re.search(r"resuming from step (\d+) \(checkpoint ckpt-(\d+)\)", second)
+    assert found, "the second run did not resume from a checkpoint:\n" + second[-4000:]
+    resumed = int(found.group(1))
     assert resumed == last_ckpt >= every, (resumed, last_ckpt)
     steps_after = [int(s) for s in re.findall(r"step (\d+), loss = ", second.split("resuming from step", 1)[1])]
     assert steps_after[0] == resumed + 10 and steps_after[-1] == max_steps
