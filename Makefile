@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup provision run test down clean-state
 
 help:
-	@echo "make run    install, provision the dev cluster, start the portal on http://127.0.0.1:8000"
+	@echo "make run    install, provision the dev cluster, start the portal on https://127.0.0.1:8443"
 	@echo "make test   the same set-up, then the whole test suite"
 	@echo "make down   stop every daemon the dev cluster started (by pid file)"
 
@@ -21,8 +21,8 @@ provision: setup
 
 run: provision
 	@echo
-	@echo "portal:      http://127.0.0.1:8000  (admin token: /etc/aiportal/secrets/admin_token)"
-	@echo "cluster API: curl -H \"Authorization: Bearer \$$(cat /etc/aiportal/secrets/admin_token)\" http://127.0.0.1:8000/api/v1/cluster"
+	@echo "portal:      https://127.0.0.1:8443  (admin token: /etc/aiportal/secrets/admin_token)"
+	@echo "cluster API: curl -H \"Authorization: Bearer \$$(cat /etc/aiportal/secrets/admin_token)\" https://127.0.0.1:8443/api/v1/cluster"
 	@echo "stop:        make down"
 
 test: provision

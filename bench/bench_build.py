@@ -5,7 +5,7 @@ sent against the size of the new layer.
 
     .venv/bin/python bench/bench_build.py [--rounds 3] [--code-mb 10]
 
-Run as root after `make run` (dev cluster: the deployed portal on :8000, the registry on
+Run as root after `make run` (dev cluster: the deployed portal on https://127.0.0.1:8443, the registry on
 https://localhost:5000). As alice: a token of the bench's own (revoked at the end), her registry
 account (from /etc/aiportal/secrets/registry_password_alice). Each round writes new random
 code (so every build has a new layer), then, in alternating order:

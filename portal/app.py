@@ -24,8 +24,10 @@ def create_app(test_config: Mapping[str, Any] | None = None, settings: Settings 
     if settings is None:
         settings = Settings.load()
     app = Flask(__name__)
+    # the session cookie goes over HTTPS only where the portal is served over HTTPS (its portal_url)
     app.config.update(SECRET_KEY=settings.secret_key, SESSION_COOKIE_HTTPONLY=True,
-                      SESSION_COOKIE_SAMESITE="Lax", MAX_CONTENT_LENGTH=16 * 1024 * 1024)
+                      SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_SECURE=settings.served_over_https,
+                      MAX_CONTENT_LENGTH=16 * 1024 * 1024)
     if test_config:
         app.config.update(test_config)
     if settings.proxy_hops:

@@ -163,8 +163,11 @@ class Settings:
     #: a requeued job whose begin time is at most this far ahead is released at once (Slurm's
     #: requeue hold is ~120 s; a user's own --begin further ahead is left alone)
     monitor_release_within_s: float = 300.0
-    #: the portal's address in notifications (links to the job page)
+    #: the portal's address (site.toml): the CLI's default --url, links in notifications; https
+    #: makes the session cookie Secure
     portal_url: str = "http://127.0.0.1:8000"
+    #: the CA bundle the CLI checks the portal's certificate against; "" is the system's
+    portal_ca_file: str = ""
     notify_webhook_url: str = ""
     #: secret: signs webhook bodies (X-Aiportal-Signature: sha256=HMAC); portal.toml only
     notify_webhook_secret: str = ""
@@ -192,6 +195,10 @@ class Settings:
         if (self.health.slurm_conf, self.health.shared_root) != (self.slurm_conf, self.shared_root):
             object.__setattr__(self, "health", replace(self.health, slurm_conf=self.slurm_conf,
                                                        shared_root=self.shared_root))
+
+    @property
+    def served_over_https(self) -> bool:
+        return self.portal_url.lower().startswith("https://")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,

@@ -1,6 +1,6 @@
 """Shared fixtures. Integration tests run against the dev cluster that `make test` provisions
 (ansible/inventories/dev): Slurm on 127.0.0.1, SeaweedFS on :9000, sshd on :2222, the portal
-on :8000. Paths and secrets are read from where the Ansible roles put them."""
+on https://127.0.0.1:8443. Paths and secrets are read from where the Ansible roles put them."""
 from __future__ import annotations
 
 import hashlib

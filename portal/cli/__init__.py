@@ -70,8 +70,10 @@ On the portal host, as root, straight on the database (portal.toml, --config):
 Passwords are read from a file or stdin, never from the command line, and never printed.
 
 The API token comes from --token-file, else $AIPORTAL_TOKEN, else ~/.config/aiportal/token;
-the portal URL from --url, else $AIPORTAL_URL, else http://127.0.0.1:8000. Every error is
-printed as ``aiportal: MESSAGE`` and exits with status 2.
+the portal URL from --url, else $AIPORTAL_URL, else portal_url in /etc/aiportal/site.toml, else
+http://127.0.0.1:8000; its HTTPS certificate is checked against --ca FILE, else $AIPORTAL_CA, else
+portal_ca_file in site.toml, else the system's CAs. Every error is printed as
+``aiportal: MESSAGE`` and exits with status 2.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ from portal.cli.accounts import (_add_config, _add_password, cmd_project_add, cm
                                  cmd_token_revoke, cmd_user_add, cmd_user_disable, cmd_user_list, cmd_user_passwd)
 # the client side is also this package's API (tests, benches)
 from portal.cli.client import (DEFAULT_URL, ApiError, CliError, PortalUnreachable, SseEvent,  # noqa: F401
-                               SseParser, _add_create_arguments, _api, create, follow_log)
+                               SseParser, _add_create_arguments, _api, create, follow_log, site_defaults)
 from portal.cli.daemons import (cmd_db_upgrade, cmd_fail_node, cmd_health_check, cmd_monitor, cmd_reconcile,
                                 cmd_router)
 from portal.cli.jobs import _add_job_arguments, cmd_cancel, cmd_jobs, cmd_logs, cmd_show, cmd_submit
@@ -100,7 +102,10 @@ from portal.cli.tools import cmd_cluster, cmd_image_convert, cmd_image_list, cmd
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aiportal", description="Slurm-backed AI training and inference portal")
     parser.add_argument("--version", action="version", version="aiportal %s" % __version__)
-    parser.add_argument("--url", default=os.environ.get("AIPORTAL_URL", DEFAULT_URL), help="portal URL")
+    parser.add_argument("--url", help="portal URL (default: $AIPORTAL_URL, else portal_url in site.toml, else %s)"
+                        % DEFAULT_URL)
+    parser.add_argument("--ca", metavar="FILE", help="CA bundle for the portal's HTTPS certificate (default: "
+                        "$AIPORTAL_CA, else portal_ca_file in site.toml, else the system's CAs)")
     parser.add_argument("--token-file", help="file holding the API token")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the portal")
     parser.add_argument("--reconnect-for", type=float, default=120.0, metavar="SECONDS",
@@ -360,6 +365,10 @@ def healthcheck_main() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.url is None or args.ca is None:
+            url, ca = site_defaults()
+            args.url = url if args.url is None else args.url
+            args.ca = ca if args.ca is None else args.ca
         return args.func(args)
     except CliError as e:
         print("aiportal: %s" % e, file=sys.stderr)

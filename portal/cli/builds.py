@@ -315,14 +315,14 @@ def _upload(args, path: str, f, size: int, quiet: bool) -> dict:
     import http.client
     import urllib.error
     import urllib.request
-    from portal.cli.client import _error_from, _token_and_source
+    from portal.cli.client import _error_from, _token_and_source, urlopen
     url = args.url.rstrip("/") + "/api/v1" + path
     token, source = _token_and_source(args)
     req = urllib.request.Request(url, data=_Progress(f, size, quiet), method="POST", headers={
         "Authorization": "Bearer " + token, "Accept": "application/json", "Content-Type": "application/x-tar",
         "Content-Length": str(size)})
     try:
-        with urllib.request.urlopen(req, timeout=max(args.timeout, 300)) as resp:
+        with urlopen(args, req, timeout=max(args.timeout, 300)) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         raise _error_from(url, e, source) from None

@@ -6,9 +6,12 @@ import datetime as dt
 import email.utils
 import http.client
 import json
+import functools
 import os
+import ssl
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,6 +21,7 @@ from pathlib import Path
 
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_SITE = "/etc/aiportal/site.toml"
 DEFAULT_TOKEN_FILE = Path.home() / ".config" / "aiportal" / "token"
 #: how to get a token, said with every 401
 TOKEN_HELP = ("get a token on the portal's Tokens page, or have an admin run `aiportal token create --user NAME` "
@@ -49,6 +53,53 @@ class ApiError(CliError):
     def transient(self) -> bool:
         """Worth trying again: the portal is overloaded or cannot reach Slurm or the log host."""
         return self.status in (429, 502, 503, 504)
+
+
+# -- where the portal is, and whom to trust for its certificate ----------------------------------
+
+def site_defaults(environ=None) -> tuple[str, str]:
+    """The portal's URL and the CA file for its certificate: --url/--ca are given on the command
+    line, else $AIPORTAL_URL/$AIPORTAL_CA, else the site's public settings (site.toml:
+    portal_url, portal_ca_file; provisioning writes them), else http://127.0.0.1:8000 and the
+    system's CAs."""
+    environ = os.environ if environ is None else environ
+    site = Path(environ.get("AIPORTAL_SITE_CONFIG") or DEFAULT_SITE)
+    try:
+        with site.open("rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        values = {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise CliError("cannot read the site settings %s (%s); fix it, or pass --url and --ca" % (site, e)) from e
+    url = environ.get("AIPORTAL_URL") or str(values.get("portal_url") or DEFAULT_URL)
+    ca = environ.get("AIPORTAL_CA") or str(values.get("portal_ca_file") or "")
+    return url, ca
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    """Certificates checked against ``ca_file``, or the system's CAs when it is empty (the dev CA
+    is among them after provisioning)."""
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as e:
+        raise CliError("cannot use %s as the CA file for the portal's certificate (%s); pass --ca FILE "
+                       "(a PEM bundle) or set AIPORTAL_CA" % (ca_file, getattr(e, "strerror", None) or e)) from e
+
+
+def urlopen(args, req: urllib.request.Request, timeout: float):
+    """``urllib.request.urlopen`` for the portal: HTTPS checked against ``args.ca`` (or the
+    system's CAs). A certificate the CAs do not vouch for is a CliError that says what to pass."""
+    context = _tls_context(getattr(args, "ca", "") or "") if req.full_url.lower().startswith("https:") else None
+    try:
+        return urllib.request.urlopen(req, timeout=timeout, context=context)
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLCertVerificationError):
+            raise CliError("the portal at %s has a certificate that %s does not vouch for (%s); pass the site's CA "
+                           "with --ca FILE or set AIPORTAL_CA (an admin finds it in site.toml: portal_ca_file, or "
+                           "/usr/local/share/ca-certificates)" % (args.url, getattr(args, "ca", "") or "the system's CAs",
+                                                                   e.reason.verify_message or e.reason)) from None
+        raise
 
 
 # -- HTTP: every API call goes through _api ------------------------------------------------------
@@ -94,6 +145,11 @@ def _error_from(url: str, e: urllib.error.HTTPError, token_source: str) -> ApiEr
             text = "" if e.code != 404 else ("not the aiportal API: is --url the portal, and does it run this "
                                              "version of aiportal?")
         message = "%s answered %d %s%s" % (url, e.code, e.reason, (": " + text[:300]) if text else "")
+    if e.code in (301, 302, 307, 308) and e.headers and e.headers.get("Location"):
+        # the plain-HTTP port of a portal served over HTTPS (urllib follows GETs, not a body)
+        moved = e.headers["Location"].split("/api/")[0]
+        message = ("the portal at %s sends its clients to %s: pass --url %s (or set AIPORTAL_URL; without "
+                   "either, portal_url in site.toml is used)" % (url.split("/api/")[0], moved, moved))
     if e.code == 401:
         message = "the portal at %s refused the API token from %s: %s\n%s" % (
             url.split("/api/")[0], token_source, message, TOKEN_HELP)
@@ -132,7 +188,7 @@ def _api(args, method: str, path: str, body: dict | None = None, stream: bool = 
     hdrs.update(headers or {})
     req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
     try:
-        resp = urllib.request.urlopen(req, timeout=args.timeout)
+        resp = urlopen(args, req, timeout=args.timeout)
     except urllib.error.HTTPError as e:
         raise _error_from(url, e, source) from None
     except urllib.error.URLError as e:

@@ -31,8 +31,40 @@ def test_wrong_token_is_reported_with_the_api_error(tmp_path):
     bad.write_text("wrong")
     res = cli("--token-file", str(bad), "cluster")
     assert res.returncode == 2
-    assert res.stderr.startswith("aiportal: the portal at http://127.0.0.1:8000 refused the API token from %s" % bad)
+    assert res.stderr.startswith("aiportal: the portal at https://127.0.0.1:8443 refused the API token from %s" % bad)
     assert "aiportal token create --user NAME" in res.stderr
+
+
+@pytest.mark.portal
+def test_the_cli_finds_the_portal_in_site_toml_and_checks_its_certificate(tmp_path):
+    """No --url: portal_url from /etc/aiportal/site.toml (HTTPS, the dev CA in the system store);
+    a CA that did not sign the portal's certificate, the plain-HTTP port, or an unreadable CA file
+    each get an error that says what to pass."""
+    token = "/etc/aiportal/secrets/admin_token"
+    ok = cli("--token-file", token, "cluster")
+    assert ok.returncode == 0 and "of 11 GPUs in use" in ok.stdout, ok.stderr
+
+    other_key, other_ca = tmp_path / "other.key", tmp_path / "other-ca.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-noenc",
+                    "-keyout", str(other_key), "-out", str(other_ca), "-subj", "/CN=not the site CA", "-days", "1"],
+                   check=True, capture_output=True, timeout=60)
+    for args, env_ca in ((["--ca", str(other_ca)], None), ([], str(other_ca))):
+        env = None if env_ca is None else {"PATH": "/usr/bin:/bin", "AIPORTAL_CA": env_ca}
+        res = cli(*args, "--token-file", token, "cluster", env=env)
+        assert res.returncode == 2, res
+        assert ("the portal at https://127.0.0.1:8443 has a certificate that %s does not vouch for" % other_ca
+                in res.stderr), res.stderr
+        assert "--ca FILE" in res.stderr
+
+    missing = cli("--ca", str(tmp_path / "none.pem"), "--token-file", token, "cluster")
+    assert missing.returncode == 2 and "cannot use %s as the CA file" % (tmp_path / "none.pem") in missing.stderr
+
+    # the plain port only redirects: a GET is followed, a POST is told where the portal is
+    get = cli("--url", "http://127.0.0.1:8000", "--token-file", token, "cluster")
+    assert get.returncode == 0, get.stderr
+    post = cli("--url", "http://127.0.0.1:8000", "--token-file", token, "token", "create", "--name", "never-made")
+    assert post.returncode == 2
+    assert "sends its clients to https://127.0.0.1:8443: pass --url https://127.0.0.1:8443" in post.stderr, post.stderr
 
 
 def test_missing_token_file_says_what_to_do(tmp_path):

@@ -25,6 +25,7 @@ def front_door(tmp_path):
     """The template's nginx on a free port of 127.0.0.1:9100-9199; stopped by pid at the end."""
     values = {**yaml.safe_load(COMMON.read_text()), **yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.filters["bool"] = lambda v: v if isinstance(v, bool) else str(v).strip().lower() in ("true", "yes", "on", "1")
 
     def render(v):
         try:
@@ -39,8 +40,10 @@ def front_door(tmp_path):
     port = free_port(range(9150, 9200))
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / "nginx" / sub).mkdir(parents=True)
+    # plain HTTP: the methods are answered by the same server block with TLS on (the installed
+    # front door's HTTPS is tested in test_live_portal.py)
     values.update(aiportal_portal_port=port, aiportal_run_dir=str(tmp_path), aiportal_log_dir=str(tmp_path),
-                  aiportal_state_dir=str(tmp_path))
+                  aiportal_state_dir=str(tmp_path), aiportal_portal_tls=False)
     conf = tmp_path / "nginx.conf"
     conf.write_text(env.from_string((ROLE / "templates" / "nginx.conf.j2").read_text()).render(values))
     subprocess.run(["nginx", "-t", "-c", str(conf)], check=True, capture_output=True, timeout=30)

@@ -1,4 +1,5 @@
-"""The portal that `make run` starts on 127.0.0.1:8000 (gunicorn, from the Ansible role)."""
+"""The portal that `make run` starts behind nginx on https://127.0.0.1:8443 (plain HTTP on
+127.0.0.1:8000 only redirects there), from the Ansible role."""
 import http.cookiejar
 import json
 import os
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.portal, pytest.mark.slurm]
-URL = "http://127.0.0.1:8000"
+URL = "https://127.0.0.1:8443"
+PLAIN = "http://127.0.0.1:8000"
 NODES = {"g1n1": 1, "g1n2": 1, "g4n1": 4, "g4n2": 4, "inf1": 1}
 
 
@@ -85,7 +87,7 @@ def _runs(pidfile: str, program: bytes) -> bool:
 
 
 def test_nginx_is_the_front_door_for_the_portal_and_the_router(admin_token):
-    """One address: nginx on :8000 passes /service/ to `aiportal router`, the rest to gunicorn
+    """One address: nginx on :8443 passes /service/ to `aiportal router`, the rest to gunicorn
     (both on unix sockets, so neither is reachable around nginx)."""
     assert _runs("/run/aiportal/nginx.pid", b"nginx") and _runs("/run/aiportal/router.pid", b"router")
     assert Path("/run/aiportal/front/portal.sock").is_socket() and Path("/run/aiportal/front/router.sock").is_socket()
@@ -105,7 +107,7 @@ def test_nginx_is_the_front_door_for_the_portal_and_the_router(admin_token):
 
 
 def test_a_service_answers_through_the_front_door(base_image, tmp_path):
-    """Deploy the toy model on the installed portal as alice and call it on :8000/service/NAME
+    """Deploy the toy model on the installed portal as alice and call it on :8443/service/NAME
     with curl, as a user would."""
     import pwd
     import shutil
@@ -157,3 +159,67 @@ def test_a_service_answers_through_the_front_door(base_image, tmp_path):
             if "live-test" in line:
                 subprocess.run(["/usr/local/bin/aiportal", "token", "revoke", line.split()[0], "--user", "alice"],
                                capture_output=True, timeout=60)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/jobs?state=RUNNING&page=2"), ("POST", "/api/v1/jobs"),
+                                          ("POST", "/service/toy"), ("GET", "/")])
+def test_plain_http_only_redirects_to_https_with_the_same_path(method, path):
+    """Port 8000 serves nothing itself: 308 (the same method and body) to the same path on 8443."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    req = urllib.request.Request(PLAIN + path, data=b"{}" if method == "POST" else None, method=method)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        opener.open(req, timeout=10)
+    with err.value:
+        assert err.value.code == 308
+        assert err.value.headers["Location"] == URL + path
+        assert "Set-Cookie" not in err.value.headers
+
+
+def test_the_front_door_certificate_is_the_dev_cas_and_verifies_by_name():
+    """The system trust store (where provisioning put the dev CA) vouches for the portal by its
+    address and by localhost; the certificate is not the registry's; a CA that did not sign it
+    does not."""
+    import socket
+    import ssl
+    for host in ("127.0.0.1", "localhost"):
+        ctx = ssl.create_default_context()
+        with socket.create_connection(("127.0.0.1", 8443), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            cert = tls.getpeercert()
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        assert ("IP Address", "127.0.0.1") in cert["subjectAltName"] and ("DNS", "localhost") in cert["subjectAltName"]
+        assert dict(x[0] for x in cert["issuer"])["commonName"].startswith("aiportal dev CA")
+    served = ssl.get_server_certificate(("127.0.0.1", 8443))
+    assert served.strip() == Path("/etc/aiportal/tls/portal.crt").read_text().strip()
+    assert served.strip() != Path("/etc/aiportal/registry/tls.crt").read_text().strip()
+    key = os.stat("/etc/aiportal/tls/portal.key")
+    assert key.st_uid == 0 and key.st_mode & 0o077 in (0, 0o040) and os.stat("/etc/aiportal/tls").st_mode & 0o777 == 0o700
+
+    other = ssl.create_default_context(cafile="/etc/aiportal/registry/tls.crt")   # not a CA at all
+    with pytest.raises(ssl.SSLCertVerificationError):
+        with socket.create_connection(("127.0.0.1", 8443), timeout=10) as raw:
+            other.wrap_socket(raw, server_hostname="127.0.0.1").close()
+    # TLS 1.1 and older: refused by the server (openssl as a client that would speak it)
+    import subprocess
+    old = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:8443", "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"],
+                         input="", capture_output=True, text=True, timeout=30)
+    assert old.returncode != 0 and "alert protocol version" in old.stdout + old.stderr, (old.stdout, old.stderr)
+
+
+def test_https_answers_carry_hsts_and_the_session_cookie_is_secure():
+    """Over HTTPS every answer (an error too) says Strict-Transport-Security, and the session
+    cookie is Secure (never sent over the plain port) and HttpOnly."""
+    with urllib.request.urlopen(URL + "/login", timeout=10) as resp:
+        assert resp.headers["Strict-Transport-Security"].startswith("max-age=")
+        cookie = resp.headers["Set-Cookie"]
+    attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
+    assert {"secure", "httponly"} <= attrs, cookie
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(URL + "/api/v1/cluster", timeout=10)
+    with err.value:
+        assert err.value.code == 401 and err.value.headers["Strict-Transport-Security"].startswith("max-age=")

@@ -1,4 +1,4 @@
-"""Large bodies to ``/service/NAME`` through the portal's front door (nginx on 127.0.0.1:8000,
+"""Large bodies to ``/service/NAME`` through the portal's front door (nginx on 127.0.0.1:8443,
 as `make run` installs it, in front of `aiportal router`): every refusal is the router's JSON
 answer, whatever the body's size. The router used to answer and close before it had read the
 body; nginx, still sending it, then answered some of them with its own HTML 502.
@@ -25,14 +25,14 @@ from tests.inference.conftest import TOY
 from tests.portal.conftest import api_call
 
 pytestmark = [pytest.mark.portal]
-HOST, PORT = "127.0.0.1", 8000      # nginx, the portal's one address (DESIGN.md port plan)
+HOST, PORT = "127.0.0.1", 8443      # nginx over HTTPS, the portal's one address (DESIGN.md port plan)
 MB = 1024 * 1024
 #: requests per body size
 ROUNDS = 50
 #: a wrong token only now and then: wrong tokens may be rate-limited per client address
 WRONG_TOKEN_EVERY = 10
 #: the live portal, for api_call
-PORTAL = SimpleNamespace(url="http://%s:%d" % (HOST, PORT))
+PORTAL = SimpleNamespace(url="https://%s:%d" % (HOST, PORT))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def service(alice, base_image):
 def send(path: str, token: str | None, body: bytes) -> tuple[int, str, dict | bytes]:
     """(status, content type, parsed JSON or raw bytes) of one POST through the front door;
     status 0 when the connection failed."""
-    conn = http.client.HTTPConnection(HOST, PORT, timeout=120)
+    conn = http.client.HTTPSConnection(HOST, PORT, timeout=120)     # the system's CAs: the dev CA among them
     try:
         headers = {"Content-Type": "application/octet-stream"}
         if token:
