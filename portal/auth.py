@@ -67,6 +67,7 @@ def _session_user() -> User | None:
         session.clear()
         return None
     g.session_id = sid
+    g.credential = ("session", sid)
     return user
 
 
@@ -91,7 +92,26 @@ def _bearer_user() -> User | None:
     if session_.new or session_.dirty:
         session_.commit()      # last_used_at (at most once a minute), or the admin account on first use
     user, g.grant = found
+    g.credential = ("token", token.strip())
     return user
+
+
+def credential_check(app):
+    """A check that the credential this request came with (its API token or web session) still
+    lets its user in: long answers (log streams) ask it again now and then, so revoking a token,
+    logging out (everywhere), a password change, a timeout or a disabled account ends them too."""
+    from sqlmodel import Session
+    kind, secret = g.credential
+    settings = app.extensions["aiportal.settings"]
+    limits = web_sessions.SessionLimits(idle_s=settings.session_idle_s, max_age_s=settings.session_max_age_s)
+
+    def still_valid() -> bool:
+        # a session of its own, never committed: the check writes nothing (last seen, last used)
+        with Session(app.extensions["aiportal.engine"]) as s:
+            if kind == "token":
+                return accounts.caller_for_token(s, secret, settings.admin_token_sha256) is not None
+            return web_sessions.user_for_session(s, secret, limits) is not None
+    return still_valid
 
 
 def login_required(view):

@@ -8,11 +8,12 @@ from flask import Response, current_app, g, request, stream_with_context
 from sqlmodel import Session
 
 from portal.api.operations import BOOLEAN, answer, bool_arg, int_arg, operation, owners
+from portal.auth import credential_check
 from portal.db_session import backend, box, db, settings
 from portal.errors import ValidationError
 from portal.logs import tail as logtail
 from portal.logs.follow import follow_log
-from portal.logs.stream import LOG_EVENT_SCHEMA, sse
+from portal.logs.stream import DENIED, LOG_EVENT_SCHEMA, Recheck, sse
 from portal.models import ImageBuild, User
 from portal.models.builds import BuildList, BuildPublic
 from portal.services import image_builds
@@ -80,7 +81,8 @@ def build_log(build_id: int):
             image_builds.read_log(settings(), db(), build, 0, 1)      # the NotFoundError it raises
         app = current_app._get_current_object()
         unix_user = db().get(User, build.user_id).unix_user
-        return Response(stream_with_context(_stream(app, build.id, unix_user, build.log_path, offset)),
+        return Response(stream_with_context(_stream(app, build.id, unix_user, build.log_path, offset,
+                                                    allowed=credential_check(app))),
                         mimetype="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     chunk = image_builds.read_log(settings(), db(), build, offset)
     return Response(chunk.data, mimetype="text/plain",
@@ -96,9 +98,12 @@ def _build_over(app, build_id: int) -> bool:
         return build.state.terminal
 
 
-def _stream(app, build_id: int, unix_user: str, path: str, offset: int, heartbeat_s: float = 2.0):
+def _stream(app, build_id: int, unix_user: str, path: str, offset: int, heartbeat_s: float = 2.0,
+            allowed=None):
     """SSE: ``log`` events (text, next offset as id), heartbeats, ``end`` once the build has
-    ended and its log is drained (as :mod:`portal.logs.stream` does for jobs)."""
+    ended and its log is drained, ``denied`` once ``allowed`` says no (as
+    :mod:`portal.logs.stream` does for jobs)."""
+    recheck = Recheck(allowed)
     target = logtail.target_for(app.extensions["aiportal.settings"], unix_user)
     stop = threading.Event()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -107,6 +112,9 @@ def _stream(app, build_id: int, unix_user: str, path: str, offset: int, heartbea
     chunks = follow_log(target, path, offset, heartbeat_s=heartbeat_s, stop=stop)
     try:
         for chunk in chunks:
+            if recheck.denied():
+                yield sse("denied", {"message": DENIED})
+                return
             if chunk.data:
                 quiet = 0
                 end = chunk.offset + len(chunk.data)

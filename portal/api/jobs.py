@@ -5,6 +5,7 @@ from flask import Response, current_app, g, jsonify, request, stream_with_contex
 
 from portal.api.idempotency import KEY_HEADER, Stored, idempotent
 from portal.api.operations import BOOLEAN, answer, bool_arg, body, int_arg, operation, owners
+from portal.auth import credential_check
 from portal.db_session import backend, box, db, settings
 from portal.errors import ValidationError
 from portal.logs import stream as logstream
@@ -106,7 +107,8 @@ def job_log(job_id: str):
         last = request.headers.get("Last-Event-ID", "")
         if last.isdigit():
             offset = int(last)
-        return logstream.sse_response(current_app._get_current_object(), job, g.user, offset, task)
+        app = current_app._get_current_object()
+        return logstream.sse_response(app, job, g.user, offset, task, allowed=credential_check(app))
     chunk = logstream.read(settings(), db(), job, offset, task)
     return Response(chunk.data, mimetype="text/plain",
                     headers={"X-Log-Offset": str(chunk.offset + len(chunk.data)), "Cache-Control": "no-store"})

@@ -96,7 +96,7 @@ from portal.cli.jobs import _add_job_arguments, cmd_cancel, cmd_jobs, cmd_logs, 
 from portal.cli.services import (_add_policy_arguments, _add_spec_arguments, cmd_service_delete, cmd_service_deploy,
                                  cmd_service_list, cmd_service_scale, cmd_service_show, cmd_service_update,
                                  cmd_service_access)
-from portal.cli.tools import cmd_cluster, cmd_image_convert, cmd_image_list, cmd_script
+from portal.cli.tools import cmd_cluster, cmd_image_convert, cmd_image_list, cmd_script, cmd_sessions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--user", help="a token of this user, straight on the database (root, on the portal host)")
     _add_config(c)
     c.set_defaults(func=cmd_token_revoke)
+
+    p = sub.add_parser("sessions", help="your logged-in browsers; --revoke logs out everywhere")
+    p.add_argument("--revoke", action="store_true",
+                   help="end every web session of your account (log out everywhere; API tokens stay)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sessions)
 
     p = sub.add_parser("project", help="projects (root, on the portal host)")
     psub = p.add_subparsers(dest="project_command", required=True)

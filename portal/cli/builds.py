@@ -30,7 +30,8 @@ from pathlib import Path
 from containers.build import (BuildSpec, Limits, Storage, build_env, bud_argv, parse_build_tag, prune_argv,
                               push_argv, rmi_argv, storage_dir, usage_argv, wipe_argv)
 from containers.errors import ContainerError
-from portal.cli.client import ApiError, CliError, PortalUnreachable, SseParser, _api, _print_json, _when
+from portal.cli.client import (ApiError, CliError, PortalUnreachable, SseParser, _api, _print_json, _when,
+                                denied_message)
 
 _PR_SET_CHILD_SUBREAPER = 36
 #: seconds between checks of the storage's size while buildah runs
@@ -354,6 +355,8 @@ def follow_build_log(args, build_id: int, out=None, give_up_s: float | None = No
                             out.flush()
                         elif ev.event == "end":
                             return
+                        elif ev.event == "denied":
+                            raise CliError(denied_message(ev))
                     last_id = parser.last_id
         except ApiError as e:
             if not e.transient:

@@ -102,6 +102,15 @@ def urlopen(args, req: urllib.request.Request, timeout: float):
         raise
 
 
+def denied_message(ev) -> str:
+    """What a ``denied`` event (the stream's token or session no longer valid) tells the user."""
+    try:
+        said = str(json.loads(ev.data).get("message") or "")
+    except (ValueError, AttributeError):
+        said = ""
+    return "the portal ended the log stream: %s\n%s" % (said or "the token is no longer valid", TOKEN_HELP)
+
+
 # -- HTTP: every API call goes through _api ------------------------------------------------------
 
 def _token_and_source(args) -> tuple[str, str]:
@@ -408,6 +417,8 @@ def follow_log(args, job_id: str, offset: int = 0, task: str | None = None, out=
                             out.flush()
                         elif ev.event == "end":
                             return int(parser.last_id) if (parser.last_id or "").isdigit() else offset
+                        elif ev.event == "denied":
+                            raise CliError(denied_message(ev))
                     last_id = parser.last_id
         except ApiError as e:
             if not e.transient:

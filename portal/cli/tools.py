@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from portal.cli.client import CliError, _api, _command_of, _parse_env, _print_json
+from portal.cli.client import CliError, _api, _command_of, _parse_env, _print_json, _when
 from portal.cli.convert import cmd_image_convert  # noqa: F401 -- `aiportal image convert` lives there
 
 
@@ -31,6 +31,28 @@ def cmd_cluster(args) -> int:
         state = n["state"] + ("" if n["responding"] else "*")
         print("%-8s %-12s %-10s %-8s %s" % (n["name"], ",".join(n["partitions"]), state,
                                             "%d/%d" % (n["gpus_used"], n["gpus"]), n["reason"]))
+    return 0
+
+
+def cmd_sessions(args) -> int:
+    """The account's logged-in browsers; with --revoke, log out everywhere (every browser, this
+    token is untouched)."""
+    if args.revoke:
+        ended = _api(args, "POST", "/sessions/revoke")["ended"]
+        print("logged out everywhere: %d web session%s ended (API tokens are not touched: `aiportal token list`)"
+              % (ended, "" if ended == 1 else "s"))
+        return 0
+    sessions = _api(args, "GET", "/sessions")["sessions"]
+    if args.json:
+        _print_json(sessions)
+        return 0
+    if not sessions:
+        print("no browser is logged in to this account")
+        return 0
+    print("%-4s %-20s %-20s %-16s %s" % ("ID", "LOGGED IN", "LAST SEEN", "ADDRESS", "BROWSER"))
+    for s in sessions:
+        print("%-4d %-20s %-20s %-16s %s" % (s["id"], _when(s["created_at"]), _when(s["last_seen_at"]),
+                                             s["address"], s["user_agent"][:60]))
     return 0
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import codecs
 import json
 import threading
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 from flask import Flask, Response, stream_with_context
 from sqlmodel import Session
@@ -94,9 +95,38 @@ LOG_EVENT_SCHEMA = {"oneOf": [
         "event": {"const": "end"}, "id": {"type": "string"},
         "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
             "type": "object", "required": ["state"], "properties": {"state": {"const": "ended"}}}},
+        "retry": {"type": "integer"}}},
+    {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"const": "denied"}, "id": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+            "type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}},
         "retry": {"type": "integer"}}}],
-    "description": "one event: `log` (data: {text, offset}; id: the offset to resume from with Last-Event-ID) "
-                   "or `end` (data: {state: ended}) once it is over; comments are heartbeats"}
+    "description": "one event: `log` (data: {text, offset}; id: the offset to resume from with Last-Event-ID), "
+                   "`end` (data: {state: ended}) once it is over, or `denied` (data: {message}) when the token or "
+                   "session the stream was opened with has been revoked, has ended or has expired (the stream "
+                   "ends; reconnecting needs a valid one); comments are heartbeats"}
+
+#: how often a stream asks again whether its token or session is still valid
+RECHECK_S = 10.0
+DENIED = ("the token or session this stream was opened with is no longer valid (revoked, logged out, expired, "
+          "or the account disabled)")
+
+
+class Recheck:
+    """``allowed`` asked again at most every ``every_s`` seconds (a database read): a stream
+    outliving its credential ends within that."""
+
+    def __init__(self, allowed: Callable[[], bool] | None, every_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.allowed, self.clock = allowed, clock
+        self.every_s = RECHECK_S if every_s is None else every_s
+        self.last = clock()
+
+    def denied(self) -> bool:
+        if self.allowed is None or self.clock() - self.last < self.every_s:
+            return False
+        self.last = self.clock()
+        return not self.allowed()
 
 
 def sse(event: str | None, data: dict, event_id: int | None = None) -> str:
@@ -115,9 +145,13 @@ def _job_over(app: Flask, job_id: str) -> bool:
 
 
 def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
-           heartbeat_s: float = 5.0) -> Iterator[str]:
+           heartbeat_s: float = 5.0, allowed: Callable[[], bool] | None = None,
+           recheck_s: float | None = None) -> Iterator[str]:
     """SSE messages: ``log`` events with text (UTF-8 decoded across chunk boundaries) and the
-    next offset as id; a comment as heartbeat; ``end`` once the job is over and the log drained."""
+    next offset as id; a comment as heartbeat; ``end`` once the job is over and the log drained;
+    ``denied`` (and the end of the stream) once ``allowed`` (the request's credential still
+    valid, asked every ``recheck_s``) says no."""
+    recheck = Recheck(allowed, recheck_s)
     settings = app.extensions["aiportal.settings"]
     with Session(app.extensions["aiportal.engine"]) as s:
         target = _target(settings, s, job)
@@ -129,6 +163,9 @@ def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
     chunks = follow_log(target, path, offset, heartbeat_s=heartbeat_s, stop=stop)
     try:
         for chunk in chunks:
+            if recheck.denied():
+                yield sse("denied", {"message": DENIED})
+                return
             if chunk.data:
                 quiet = 0
                 end = chunk.offset + len(chunk.data)
@@ -145,8 +182,10 @@ def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
         chunks.close()
 
 
-def sse_response(app: Flask, job: Job, user: User, offset: int, task: str | None) -> Response:
+def sse_response(app: Flask, job: Job, user: User, offset: int, task: str | None,
+                 allowed: Callable[[], bool] | None = None) -> Response:
     with Session(app.extensions["aiportal.engine"]) as s:
         log_path(job, task, _owner(s, job).unix_user)      # refuse jobs without a log before the stream starts
-    return Response(stream_with_context(stream(app, job, user, offset, task)), mimetype="text/event-stream",
+    return Response(stream_with_context(stream(app, job, user, offset, task, allowed=allowed)),
+                    mimetype="text/event-stream",
                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -337,7 +337,11 @@ def start_test_portal(base: Path, *, users=(("alice", "alice", False),), passwor
     optionally ``aiportal reconcile`` and ``aiportal router`` (its address: ``service_url``).
     The admin token is ADMIN_TOKEN. ``stop()`` stops every process by pid."""
     os.chmod(base, 0o755)
-    config = write_test_config(base, 'reconcile_interval_s = 1.0', *config_lines)
+    port = free_port()
+    # its own address over plain HTTP (site.toml names the installed portal's HTTPS one, whose
+    # session cookie is Secure)
+    config = write_test_config(base, 'reconcile_interval_s = 1.0', 'portal_url = "http://127.0.0.1:%d"' % port,
+                               *config_lines)
     env = dict(os.environ, AIPORTAL_CONFIG=str(config))
     engine = dbmod.make_engine(Settings.load(config).database_url)
     dbmod.upgrade(engine)
@@ -349,7 +353,6 @@ def start_test_portal(base: Path, *, users=(("alice", "alice", False),), passwor
         db.commit()
     portal = LivePortal("", config, engine, tokens, [], env=env)
     try:
-        port = free_port()
         portal.procs.append(start_gunicorn(base, env, port, workers, threads))
         portal.url = portal.service_url = "http://127.0.0.1:%d" % port
         if reconcile:

@@ -556,3 +556,50 @@ def test_user_add_sets_the_notification_email(portal_toml):
             assert db.exec(select(User).where(User.name == "erin")).one().email == "e2@example.org"
     finally:
         engine.dispose()
+
+
+def test_follow_stops_with_the_portals_word_when_the_stream_is_denied(sse_server, tmp_path):
+    """A stream whose token was revoked ends with a ``denied`` event: the CLI says so and does not
+    reconnect (a reconnect would only be refused)."""
+    url, use = sse_server
+    script = use([(200, _log("one\n", 4) + b'event: denied\ndata: {"message": "the token is revoked"}\n\n')])
+    out = io.StringIO()
+    with pytest.raises(CliError) as err:
+        follow_log(_args(url, tmp_path), "job-4", 0, out=out)
+    assert out.getvalue() == "one\n"
+    assert "the portal ended the log stream: the token is revoked" in str(err.value)
+    assert "aiportal token create" in str(err.value) and len(script.requests) == 1
+
+
+@pytest.mark.portal
+def test_sessions_lists_the_browsers_and_revoke_logs_out_everywhere(live_portal, token_files):
+    """Log in twice in "browsers" (cookie jars), see both in `aiportal sessions`, end them with
+    `aiportal sessions --revoke`: both cookies stop working, the CLI's token does not."""
+    import http.cookiejar
+    import re
+    import urllib.parse
+    import urllib.request
+    from tests.portal.conftest import PASSWORDS
+    jars = []
+    for _ in range(2):
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with opener.open(live_portal.url + "/login", timeout=20) as resp:
+            csrf = re.search(r'name="csrf" value="([^"]+)"', resp.read().decode()).group(1)
+        data = urllib.parse.urlencode({"name": "bob", "password": PASSWORDS["bob"], "csrf": csrf}).encode()
+        with opener.open(live_portal.url + "/login", data=data, timeout=20) as resp:
+            assert "Log out" in resp.read().decode()
+        jars.append(opener)
+    bob = as_user(live_portal, token_files, "bob")
+    listed = bob("sessions", "--json")
+    assert listed.code == 0, listed.err
+    assert len(json.loads(listed.out)) >= 2
+    table = bob("sessions")
+    assert table.code == 0 and table.out.startswith("ID") and "127.0.0.1" in table.out, table
+    ended = bob("sessions", "--revoke")
+    assert ended.code == 0 and ended.out.startswith("logged out everywhere: "), ended
+    assert int(ended.out.split(": ")[1].split()[0]) >= 2
+    for opener in jars:
+        with opener.open(live_portal.url + "/jobs", timeout=20) as resp:
+            assert "/login" in resp.geturl()
+    assert bob("sessions").out == "no browser is logged in to this account\n"
