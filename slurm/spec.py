@@ -117,6 +117,9 @@ class NodeType:
     gpu_type: str
     cpus: int
     memory_mb: int
+    #: write the GPU model into each job's request (``--gres=gpu:TYPE:N``): for a partition with
+    #: mixed models where jobs must get this one; by default a job asks for N GPUs of any model
+    pin_gpu_type: bool = False
 
 
 def resolve_node_type(name: str, table: Mapping[str, NodeType]) -> NodeType:
@@ -149,6 +152,9 @@ class JobSpec:
     time_limit: str = "01:00:00"
     env: tuple[tuple[str, str], ...] = ()
     inputs: tuple[str, ...] = ()
+    #: inputs bound (read-only, by ``container``) rather than staged: (host path, container
+    #: path), for the script's log
+    bound_inputs: tuple[tuple[str, str], ...] = ()
     output: str | None = None
     requeue: bool = True
     checkpoint_signal: str | None = "B:USR1@120"
@@ -239,7 +245,12 @@ class JobSpec:
         gpus = kw.setdefault("gpus", node_type.gpus)
         if gpus > node_type.gpus:
             raise SpecError("gpus", gpus, "node type %s has %d GPUs per node" % (node_type.name, node_type.gpus))
-        kw.setdefault("gpu_type", node_type.gpu_type)
-        # the CPUs that come with the GPUs asked for (all of them for a whole node)
-        kw.setdefault("cpus", max(1, node_type.cpus * gpus // node_type.gpus) if node_type.gpus and gpus else 1)
+        # the GPU model only where the site pins it (or the caller gives one): Slurm then schedules
+        # on any GPU of the partition
+        kw.setdefault("gpu_type", node_type.gpu_type if node_type.pin_gpu_type else None)
+        # the CPUs and memory that come with the GPUs asked for: the node's shape per GPU (a whole
+        # node's for all its GPUs); a job without GPUs gets one CPU and Slurm's default memory
+        share = (gpus / node_type.gpus) if node_type.gpus and gpus else 0
+        kw.setdefault("cpus", max(1, int(node_type.cpus * share)) if share else 1)
+        kw.setdefault("memory_mb", max(1, int(node_type.memory_mb * share)) if share and node_type.memory_mb else None)
         return cls(partition=node_type.partition, **kw)

@@ -86,7 +86,8 @@ def test_script_prints_the_batch_script_for_a_node_type(tmp_path):
     res = cli("script", "--image", str(sif), "--node-type", "4card", "--input", "/shared/in",
               "--output", "/shared/out", "--env", "LR=0.1", "--name", "demo", "--", "python3", "train.py", "--x", "a b")
     assert res.returncode == 0, res.stderr
-    assert "#SBATCH --partition=gpu-4card" in res.stdout and "#SBATCH --gres=gpu:p40:4" in res.stdout
+    assert "#SBATCH --partition=gpu-4card" in res.stdout and "#SBATCH --gres=gpu:4" in res.stdout
+    assert "#SBATCH --cpus-per-task=48" in res.stdout and "#SBATCH --mem=256000M" in res.stdout
     assert "export LR=0.1" in res.stdout
     assert "%s python3 train.py --x 'a b' &" % sif in res.stdout
     assert "mkdir -p" in res.stderr and "/logs" in res.stderr

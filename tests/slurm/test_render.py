@@ -10,7 +10,7 @@ import pytest
 
 from containers.apptainer import job_exec_prefix
 from slurm.errors import SpecError
-from slurm.render import render_command_job, render_sbatch, sbatch_flag, shell_word
+from slurm.render import render_command_job, render_sbatch, sbatch_flag, sbatch_header, shell_word
 from slurm.spec import JOB_DATA_DIR, JOB_OUTPUT_DIR, JobSpec, NodeType, ScriptDir
 from slurm.sweep import array_specs, expand_grid
 
@@ -146,10 +146,28 @@ def test_for_node_type_refuses_more_gpus_than_a_node_has():
                               container=container())
 
 
-def test_for_node_type_gives_the_cpus_that_come_with_the_gpus():
+@pytest.mark.parametrize("node, gpus, cpus, memory_mb", [
+    (FOUR, None, 48, 256000), (FOUR, 2, 24, 128000), (FOUR, 1, 12, 64000), (ONE, None, 8, 32000), (FOUR, 0, 1, None)])
+def test_for_node_type_gives_the_cpus_and_memory_that_come_with_the_gpus(node, gpus, cpus, memory_mb):
+    """The node's shape per GPU (4card: 12 CPUs and 64 GB a GPU), not a whole node for one GPU."""
     kw = dict(name="x", image="/i.sif", command=["t"], job_dir="/j", container=container())
-    assert JobSpec.for_node_type(FOUR, **kw).cpus == 48
-    assert JobSpec.for_node_type(FOUR, gpus=2, **kw).cpus == 24
+    if gpus is not None:
+        kw["gpus"] = gpus
+    spec = JobSpec.for_node_type(node, **kw)
+    assert (spec.cpus, spec.memory_mb) == (cpus, memory_mb)
+    header = "\n".join(sbatch_header(spec))
+    assert "--cpus-per-task=%d" % cpus in header
+    assert ("--mem=%dM" % memory_mb in header) if memory_mb else "--mem" not in header
+
+
+def test_the_gpu_model_is_asked_for_only_where_the_site_pins_it():
+    """Sites have mixed GPU models: a job takes any GPU of its partition unless the node type
+    pins its model (pin_gpu_type) or the caller names one."""
+    kw = dict(name="x", image="/i.sif", command=["t"], job_dir="/j", container=container())
+    assert "#SBATCH --gres=gpu:4" in sbatch_header(JobSpec.for_node_type(FOUR, **kw))
+    pinned = NodeType("4card", "gpu-4card", 4, "a100", 48, 256000, pin_gpu_type=True)
+    assert "#SBATCH --gres=gpu:a100:4" in sbatch_header(JobSpec.for_node_type(pinned, **kw))
+    assert "#SBATCH --gres=gpu:v100:4" in sbatch_header(JobSpec.for_node_type(FOUR, gpu_type="v100", **kw))
 
 
 def test_expand_grid_order_and_split():
