@@ -252,6 +252,8 @@ def render_sbatch(spec: JobSpec) -> str:
         lines += ['log %s' % q("stage in: %s -> data/" % uri),
                   '%s stage in --from %s --to "$data_dir"%s || { log "stage in failed"; exit %d; }'
                   % (stage, q(uri), creds, EXIT_STAGE_IN_FAILED)]
+    for src, dst in spec.bound_inputs:
+        lines.append("log %s" % q("input: %s bound read-only at %s" % (src, dst)))
     if spec.output:
         lines += ['log "restore previous outputs: $out_uri -> output/"',
                   '%s stage in --from "$out_uri" --to "$out_dir" --missing-ok%s || { log "restoring outputs failed"; exit %d; }'

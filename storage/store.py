@@ -133,6 +133,9 @@ class Store(abc.ABC, Generic[L]):
     scheme: ClassVar[str]              #: the URI scheme this store is registered under
     form: ClassVar[str]                #: how its locations are written, for messages
     takes_credentials: ClassVar[bool] = False    #: staging it needs data-source keys
+    #: a job can bind its locations into the container instead of copying them (a path every
+    #: node sees: the shared filesystem)
+    bindable: ClassVar[bool] = False
 
     @abc.abstractmethod
     def parse(self, text: str) -> L:
@@ -280,6 +283,13 @@ def check_locations(inputs: Sequence[str], output: str | None, ctx: StoreContext
         for src in validate_uri(uri, ctx, must_exist=must_exist, check_store=check_store).sources:
             needed[src.name] = src
     return needed
+
+
+def bind_source(uri: str) -> str | None:
+    """Pure: the host path a job may bind for input ``uri`` instead of copying it (its store is
+    :attr:`Store.bindable`), else None."""
+    store = store_for(uri)
+    return store.parse(uri).path if store.bindable else None
 
 
 def needs_credentials(uri: str) -> bool:

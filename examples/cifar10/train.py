@@ -92,10 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def find_batches(data_dir: str | os.PathLike) -> tuple[list[Path], Path | None]:
-    """The training files (sorted) and the test file (or None) under ``data_dir`` or its
-    ``cifar-10-batches-bin/``. Raises FileNotFoundError saying where it looked."""
+    """The training files (sorted) and the test file (or None) under ``data_dir``, its
+    ``cifar-10-batches-bin/``, or one folder below it (a shared-filesystem input is bound at
+    /data/data/NAME). Raises FileNotFoundError saying where it looked."""
     root = Path(data_dir)
-    for folder in (root, root / BIN_FOLDER):
+    below = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for folder in (root, root / BIN_FOLDER, *below, *(p / BIN_FOLDER for p in below)):
         train = sorted(folder.glob(TRAIN_PATTERN))
         if train:
             bad = [f for f in train if f.stat().st_size % RECORD_BYTES]
@@ -103,8 +105,8 @@ def find_batches(data_dir: str | os.PathLike) -> tuple[list[Path], Path | None]:
                 raise ValueError("%s is not in the CIFAR-10 binary format (%d-byte records)" % (bad[0], RECORD_BYTES))
             test = folder / TEST_FILE
             return train, (test if test.is_file() else None)
-    raise FileNotFoundError("no %s in %s or %s; stage the dataset in (prepare_data.py writes it)"
-                            % (TRAIN_PATTERN, root, root / BIN_FOLDER))
+    raise FileNotFoundError("no %s in %s, %s or a folder below it; stage the dataset in (prepare_data.py "
+                            "writes it)" % (TRAIN_PATTERN, root, root / BIN_FOLDER))
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ def cmd_submit(args) -> int:
     if ":" not in image and not image.startswith("/") and os.path.exists(image):
         image = os.path.abspath(image)      # the portal resolves paths on its host, not in our cwd
     body = {"image": image, "node_type": args.node_type, "command": _command_of(args, "submit"),
-            "name": args.name, "inputs": list(args.input), "output": args.output, "time_limit": args.time,
+            "name": args.name, "inputs": list(args.input), "stage": args.stage, "output": args.output,
+            "time_limit": args.time,
             "env": dict(_parse_env(args.env)), "gpus": args.gpus, "sweep": _job_sweep(args.sweep),
             "project": args.project}
     job = create(args, "/jobs", body, "job")
@@ -208,7 +209,12 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments `script` and `submit` share."""
     p.add_argument("--image", required=True, help="a .sif path, or an image reference (script: already converted)")
     p.add_argument("--node-type", required=True, help="1card, 4card (see /etc/aiportal/site.toml)")
-    p.add_argument("--input", action="append", default=[], help="data to stage into /data/data (repeatable)")
+    p.add_argument("--input", action="append", default=[],
+                   help="data for /data/data (repeatable): s3://... is copied in; a shared path is bound read-only "
+                        "at /data/data/NAME (see --stage)")
+    p.add_argument("--stage", choices=("bind", "copy"), default="bind",
+                   help="shared-filesystem inputs: bind them read-only at /data/data/NAME, nothing copied "
+                        "(default), or copy them into /data/data")
     p.add_argument("--output", help="where /data/output is kept (and restored from on requeue)")
     p.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
     p.add_argument("--name", default="train", help="job name")

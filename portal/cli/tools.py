@@ -77,7 +77,8 @@ def cmd_script(args) -> int:
         image = _cached_image(args.image)
     try:
         job = parse(JobCreate, {"image": image, "node_type": args.node_type, "command": list(command),
-                                "name": args.name, "inputs": list(args.input), "output": args.output,
+                                "name": args.name, "inputs": list(args.input), "stage": args.stage,
+                                "output": args.output,
                                 "time_limit": args.time, "env": dict(_parse_env(args.env))})
         if any(storage.needs_credentials(u) for u in job.inputs + [job.output or ""] if u) \
                 and not args.credentials:

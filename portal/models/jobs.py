@@ -81,9 +81,14 @@ class JobBase(SQLModel):
                         "would (no shell runs it)"}, mode="validation")]
     inputs: Annotated[list[str], WithJsonSchema(
         {"oneOf": [{"type": "array", "items": _STR}, _STR, _NULL],
-         "description": "s3://SOURCE/bucket/prefix or shared paths, staged into /data/data (a list, or one per line)"},
+         "description": "s3://SOURCE/bucket/prefix (copied into /data/data) or shared paths (bound read-only at "
+                        "/data/data/NAME, or copied: see stage); a list, or one per line"},
         mode="validation")] = []
     output: str | None = Field(default=None, description="where /data/output is kept when the job ends")
+    stage: str = Field(default="bind", description="how inputs on the shared filesystem reach the job: bind (read-only "
+                       "at /data/data/NAME, nothing copied; the default) or copy (into /data/data, like s3:// inputs: "
+                       "for data on slow storage, or a program that writes where it reads)",
+                       json_schema_extra={"enum": ["bind", "copy"]})
     env: Annotated[dict[str, str], WithJsonSchema(
         {"oneOf": [{"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
                    _STR, {"type": "array", "items": _STR}, _NULL],
@@ -159,6 +164,14 @@ class JobBase(SQLModel):
             return _lines(v)
         except TypeError:
             raise ValueError(wrong) from None
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage(cls, v: Any) -> str:
+        value = _text(v, "bind")
+        if value not in ("bind", "copy"):
+            raise ValueError("bind (shared-filesystem inputs read-only at /data/data/NAME) or copy (into /data/data)")
+        return value
 
     @field_validator("env", mode="before")
     @classmethod

@@ -40,6 +40,7 @@ def check_symlinks(path: str, roots: Sequence[str], uri: str) -> None:
 class SharedStore(Store[DataLocation]):
     scheme = SHARED_SCHEME
     form = "an absolute path on the shared filesystem"
+    bindable = True         # every node sees it: a job binds it read-only rather than copy it
 
     def parse(self, text: str) -> DataLocation:
         loc = parse_location(text)

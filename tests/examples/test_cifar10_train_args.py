@@ -98,3 +98,12 @@ def test_signals_ask_for_a_checkpoint_or_a_stop_and_never_kill():
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "['SIGUSR1', 'SIGUSR2'] SIGTERM"
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL     # pytest's own process is untouched
+
+
+def test_finds_the_batches_of_a_bound_input_one_folder_below(tmp_path):
+    """A shared-filesystem input is bound at /data/data/NAME: the default --data_dir finds it."""
+    bound = tmp_path / "cifar10"
+    bound.mkdir()
+    (bound / "data_batch_1.bin").write_bytes(bytes(3073))
+    (tmp_path / "other").mkdir()
+    assert train.find_batches(tmp_path) == ([bound / "data_batch_1.bin"], None)

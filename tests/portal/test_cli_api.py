@@ -88,6 +88,9 @@ def test_submit_follow_prints_the_log_and_exits_with_the_jobs_code(followed):
     assert followed.code == 0, followed.err
     assert "\ncli line 0\ncli line 1\ncli line 2\n" in followed.out, followed.out
     assert followed.out.endswith("command exited with 0\n")
+    # a clean job's log: no warnings or notices from the container runtime or the script
+    noise = [line for line in followed.out.splitlines() if line.startswith(("WARNING", "INFO:", "ERROR", "FATAL"))]
+    assert not noise, followed.out
     assert "ended: COMPLETED, exit code 0" in followed.err
 
 
