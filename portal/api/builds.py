@@ -1,10 +1,7 @@
 """Dockerfile builds: start one from a context tar, list, show, the log (offset or live), cancel."""
 from __future__ import annotations
 
-import codecs
-import threading
-
-from flask import Response, current_app, g, request, stream_with_context
+from flask import Response, current_app, g, request
 from sqlmodel import Session
 
 from portal.api.operations import BOOLEAN, answer, bool_arg, int_arg, operation, owners
@@ -12,8 +9,7 @@ from portal.auth import credential_check
 from portal.db_session import backend, box, db, settings
 from portal.errors import ValidationError
 from portal.logs import tail as logtail
-from portal.logs.follow import follow_log
-from portal.logs.stream import DENIED, LOG_EVENT_SCHEMA, Recheck, sse
+from portal.logs.stream import LOG_EVENT_SCHEMA, follow_sse, sse_stream_response
 from portal.models import ImageBuild, User
 from portal.models.builds import BuildList, BuildPublic
 from portal.services import image_builds
@@ -81,9 +77,8 @@ def build_log(build_id: int):
             image_builds.read_log(settings(), db(), build, 0, 1)      # the NotFoundError it raises
         app = current_app._get_current_object()
         unix_user = db().get(User, build.user_id).unix_user
-        return Response(stream_with_context(_stream(app, build.id, unix_user, build.log_path, offset,
-                                                    allowed=credential_check(app))),
-                        mimetype="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return sse_stream_response(_stream(app, build.id, unix_user, build.log_path, offset,
+                                           allowed=credential_check(app)))
     chunk = image_builds.read_log(settings(), db(), build, offset)
     return Response(chunk.data, mimetype="text/plain",
                     headers={"X-Log-Offset": str(chunk.offset + len(chunk.data)), "Cache-Control": "no-store"})
@@ -100,31 +95,8 @@ def _build_over(app, build_id: int) -> bool:
 
 def _stream(app, build_id: int, unix_user: str, path: str, offset: int, heartbeat_s: float = 2.0,
             allowed=None):
-    """SSE: ``log`` events (text, next offset as id), heartbeats, ``end`` once the build has
-    ended and its log is drained, ``denied`` once ``allowed`` says no (as
-    :mod:`portal.logs.stream` does for jobs)."""
-    recheck = Recheck(allowed)
+    """The build's log as SSE (:func:`portal.logs.stream.follow_sse`), ending once the build has
+    ended and its log is drained."""
     target = logtail.target_for(app.extensions["aiportal.settings"], unix_user)
-    stop = threading.Event()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    yield "retry: 2000\n\n"
-    quiet = 0
-    chunks = follow_log(target, path, offset, heartbeat_s=heartbeat_s, stop=stop)
-    try:
-        for chunk in chunks:
-            if recheck.denied():
-                yield sse("denied", {"message": DENIED})
-                return
-            if chunk.data:
-                quiet = 0
-                end = chunk.offset + len(chunk.data)
-                yield sse("log", {"text": decoder.decode(chunk.data), "offset": end}, end)
-                continue
-            yield ": heartbeat\n\n"
-            quiet += 1
-            if quiet >= 1 and _build_over(app, build_id):
-                yield sse("end", {"state": "ended"})
-                return
-    finally:
-        stop.set()
-        chunks.close()
+    return follow_sse(target, path, offset, lambda: _build_over(app, build_id), heartbeat_s=heartbeat_s,
+                      quiet_beats=1, allowed=allowed)

@@ -1,12 +1,16 @@
 """Inference services: deploy, list, show, scale, update (rolling or gray), delete."""
 from __future__ import annotations
 
-from flask import g
+from flask import Response, current_app, g, request
+from sqlmodel import Session
 
 from inference.service import NAME_RE
 from portal.api.idempotency import KEY_HEADER, Stored, idempotent
-from portal.api.operations import answer, body, operation, owners
+from portal.api.operations import BOOLEAN, answer, bool_arg, body, int_arg, operation, owners
+from portal.auth import credential_check
 from portal.db_session import backend, box, db, settings
+from portal.logs import tail as logtail
+from portal.logs.stream import LOG_EVENT_SCHEMA, MAX_READ, follow_sse, sse_stream_response
 from portal.models import Service
 from portal.models.services import (ServiceAccess, ServiceCreate, ServiceList, ServicePublic, ServiceScale,
                                     ServiceUpdate)
@@ -85,3 +89,29 @@ def update_service(name: str):
            params=_NAME)
 def delete_service(name: str):
     return _out(inference.delete(db(), g.user, name), 202)
+
+
+@operation("GET", "/services/<name>/replicas/<replica>/log",
+           "a replica's log (plain text from ?offset; ?follow=1: Server-Sent Events until the replica has ended); "
+           "replica: its id or its number (0 the oldest, as GET /services/NAME lists them)",
+           {200: {"type": "string"}}, (404, 422, 503), media=("text/plain", "text/event-stream"),
+           events=LOG_EVENT_SCHEMA, params={**_NAME, "replica": {"type": "string"}},
+           query={"offset": {"type": "integer", "minimum": 0}, "follow": BOOLEAN})
+def replica_log(name: str, replica: str):
+    offset, follow = int_arg("offset", 0, 0, 1 << 50), bool_arg("follow")
+    rep, unix_user, path = inference.replica_log(db(), g.user, name, replica)
+    target = logtail.target_for(settings(), unix_user)
+    if follow:
+        last = request.headers.get("Last-Event-ID", "")
+        if last.isdigit():
+            offset = int(last)
+        app = current_app._get_current_object()
+        engine, rep_id = app.extensions["aiportal.engine"], rep.id
+
+        def over() -> bool:
+            with Session(engine) as s:
+                return inference.replica_over(s, rep_id)
+        return sse_stream_response(follow_sse(target, path, offset, over, allowed=credential_check(app)))
+    chunk = logtail.read_log(target, path, offset, MAX_READ)
+    return Response(chunk.data, mimetype="text/plain",
+                    headers={"X-Log-Offset": str(chunk.offset + len(chunk.data)), "Cache-Control": "no-store"})

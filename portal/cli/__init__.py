@@ -94,8 +94,8 @@ from portal.cli.daemons import (cmd_db_upgrade, cmd_fail_node, cmd_health_check,
                                 cmd_router)
 from portal.cli.jobs import _add_job_arguments, cmd_cancel, cmd_jobs, cmd_logs, cmd_show, cmd_submit
 from portal.cli.services import (_add_policy_arguments, _add_spec_arguments, cmd_service_delete, cmd_service_deploy,
-                                 cmd_service_list, cmd_service_scale, cmd_service_show, cmd_service_update,
-                                 cmd_service_access)
+                                 cmd_service_list, cmd_service_logs, cmd_service_scale, cmd_service_show,
+                                 cmd_service_update, cmd_service_access)
 from portal.cli.tools import cmd_cluster, cmd_image_convert, cmd_image_list, cmd_script, cmd_sessions
 
 
@@ -317,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_service_update)
+    c = ssub.add_parser("logs", help="a replica's log (-f: as it grows, until the replica ends)")
+    c.add_argument("name")
+    c.add_argument("--replica", default="0", help="its number in `service show` (default 0, the oldest) or its id")
+    c.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows")
+    c.add_argument("--offset", type=int, default=0, help="start at this byte")
+    c.set_defaults(func=cmd_service_logs)
     c = ssub.add_parser("delete", help="delete a service (its replicas are stopped)")
     c.add_argument("name")
     c.set_defaults(func=cmd_service_delete)

@@ -389,12 +389,21 @@ def follow_log(args, job_id: str, offset: int = 0, task: str | None = None, out=
     retried with ``Last-Event-ID`` set to the last byte offset received, backing off up to
     ``backoff_max_s``; after ``give_up_s`` without getting anything through, CliError says
     where the log was left and how to resume."""
-    out = out or sys.stdout
-    give_up_s = args.reconnect_for if give_up_s is None else give_up_s
     query = {"follow": "1", "offset": str(offset)}
     if task is not None:
         query["task"] = task
     path = "/jobs/%s/log?%s" % (urllib.parse.quote(job_id, safe=""), urllib.parse.urlencode(query))
+    return follow_stream(args, path, "job %s" % job_id, "aiportal logs -f %s --offset {at}" % job_id, offset, out,
+                         give_up_s, backoff_max_s)
+
+
+def follow_stream(args, path: str, what: str, resume: str, offset: int = 0, out=None,
+                  give_up_s: float | None = None, backoff_max_s: float = 10.0) -> int:
+    """Follow one log's Server-Sent Events at ``path`` (a job's, a replica's) as
+    :func:`follow_log` says; ``what`` names the log in messages, ``resume`` is the command that
+    picks it up again (``{at}``: the byte offset reached)."""
+    out = out or sys.stdout
+    give_up_s = args.reconnect_for if give_up_s is None else give_up_s
     last_id: str | None = None
     delay = None
     failing_since: float | None = None
@@ -409,7 +418,7 @@ def follow_log(args, job_id: str, offset: int = 0, task: str | None = None, out=
                 while True:
                     chunk = resp.read1(_STREAM_READ)
                     if not chunk:
-                        raise PortalUnreachable("the portal closed the log stream before the job ended")
+                        raise PortalUnreachable("the portal closed the log stream before %s ended" % what)
                     failing_since, delay = None, None
                     for ev in parser.feed(chunk):
                         if ev.event == "log":
@@ -433,16 +442,16 @@ def follow_log(args, job_id: str, offset: int = 0, task: str | None = None, out=
         failing_since = failing_since or now
         at = last_id if (last_id or "").isdigit() else str(offset)
         if now - failing_since >= give_up_s:
-            raise CliError("lost the log stream of job %s at byte %s and could not get it back for %.0f s "
-                           "(last error: %s); resume with `aiportal logs -f %s --offset %s`"
-                           % (job_id, at, give_up_s, str(reason).splitlines()[0], job_id, at))
+            raise CliError("lost the log stream of %s at byte %s and could not get it back for %.0f s "
+                           "(last error: %s); resume with `%s`"
+                           % (what, at, give_up_s, str(reason).splitlines()[0], resume.format(at=at)))
         if delay is None:
             delay = (parser.retry_ms or 1000) / 1000.0
         else:
             delay = min(backoff_max_s, delay * 2)
         delay = min(delay, max(0.05, give_up_s - (now - failing_since)))
-        print("aiportal: log stream of job %s interrupted at byte %s (%s); reconnecting in %.1f s"
-              % (job_id, at, str(reason).splitlines()[0], delay), file=sys.stderr)
+        print("aiportal: log stream of %s interrupted at byte %s (%s); reconnecting in %.1f s"
+              % (what, at, str(reason).splitlines()[0], delay), file=sys.stderr)
         time.sleep(delay)
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
-from portal.cli.client import CliError, _api, _print_json, create
+from portal.cli.client import CliError, _api, _print_json, create, follow_stream
 
 
 
@@ -48,11 +49,11 @@ def _print_service(svc: dict, url: str) -> None:
         print("%-12s %s" % (label, value))
     if svc.get("replicas"):
         print()
-        print("  %-8s %-10s %-8s %-8s %-21s %-9s %s" % ("REPLICA", "PHASE", "VERSION", "SLURM", "ENDPOINT", "IN FLIGHT",
-                                                      "MESSAGE"))
-        for r in svc["replicas"]:
-            print("  %-8s %-10s %-8s %-8s %-21s %-9s %s" % (
-                r["id"][:8], r["phase"], r["version"], r["slurm_job_id"] or "-",
+        print("  %-3s %-8s %-10s %-8s %-8s %-21s %-9s %s" % ("N", "REPLICA", "PHASE", "VERSION", "SLURM", "ENDPOINT",
+                                                          "IN FLIGHT", "MESSAGE"))
+        for n, r in enumerate(svc["replicas"]):
+            print("  %-3d %-8s %-10s %-8s %-8s %-21s %-9s %s" % (
+                n, r["id"][:8], r["phase"], r["version"], r["slurm_job_id"] or "-",
                 "%s:%s" % (r["host"], r["port"]) if r.get("port") else "-",
                 "-" if r.get("avg_inflight") is None else "%.2f" % r["avg_inflight"], r.get("message") or ""))
 
@@ -118,6 +119,29 @@ def cmd_service_show(args) -> int:
         _print_json(svc)
     else:
         _print_service(svc, args.url)
+    return 0
+
+
+def cmd_service_logs(args) -> int:
+    """A replica's log (``--replica``: its number in `service show`, or its id): what it has so
+    far, or with -f as it grows until the replica ends."""
+    path = _svc_path(args.name, "/replicas/%s/log" % urllib.parse.quote(args.replica, safe=""))
+    if args.follow:
+        follow_stream(args, "%s?%s" % (path, urllib.parse.urlencode({"follow": "1", "offset": str(args.offset)})),
+                      "replica %s of service %s" % (args.replica, args.name),
+                      "aiportal service logs %s --replica %s -f --offset {at}" % (args.name, args.replica), args.offset)
+        return 0
+    offset = args.offset
+    while True:
+        resp = _api(args, "GET", "%s?offset=%d" % (path, offset), stream=True, headers={"Accept": "text/plain"})
+        with resp:
+            data = resp.read()
+            nxt = resp.headers.get("X-Log-Offset")
+        sys.stdout.write(data.decode("utf-8", "replace"))
+        if not data:
+            break
+        offset = int(nxt) if nxt and nxt.isdigit() else offset + len(data)
+    sys.stdout.flush()
     return 0
 
 

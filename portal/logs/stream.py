@@ -144,18 +144,16 @@ def _job_over(app: Flask, job_id: str) -> bool:
         return job is None or job.state.terminal
 
 
-def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
-           heartbeat_s: float = 5.0, allowed: Callable[[], bool] | None = None,
-           recheck_s: float | None = None) -> Iterator[str]:
-    """SSE messages: ``log`` events with text (UTF-8 decoded across chunk boundaries) and the
-    next offset as id; a comment as heartbeat; ``end`` once the job is over and the log drained;
-    ``denied`` (and the end of the stream) once ``allowed`` (the request's credential still
-    valid, asked every ``recheck_s``) says no."""
+def follow_sse(target: logtail.SshTarget, path: str, offset: int, over: Callable[[], bool], *,
+               heartbeat_s: float = 5.0, quiet_beats: int = 2, allowed: Callable[[], bool] | None = None,
+               recheck_s: float | None = None) -> Iterator[str]:
+    """SSE messages of one log file read as its owner (``target``): ``log`` events with text
+    (UTF-8 decoded across chunk boundaries) and the next offset as id; a comment as heartbeat;
+    ``end`` once ``over()`` says the writer is done and ``quiet_beats`` heartbeats passed without
+    data (the log drained); ``denied`` (and the end of the stream) once ``allowed`` (the
+    request's credential still valid, asked every ``recheck_s``) says no. Jobs, image builds
+    and service replicas stream their logs with it."""
     recheck = Recheck(allowed, recheck_s)
-    settings = app.extensions["aiportal.settings"]
-    with Session(app.extensions["aiportal.engine"]) as s:
-        target = _target(settings, s, job)
-        path = log_path(job, task, _owner(s, job).unix_user)
     stop = threading.Event()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     yield "retry: 2000\n\n"
@@ -174,7 +172,7 @@ def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
             # heartbeat: lets a proxy and the browser know we are alive; a gone client fails here
             yield ": heartbeat\n\n"
             quiet += 1
-            if quiet >= 2 and _job_over(app, job.id):
+            if quiet >= quiet_beats and over():
                 yield sse("end", {"state": "ended"})
                 return
     finally:
@@ -182,10 +180,26 @@ def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
         chunks.close()
 
 
+def stream(app: Flask, job: Job, user: User, offset: int, task: str | None,
+           heartbeat_s: float = 5.0, allowed: Callable[[], bool] | None = None,
+           recheck_s: float | None = None) -> Iterator[str]:
+    """A job's log as SSE (:func:`follow_sse`), ending once the job is over."""
+    settings = app.extensions["aiportal.settings"]
+    with Session(app.extensions["aiportal.engine"]) as s:
+        target = _target(settings, s, job)
+        path = log_path(job, task, _owner(s, job).unix_user)
+    return follow_sse(target, path, offset, lambda: _job_over(app, job.id), heartbeat_s=heartbeat_s,
+                      allowed=allowed, recheck_s=recheck_s)
+
+
+def sse_stream_response(messages: Iterator[str]) -> Response:
+    """The streamed answer of :func:`follow_sse` messages (nginx must not buffer it)."""
+    return Response(stream_with_context(messages), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
 def sse_response(app: Flask, job: Job, user: User, offset: int, task: str | None,
                  allowed: Callable[[], bool] | None = None) -> Response:
     with Session(app.extensions["aiportal.engine"]) as s:
         log_path(job, task, _owner(s, job).unix_user)      # refuse jobs without a log before the stream starts
-    return Response(stream_with_context(stream(app, job, user, offset, task, allowed=allowed)),
-                    mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return sse_stream_response(stream(app, job, user, offset, task, allowed=allowed))

@@ -165,6 +165,32 @@ def replicas_of(db: Session, svc: Service, include_ended: bool = False) -> list[
     return list(db.exec(q.order_by(ServiceReplica.created_at)))
 
 
+def replica_log(db: Session, user: User, name: str, replica: str) -> tuple[ServiceReplica, str, str]:
+    """A replica of the caller's service, its owner's Unix account and its log file (Slurm's
+    output, in the replica's job folder). ``replica``: its id, or its number in the order
+    `aiportal service show` lists them (0 the oldest; ended replicas are counted after)."""
+    svc = get_service(db, user, name)
+    live = replicas_of(db, svc)
+    every = live + [r for r in replicas_of(db, svc, include_ended=True) if r.phase is Phase.ENDED]
+    if replica.isdigit():
+        rep = every[int(replica)] if int(replica) < len(every) else None
+    else:       # its id, or the start of it that `aiportal service show` prints (unique, 4 characters or more)
+        found = [r for r in every if r.id == replica or (len(replica) >= 4 and r.id.startswith(replica))]
+        rep = found[0] if len(found) == 1 else None
+    if rep is None:
+        raise NotFoundError("service %s has no replica %r; it has %d (numbers 0-%d, or the ids in `aiportal service "
+                            "show %s`)" % (name, replica, len(every), max(len(every) - 1, 0), name))
+    if not rep.slurm_job_id or not rep.job_dir:
+        raise NotFoundError("replica %s of service %s has no log yet (it has not reached Slurm)" % (rep.id, name))
+    owner = db.get(User, svc.user_id)
+    return rep, owner.unix_user, "%s/logs/slurm-%s.out" % (rep.job_dir, rep.slurm_job_id)
+
+
+def replica_over(db: Session, replica_id: str) -> bool:
+    rep = db.get(ServiceReplica, replica_id)
+    return rep is None or rep.phase is Phase.ENDED
+
+
 def set_access(db: Session, user: User, name: str, public: bool) -> Service:
     """Make a service callable without a token (``public``) or only with one (the router sees it
     within ``router_refresh_s``)."""

@@ -24,7 +24,7 @@ ENDPOINTS = [
     ("GET", "/api/v1/datasources/x/browse"), ("GET", "/api/v1/tokens"), ("POST", "/api/v1/tokens"),
     ("DELETE", "/api/v1/tokens/1"), ("GET", "/api/v1/services"), ("POST", "/api/v1/services"),
     ("GET", "/api/v1/services/x"), ("DELETE", "/api/v1/services/x"), ("POST", "/api/v1/services/x/scale"),
-    ("POST", "/api/v1/services/x/access"),
+    ("POST", "/api/v1/services/x/access"), ("GET", "/api/v1/services/x/replicas/0/log"),
     ("POST", "/api/v1/services/x/update"),
     ("POST", "/api/v1/images/build"), ("GET", "/api/v1/images/builds"), ("GET", "/api/v1/images/builds/1"),
     ("DELETE", "/api/v1/images/builds/1"), ("GET", "/api/v1/images/builds/1/log"),

@@ -11,6 +11,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -198,6 +199,34 @@ def test_a_service_answers_curl_shares_load_survives_a_killed_replica_and_a_port
         assert cfg.stat().st_uid == pwd.getpwnam("alice").pw_uid
         logs = [p.read_text(errors="replace") for p in (job_dir / "logs").iterdir() if p.is_file()]
         assert logs and not any(key in text for text in logs)
+
+    # each replica's log through the API (by number and by the id's start) and the CLI, to its
+    # owner only; the key is not in it
+    first = svc["replicas"][0]
+    for ref in ("0", first["id"][:8], first["id"]):
+        status, text = api_call(live_portal, "GET", "/services/%s/replicas/%s/log" % (name, ref), alice)
+        assert status == 200 and b"listening on" in text and key.encode() not in text, (ref, status, text[-500:])
+    status, out = api_call(live_portal, "GET", "/services/%s/replicas/0/log" % name, bob)
+    assert status == 404, out
+    status, out = api_call(live_portal, "GET", "/services/%s/replicas/7/log" % name, alice)
+    assert status == 404 and "has no replica '7'; it has 2" in out["message"], out
+    env = dict(os.environ, AIPORTAL_URL=live_portal.url, AIPORTAL_TOKEN=alice)
+    aiportal = str(Path(sys.executable).parent / "aiportal")
+    cli = subprocess.run([aiportal, "service", "logs", name, "--replica", "1"], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert cli.returncode == 0 and "listening on" in cli.stdout, cli
+    # -f follows the replica while it runs (stopped here after its first lines)
+    follow = subprocess.Popen([aiportal, "service", "logs", name, "-f"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        got = ""
+        deadline = time.monotonic() + 30
+        while "listening on" not in got and time.monotonic() < deadline:
+            got += follow.stdout.readline()
+        assert "listening on" in got, got
+    finally:
+        follow.kill()
+        follow.wait(10)
+        follow.stdout.close()
 
     # two replicas share the load
     seen = Counter()
