@@ -16,8 +16,11 @@ SEP = "\x1f"
 # flag or begin time. JobArrayID is ``%i`` (``ID`` or ``ID_N``); -O's JobID is an array task's
 # own job id, or the array's for every task not started yet. Dependency is what the job waits on,
 # each with its state (``afterok:655(failed),afterany:656(unfulfilled)``; ``?`` between them: any).
+# Partition and tres-alloc (``cpu=1,mem=2000M,node=1,billing=1,gres/gpu=2,gres/gpu:p40=2``: what it
+# has, or asks for while pending, over all its nodes) say a plain sbatch job's partition and GPUs.
 SQUEUE_FIELDS = ("JobArrayID", "StateCompact", "Reason", "NodeList", "RestartCnt", "Requeue", "UserName",
-                 "Comment", "EligibleTime", "Name", "StdOut", "Dependency", "SubmitTime", "StartTime")
+                 "Comment", "EligibleTime", "Name", "StdOut", "Dependency", "SubmitTime", "StartTime", "Partition",
+                 "tres-alloc")
 # sacct -n -X -P --delimiter SEP -o FIELDS (sacct has no restart count: see parse_sacct)
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "User", "Comment", "Reason", "JobName", "Submit", "Start",
                 "End")
@@ -48,6 +51,9 @@ class JobStatus:
     started: dt.datetime | None = None
     #: when it ended (sacct only)
     ended: dt.datetime | None = None
+    #: its partition and GPUs in all (squeue only; "" and None where the source does not say)
+    partition: str = ""
+    gpus: int | None = None
 
     def to_dict(self) -> dict:
         return {"job_id": self.job_id, "state": self.state.value, "reason": self.reason,
@@ -149,6 +155,17 @@ class _SqueueRow(NamedTuple):
     dependency: str
     submitted: dt.datetime | None
     started: dt.datetime | None
+    partition: str
+    gpus: int
+
+
+_TRES_GPUS = re.compile(r"(?:^|,)gres/gpu=([0-9]+)(?:,|$)")
+
+
+def tres_gpus(tres: str) -> int:
+    """GPUs in a TRES list (``...,gres/gpu=4,gres/gpu:p40=4``); 0 where it names none."""
+    m = _TRES_GPUS.search(tres or "")
+    return int(m.group(1)) if m else 0
 
 
 def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
@@ -165,7 +182,7 @@ def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
             raise SlurmParseError(line, "expected %d squeue fields (%s), got %d: run squeue with --Format "
                                   "slurm.jobs.squeue_format()" % (n_fields, ",".join(SQUEUE_FIELDS), len(cols)))
         jid, state, reason, nodes, restarts, requeue, user, comment, eligible, name, stdout, dependency, submit, \
-            start = (c.strip() for c in cols)
+            start, partition, tres = (c.strip() for c in cols)
         try:
             n = int(restarts or 0)
         except ValueError as e:
@@ -175,7 +192,8 @@ def _squeue_rows(text: str) -> Iterator[_SqueueRow]:
                          requeue not in ("0", "no", "No"), user, _clean(comment), eligible, name, _clean(stdout),
                          _clean(dependency), slurm_time(submit),
                          # a pending job's StartTime is Slurm's estimate, not a start
-                         None if st in (JobState.PENDING, JobState.REQUEUED, JobState.REQUEUE_HOLD) else slurm_time(start))
+                         None if st in (JobState.PENDING, JobState.REQUEUED, JobState.REQUEUE_HOLD) else slurm_time(start),
+                         _clean(partition), tres_gpus(tres))
 
 
 def parse_squeue(text: str) -> dict[str, JobStatus]:
@@ -183,7 +201,7 @@ def parse_squeue(text: str) -> dict[str, JobStatus]:
     array task)."""
     return {r.job_id: JobStatus(r.job_id, r.state, r.reason, r.nodes, user=r.user, comment=r.comment, name=r.name,
                                 restarts=r.restarts, stdout=r.stdout, dependency=r.dependency, submitted=r.submitted,
-                                started=r.started)
+                                started=r.started, partition=r.partition, gpus=r.gpus)
             for r in _squeue_rows(text)}
 
 

@@ -41,6 +41,7 @@ from slurm.errors import SlurmError
 from slurm.jobs import JobStatus, failed_dependencies
 from slurm.reasons import dependency_failed, explain
 from slurm.render import COMMENT_PREFIX, fence_done
+from slurm.spec import NodeType
 from slurm.states import TERMINAL, JobState
 
 log = logging.getLogger(__name__)
@@ -588,8 +589,10 @@ def apply(db: Session, jobs: dict[str, Job], p: Plan, now: dt.datetime,
 
 
 def add_external(db: Session, found: list[JobStatus], users: Mapping[str, int], now: dt.datetime,
-                 arrays: set[str] = frozenset()) -> None:
-    """Plain sbatch jobs found in the queue, with Slurm's times and (ended) exit code."""
+                 arrays: set[str] = frozenset(), node_types: Mapping[str, NodeType] | None = None) -> None:
+    """Plain sbatch jobs found in the queue, with Slurm's times and (ended) exit code, their
+    partition and GPUs (squeue's TRES), and the node type of that partition."""
+    by_partition = {t.partition: name for name, t in (node_types or {}).items()}
     new = []
     for st in found:
         # where it logs (squeue's StdOut; its symbols are filled in when the log is read)
@@ -597,7 +600,8 @@ def add_external(db: Session, found: list[JobStatus], users: Mapping[str, int], 
         started = _utc(st.started) or (now if st.state is JobState.RUNNING else None)
         job = Job(user_id=users[st.user], name=(st.name or "sbatch-%s" % st.job_id)[:128], state=st.state,
                   slurm_job_id=st.job_id, external=True, request_json=json.dumps(request), reason=st.reason[:1024],
-                  nodes=st.nodes[:1024], restarts=st.restarts or 0,
+                  nodes=st.nodes[:1024], restarts=st.restarts or 0, partition=st.partition[:64],
+                  gpus=st.gpus or 0, node_type=by_partition.get(st.partition, "")[:32],
                   exit_code=st.exit_code if st.state.terminal else None, signal=st.signal if st.state.terminal else None,
                   submitted_at=_utc(st.submitted) or now, started_at=started, updated_at=now,
                   ended_at=(_utc(st.ended) or now) if st.state.terminal else None)
@@ -688,7 +692,7 @@ class Reconciler:
                 stats.slurm_calls += 1
             stats.slurm_calls += self._end_doomed(p, by_id, live, Records(accounting))
             again = apply(db, by_id, p, now, lost)
-            add_external(db, found, users, now, arrays)
+            add_external(db, found, users, now, arrays, self.settings.node_types)
             db.commit()
             stats.updated, stats.adopted, stats.external = len(p.updates), len(p.adopt), len(found)
             stats.lost = len(lost)

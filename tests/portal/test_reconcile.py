@@ -202,12 +202,13 @@ def uid(slurm_id: str) -> str:
 
 
 def Q(jid, state, restarts, nodes="", reason="None", user="alice", comment=None, name="train",
-      stdout="/tmp/slurm-%j.out", dependency="(null)", submitted="2026-11-27T11:00:00", started="N/A"):
+      stdout="/tmp/slurm-%j.out", dependency="(null)", submitted="2026-11-27T11:00:00", started="N/A",
+      partition="gpu-1card", tres="cpu=8,mem=32000M,node=1,billing=8,gres/gpu=1,gres/gpu:p40=1"):
     """One line of ``squeue --noheader --array --states=all --Format <squeue_format()>`` (the
     comment of the portal job the tests store for it, unless given)."""
     comment = "aiportal:" + uid(jid) if comment is None else comment
     return "".join(c + SEP for c in (jid, state, reason, nodes, str(restarts), "1", user, comment, "N/A", name,
-                                     stdout, dependency, submitted, started))
+                                     stdout, dependency, submitted, started, partition, tres))
 
 
 class Recorded(SlurmCli):
@@ -499,8 +500,9 @@ def test_plain_sbatch_jobs_of_portal_users_show_up_as_external(settings, engine,
     import subprocess
     os.chmod(tmp_path, 0o777)
     out = subprocess.run(["runuser", "-u", JOB_USER, "--", "sbatch", "--parsable", "--job-name", "by-hand",
-                          "--partition", "gpu-1card", "--output", "/dev/null", "--chdir", "/tmp", "--time", "5",
-                          "--hold", "--wrap", "sleep 60"], capture_output=True, text=True, check=True, timeout=30)
+                          "--partition", "gpu-4card", "--gres=gpu:4", "--output", "/dev/null", "--chdir", "/tmp",
+                          "--time", "5", "--hold", "--wrap", "sleep 60"], capture_output=True, text=True, check=True,
+                         timeout=30)
     jid = out.stdout.strip().split(";")[0]
     cleanup_jobs.append(jid)
     rec = Reconciler(engine, real_backend, settings)
@@ -509,6 +511,8 @@ def test_plain_sbatch_jobs_of_portal_users_show_up_as_external(settings, engine,
         job = db.exec(select(Job).where(Job.slurm_job_id == jid)).one()
         assert job.external and job.name == "by-hand" and job.user_id == users["alice"].id
         assert job.state is JobState.PENDING
+        # what it asked Slurm for: its partition, the node type of that partition, its GPUs
+        assert (job.partition, job.node_type, job.gpus) == ("gpu-4card", "4card", 4)
     assert rec.cycle().external == 0        # found once
     real_backend.cancel(jid)
     job = _cycle_until(rec, engine, job.id, lambda j: j.state.terminal)

@@ -5,7 +5,7 @@ import pytest
 
 from slurm.errors import SlurmParseError
 from slurm.jobs import (SEP, SQUEUE_FIELDS, expand_output_path, failed_dependencies, parse_exit_code, parse_sacct, parse_squeue,
-                        squeue_format)
+                        squeue_format, tres_gpus)
 from slurm.states import TERMINAL, JobState, parse_job_state
 
 
@@ -47,6 +47,8 @@ def Q(*cols):
     and StartTime added where a line of 12 fields does not give them)."""
     if len(cols) == 12:
         cols += ("2026-11-27T11:00:00", "N/A")
+    if len(cols) == 14:
+        cols += ("gpu-1card", "cpu=8,mem=32000M,node=1,billing=8,gres/gpu=1,gres/gpu:p40=1")
     return "".join(c + SEP for c in cols)
 
 
@@ -65,9 +67,11 @@ RECORDED = "\n".join([
       "afterok:655(failed),afterok:656(unfulfilled),afterany:656(unfulfilled)"),
     "1323\x1fCD\x1fNone\x1fg1n1\x1f1\x1f1\x1falice\x1faiportal:5b2348eb-6b21-4548-8fee-94a537975d2a"
     "\x1f2026-11-27T14:12:11\x1fcifar10-1card\x1f/srv/aiportal/shared/users/alice/jobs/5b2348eb/logs/slurm-1323.out"
-    "\x1f(null)\x1f2026-11-27T14:10:00\x1f2026-11-27T14:10:02\x1f",
+    "\x1f(null)\x1f2026-11-27T14:10:00\x1f2026-11-27T14:10:02\x1fgpu-1card\x1fcpu=8,mem=32000M,node=1,billing=8,"
+    "gres/gpu=1,gres/gpu:p40=1\x1f",
     "1336\x1fCA\x1fJobHeldUser\x1f\x1f0\x1f1\x1falice\x1f(null)\x1fN/A\x1fby-hand\x1f"
-    "/srv/aiportal/shared/users/alice/logs-%x-%j.txt\x1f(null)\x1f2026-11-27T14:20:00\x1fN/A\x1f",
+    "/srv/aiportal/shared/users/alice/logs-%x-%j.txt\x1f(null)\x1f2026-11-27T14:20:00\x1fN/A\x1fgpu-4card\x1f"
+    "cpu=48,mem=96000M,node=1,billing=48,gres/gpu=4\x1f",
 ]) + "\n"
 
 
@@ -112,8 +116,8 @@ def test_parse_squeue_fields(jid, field, value):
 
 @pytest.mark.parametrize("line, match", [
     (Q("12", "R", "None", "g1n1", "x", "1", "alice", "", "N/A", "t", "/x", ""), "restart count 'x' is not a number"),
-    (SEP.join(("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train")), "expected 14 squeue fields"),
-    (Q("12", "R"), "expected 14 squeue fields"),
+    (SEP.join(("12", "RUNNING", "None", "g1n1", "alice", "aiportal:u1", "train")), "expected 16 squeue fields"),
+    (Q("12", "R"), "expected 16 squeue fields"),
 ])
 def test_parse_squeue_refuses_other_output(line, match):
     with pytest.raises(SlurmParseError, match=match):
@@ -153,7 +157,7 @@ def test_exit_code(text, expected):
 
 
 def test_bad_lines():
-    with pytest.raises(SlurmParseError, match="expected 14 squeue fields"):
+    with pytest.raises(SlurmParseError, match="expected 16 squeue fields"):
         parse_squeue("12 RUNNING")
     with pytest.raises(SlurmParseError, match="CODE:SIGNAL"):
         parse_exit_code("x:y")
@@ -216,3 +220,20 @@ def test_sacct_runs_keep_every_record_with_its_times_and_a_completed_job_has_no_
         ("aiportal:b", JobState.COMPLETED, dt.datetime(2026, 11, 27, 11, 0, 5).astimezone())]
     assert runs[1].reason == "" and runs[1].ended == dt.datetime(2026, 11, 27, 11, 2).astimezone()
     assert parse_sacct(text)["30"].comment == "aiportal:b"       # the last record wins
+
+
+@pytest.mark.parametrize("tres, gpus", [
+    ("cpu=1,mem=2000M,node=1,billing=1,gres/gpu=2,gres/gpu:p40=2", 2),   # squeue 22.05, --gres=gpu:p40:2
+    ("cpu=1,mem=2000M,node=1,billing=1,gres/gpu=3", 3),                  # --gpus=3
+    ("cpu=96,mem=0,node=2,billing=96,gres/gpu=8", 8),                    # two 4-GPU nodes
+    ("cpu=1,mem=2000M,node=1,billing=1", 0), ("N/A", 0), ("", 0),
+    ("cpu=1,gres/gpumem=100,node=1", 0),
+])
+def test_gpus_from_squeues_tres(tres, gpus):
+    assert tres_gpus(tres) == gpus
+
+
+def test_squeue_rows_carry_partition_and_gpus():
+    rows = parse_squeue(RECORDED)
+    assert (rows["1323"].partition, rows["1323"].gpus) == ("gpu-1card", 1)
+    assert (rows["1336"].partition, rows["1336"].gpus) == ("gpu-4card", 4)
