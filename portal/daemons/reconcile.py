@@ -32,7 +32,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from portal.daemons.loop import run_loop
-from portal.models import Event, EventKind, Job, User, utcnow
+from portal.models import Event, EventKind, ImageBuild, Job, Service, ServiceReplica, User, utcnow
 from portal.models.jobs import reason_sentence
 from portal.services.conversions import dependency_reason
 from portal.services.jobs import CONTROLLER_DOWN
@@ -236,15 +236,42 @@ def final(obs: Observed) -> bool:
     return obs.state.terminal and not (obs.started is not None and obs.ended is None)
 
 
+#: comments of the portal's own Slurm jobs that it cannot match to a row: a stage-out being
+#: finished, an image conversion (the builder account's, never a user's)
+_UNMATCHED_OWN = (COMMENT_PREFIX + "stage-out", COMMENT_PREFIX + "image:")
+
+
+def claimed_comments(queue: Mapping[str, JobStatus]) -> dict[str, set[tuple[str, str]]]:
+    """Pure: what the queue's ``aiportal:`` comments claim to be, to look up: kind ("job",
+    "service", "build") -> {(its id, the Slurm user)}."""
+    out: dict[str, set[tuple[str, str]]] = {"job": set(), "service": set(), "build": set()}
+    for st in queue.values():
+        c = st.comment
+        if portal_id_of(st):
+            out["job"].add((c[len(COMMENT_PREFIX):], st.user))
+        elif c.startswith(COMMENT_PREFIX + "service:"):
+            out["service"].add((c[len(COMMENT_PREFIX + "service:"):], st.user))
+        elif c.startswith(COMMENT_PREFIX + "build:"):
+            out["build"].add((c[len(COMMENT_PREFIX + "build:"):], st.user))
+    return out
+
+
 def external_candidates(queue: Mapping[str, JobStatus], known_slurm_ids: set[str],
-                        unix_users: set[str]) -> dict[str, list[JobStatus]]:
+                        unix_users: set[str], own_comments: set[tuple[str, str]] = frozenset()
+                        ) -> dict[str, list[JobStatus]]:
     """Jobs in the queue that users submitted with plain ``sbatch`` and the portal does not
-    know yet: Slurm id -> its records (an array's tasks)."""
+    know yet: Slurm id -> its records (an array's tasks). A job is the portal's own when its
+    comment is one the portal wrote for that user (``own_comments``: (comment, Unix account),
+    checked against the jobs, replicas and builds it stored) or one it cannot match to a row
+    (:data:`_UNMATCHED_OWN`); any other comment, ``aiportal:`` or not, hides nothing: a printed
+    script submitted with plain sbatch, or ``--comment=aiportal:x``, shows up as external."""
     out: dict[str, list[JobStatus]] = {}
     for jid, st in sorted(queue.items()):
         base = jid.split("_")[0]
-        if base in known_slurm_ids or st.user not in unix_users or st.comment.startswith(COMMENT_PREFIX):
-            continue    # the portal's own (jobs, image conversions, services) have an aiportal: comment
+        if base in known_slurm_ids or st.user not in unix_users:
+            continue
+        if (st.comment, st.user) in own_comments or st.comment.startswith(_UNMATCHED_OWN):
+            continue
         out.setdefault(base, []).append(st)
     return out
 
@@ -654,7 +681,7 @@ class Reconciler:
                              .order_by(User.is_admin, User.id)):
                 users.setdefault(u.unix_user, u.id)
             known = self._known_slurm_ids(db, queue)
-            candidates = external_candidates(queue, known, set(users))
+            candidates = external_candidates(queue, known, set(users), self._own_comments(db, queue))
             # jobs not in the queue as themselves, or finished there: how they ended is accounting's
             ended = {j.slurm_job_id for j in jobs if j.slurm_job_id and (
                 not (recs := live.of(j.slurm_job_id, identity(j))) or any(r.state.terminal for r in recs))}
@@ -749,6 +776,33 @@ class Reconciler:
             chunk = bases[i:i + 500]
             known.update(db.exec(select(Job.slurm_job_id).where(Job.slurm_job_id.in_(chunk))))
         return known
+
+    def _own_comments(self, db: Session, queue: Mapping[str, JobStatus]) -> set[tuple[str, str]]:
+        """(comment, Unix account) of the queue's ``aiportal:`` comments that name a job, replica
+        or build the portal stored for that account (one query per kind, for the ids the queue shows)."""
+        claims = claimed_comments(queue)
+        tables = {"job": (Job, Job.user_id, COMMENT_PREFIX),
+                  "service": (ServiceReplica, Service.user_id, COMMENT_PREFIX + "service:"),
+                  "build": (ImageBuild, ImageBuild.user_id, COMMENT_PREFIX + "build:")}
+        own: set[tuple[str, str]] = set()
+        for kind, (table, owner, prefix) in tables.items():
+            ids = sorted({i for i, _ in claims[kind]})
+            if not ids:
+                continue
+            key = table.id
+            if kind == "build":
+                ids = [int(i) for i in ids if i.isdigit()]
+                if not ids:
+                    continue
+            q = select(key, User.unix_user).join(User, User.id == owner)
+            if kind == "service":
+                q = select(key, User.unix_user).join(Service, Service.id == ServiceReplica.service_id) \
+                    .join(User, User.id == Service.user_id)
+            for i in range(0, len(ids), 500):
+                for row_id, unix in db.exec(q.where(key.in_(ids[i:i + 500]))):
+                    if (str(row_id), unix) in claims[kind]:
+                        own.add((prefix + str(row_id), unix))
+        return own
 
     def _resubmit(self, db: Session, job: Job) -> int:
         from portal.services.jobs import submit_again

@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 from portal.models import Event, EventKind, Job, User
 from dataclasses import replace
 
-from portal.daemons.reconcile import Doomed, Observed, Reconciler, fold, plan
+from portal.daemons.reconcile import Doomed, Observed, Reconciler, external_candidates, fold, plan
 from portal.models.jobs import JobCreate
 from portal.services import jobs as jobsvc
 from slurm.backend import SlurmCli
@@ -183,14 +183,27 @@ def test_plan_resubmits_a_stored_job_slurm_never_got_after_the_grace_time(age_s,
     assert (p.resubmit == [UUID]) is resubmit and not p.adopt
 
 
-def test_plan_external_jobs_are_those_of_portal_users_without_a_portal_comment():
+def test_plan_external_jobs_are_those_of_portal_users_without_a_comment_the_portal_wrote_for_them():
+    """A comment counts as the portal's only where it names a job, replica or build the portal
+    stored for that account (``own``), or is one it cannot match (a stage-out, a conversion):
+    ``--comment=aiportal:x``, a printed script's uuid with no row, or another user's job id hide nothing."""
+    other = "11111111-2222-4333-8444-555555555555"
     queue = {"50": S("50", "RUNNING", user="alice", name="mine", comment=""), "51": S("51", "PENDING", user="carol", comment=""),
              "52_0": S("52_0", "RUNNING", user="bob", comment=""), "52_1": S("52_1", "PENDING", user="bob", comment=""),
              "53": S("53", "PENDING", user="aiportal-img", comment="aiportal:image:sha256:x"),
-             "54": S("54", "PENDING", user="alice", comment="aiportal:" + UUID), "10": S("10", "PENDING")}
-    from portal.daemons.reconcile import Records, external_candidates, externals
-    found, arrays = externals(external_candidates(queue, {"10"}, {"alice", "bob"}), Records({}), True)
-    assert [(s.job_id, s.user, s.name) for s in found] == [("50", "alice", "mine"), ("52", "bob", "")]
+             "54": S("54", "PENDING", user="alice", comment="aiportal:" + UUID), "10": S("10", "PENDING"),
+             "55": S("55", "PENDING", user="alice", name="hidden?", comment="aiportal:x"),
+             "56": S("56", "PENDING", user="bob", name="printed", comment="aiportal:" + other),
+             "57": S("57", "PENDING", user="alice", comment="aiportal:stage-out"),
+             "58": S("58", "PENDING", user="bob", name="claims", comment="aiportal:service:r1")}
+    from portal.daemons.reconcile import Records, claimed_comments, external_candidates, externals
+    assert claimed_comments(queue) == {"job": {(UUID, "alice"), (other, "bob")}, "service": {("r1", "bob")},
+                                       "build": set()}
+    own = {("aiportal:" + UUID, "alice")}     # alice's job: the portal wrote it; r1 is not bob's replica
+    found, arrays = externals(external_candidates(queue, {"10"}, {"alice", "bob"}, own), Records({}), True)
+    assert [(s.job_id, s.user, s.name) for s in found] == [
+        ("50", "alice", "mine"), ("52", "bob", ""), ("55", "alice", "hidden?"), ("56", "bob", "printed"),
+        ("58", "bob", "claims")]
     assert arrays == {"52"}
 
 
@@ -251,6 +264,35 @@ def _cycles(engine, settings, job_state, answers, events=()):
         requeues = [e.message for e in db.exec(select(Event).where(Event.job_id == job.id,
                                                                     Event.kind == EventKind.REQUEUED))]
     return job, requeues, calls
+
+
+def test_own_comments_are_the_rows_of_the_same_account(settings, engine, users):
+    """A job's uuid counts as the portal's only for the Unix account its row belongs to; a
+    service replica's and a build's likewise (through their service's and build's owner)."""
+    from portal.models import ImageBuild, Service, ServiceReplica
+    with Session(engine) as db:
+        alice = db.exec(select(User).where(User.name == "alice")).one()
+        db.add(Job(id=uid("7001"), user_id=alice.id, name="t", state=JobState.PENDING))
+        svc = Service(user_id=alice.id, name="svc", spec_json="{}", service_dir="/x")
+        db.add(svc)
+        db.flush()
+        db.add(ServiceReplica(id="r-alice", service_id=svc.id))
+        build = ImageBuild(user_id=alice.id, tag="localhost:5000/alice/x:1")
+        db.add(build)
+        db.commit()
+        build_id = build.id
+    queue = {"1": S("1", "PENDING", user="alice", comment="aiportal:" + uid("7001")),
+             "2": S("2", "PENDING", user="bob", comment="aiportal:" + uid("7001")),
+             "3": S("3", "PENDING", user="alice", comment="aiportal:service:r-alice"),
+             "4": S("4", "PENDING", user="bob", comment="aiportal:service:r-alice"),
+             "5": S("5", "PENDING", user="alice", comment="aiportal:build:%d" % build_id),
+             "6": S("6", "PENDING", user="alice", comment="aiportal:build:999999"),
+             "7": S("7", "PENDING", user="alice", comment="aiportal:" + uid("7002"))}
+    with Session(engine) as db:
+        own = Reconciler(engine, Recorded({}), settings)._own_comments(db, queue)
+    assert own == {("aiportal:" + uid("7001"), "alice"), ("aiportal:service:r-alice", "alice"),
+                   ("aiportal:build:%d" % build_id, "alice")}
+    assert sorted(external_candidates(queue, set(), {"alice", "bob"}, own)) == ["2", "4", "6", "7"]
 
 
 @pytest.mark.parametrize("answers", [
@@ -505,9 +547,17 @@ def test_plain_sbatch_jobs_of_portal_users_show_up_as_external(settings, engine,
                          timeout=30)
     jid = out.stdout.strip().split(";")[0]
     cleanup_jobs.append(jid)
+    # a comment that looks like the portal's hides nothing
+    disguised = subprocess.run(["runuser", "-u", JOB_USER, "--", "sbatch", "--parsable", "--job-name", "disguised",
+                                "--comment=aiportal:x", "--partition", "gpu-1card", "--output", "/dev/null",
+                                "--chdir", "/tmp", "--time", "5", "--hold", "--wrap", "sleep 60"],
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip().split(";")[0]
+    cleanup_jobs.append(disguised)
     rec = Reconciler(engine, real_backend, settings)
-    assert rec.cycle().external >= 1
+    assert rec.cycle().external >= 2
     with Session(engine) as db:
+        hidden = db.exec(select(Job).where(Job.slurm_job_id == disguised)).one()
+        assert hidden.external and hidden.name == "disguised" and hidden.user_id == users["alice"].id
         job = db.exec(select(Job).where(Job.slurm_job_id == jid)).one()
         assert job.external and job.name == "by-hand" and job.user_id == users["alice"].id
         assert job.state is JobState.PENDING
