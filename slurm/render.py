@@ -220,7 +220,7 @@ def render_sbatch(spec: JobSpec) -> str:
         "# bound; stages data in before and out after (also on failure and on SIGTERM).",
         "set -uo pipefail",
         "log() { printf '[aiportal %(%Y-%m-%dT%H:%M:%S)T] %s\\n' -1 \"$*\" >&2; }",
-        "export AIPORTAL_JOB_DIR=%s" % q(spec.job_dir),
+        "export AIPORTAL_JOB_DIR=%s" % q(spec.job_dir) + ('/run-"${SLURM_JOB_ID:-0}"' if spec.run_folders else ""),
     ]
     if spec.portal_id:
         lines.append("export AIPORTAL_JOB_ID=%s" % q(spec.portal_id))

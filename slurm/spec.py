@@ -155,6 +155,10 @@ class JobSpec:
     #: inputs bound (read-only, by ``container``) rather than staged: (host path, container
     #: path), for the script's log
     bound_inputs: tuple[tuple[str, str], ...] = ()
+    #: a script for plain sbatch (``aiportal script``): each submission of it runs in
+    #: ``job_dir/run-SLURM_JOB_ID`` (data, output, fence), so submitting it twice gives two
+    #: folders; ``job_dir`` itself holds only ``logs/`` (``slurm-ID.out`` per submission)
+    run_folders: bool = False
     output: str | None = None
     requeue: bool = True
     checkpoint_signal: str | None = "B:USR1@120"

@@ -88,12 +88,25 @@ def cmd_script(args) -> int:
         sub = Submission(user=getpass.getuser(),
                          credentials=os.path.abspath(args.credentials) if args.credentials else None)
         settings = _site_settings()
-        text = render_script(settings, job, sub)
+        text = render_script(settings, job, sub, run_folders=True)
     except (ValidationError, StorageError) as e:
         raise CliError(str(e)) from e
+    # Slurm opens the log before the script runs: its folder must exist (yours alone)
+    folder = job_dir_for(settings, sub.user, sub.job_id)
+    if os.geteuid() == 0:       # root's jobs are not the portal's: make nothing in the shared folders
+        sys.stdout.write(text)
+        print("# as root nothing was created: run `aiportal script` as the user who submits it, or create the log "
+              "folder before sbatch: mkdir -p %s" % shlex.quote(str(folder / "logs")), file=sys.stderr)
+        return 0
+    try:
+        (folder / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+    except OSError as e:
+        raise CliError("cannot create the job folder %s (%s); the script needs it before sbatch: create it with "
+                       "`mkdir -p %s`" % (folder, e.strerror or e, shlex.quote(str(folder / "logs")))) from e
     sys.stdout.write(text)
-    print("# before sbatch, create the job's log folder: mkdir -p %s"
-          % shlex.quote(str(job_dir_for(settings, sub.user, sub.job_id) / "logs")), file=sys.stderr)
+    print("# job folder %s: each sbatch of this script runs in its own run-SLURM_JOB_ID folder in it, its log in "
+          "logs/slurm-SLURM_JOB_ID.out; the portal lists it among your jobs" % folder, file=sys.stderr)
     return 0
 
 

@@ -161,12 +161,14 @@ def check(settings: Settings, job: JobCreate, sub: Submission, sources: Mapping[
     return Checked(job, sub, spec, needed, image_auth)
 
 
-def render_script(settings: Settings, job: JobCreate, sub: Submission) -> str:
+def render_script(settings: Settings, job: JobCreate, sub: Submission, run_folders: bool = False) -> str:
     """The batch script this submission renders to ("show script", ``aiportal script``); an
-    image that is not a SIF yet shows where its conversion will be."""
+    image that is not a SIF yet shows where its conversion will be. ``run_folders``: for plain
+    sbatch (``aiportal script``): each submission of the script runs in a folder of its own
+    inside the job folder (:attr:`slurm.spec.JobSpec.run_folders`)."""
     check_image(job.image)
     image = None if job.image.endswith(".sif") else "/converted-on-submit/%s.sif" % job.name
-    return render_sbatch(build_spec(settings, job, sub, image))
+    return render_sbatch(replace(build_spec(settings, job, sub, image), run_folders=run_folders))
 
 
 def prepare_job_dir(settings: Settings, user: str, job_id: str) -> Path:

@@ -90,7 +90,9 @@ def test_script_prints_the_batch_script_for_a_node_type(tmp_path):
     assert "#SBATCH --cpus-per-task=48" in res.stdout and "#SBATCH --mem=256000M" in res.stdout
     assert "export LR=0.1" in res.stdout
     assert "%s python3 train.py --x 'a b' &" % sif in res.stdout
-    assert "mkdir -p" in res.stderr and "/logs" in res.stderr
+    # as root (this test): nothing is created, and it says how to run it
+    assert "as root nothing was created" in res.stderr and "mkdir -p" in res.stderr and "/logs" in res.stderr
+    assert 'export AIPORTAL_JOB_DIR=/' in res.stdout and '/run-"${SLURM_JOB_ID:-0}"' in res.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,7 +1,9 @@
 """The reconciler: the pure plan as tables, then cycles against the real Slurm cluster
 (state changes, a crash between "stored" and "submitted", plain sbatch jobs)."""
 import datetime as dt
+import re
 import time
+from pathlib import Path
 
 import pytest
 from sqlmodel import Session, select
@@ -825,3 +827,51 @@ def test_a_cycle_cancels_in_slurm_a_run_that_ended_unheard(engine, users, settin
         row = db.get(Job, UUID)
     assert (row.state, row.exit_code) == (JobState.COMPLETED, 0)
     assert fake_backend.cancelled == [("4242", None)]
+
+
+def test_a_printed_script_runs_with_plain_sbatch_twice_in_two_folders_and_shows_up(
+        settings, engine, users, real_backend, cleanup_jobs, base_image, tmp_path):
+    """`aiportal script ... > job.sh && sbatch job.sh`, as the user, with no other step: the
+    job folder is there, each submission runs in a run-ID folder of its own, and the portal
+    lists both as the user's jobs with their logs."""
+    import os
+    import shutil
+    import subprocess
+    from tests.conftest import REPO
+    os.chmod(tmp_path, 0o777)
+    printed = subprocess.run(
+        ["runuser", "-u", JOB_USER, "--", str(REPO / ".venv" / "bin" / "aiportal"), "script", "--image",
+         str(base_image), "--node-type", "1card", "--time", "5", "--name", "printed", "--", "python3", "-c",
+         "import os; print('running in', os.environ['AIPORTAL_JOB_DIR'])"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    folder = Path(re.search(r"# job folder (\S+):", printed.stderr).group(1))
+    try:
+        assert (folder / "logs").is_dir() and folder.stat().st_mode & 0o777 == 0o700
+        (tmp_path / "job.sh").write_text(printed.stdout)
+        ids = []
+        for _ in range(2):
+            out = subprocess.run(["runuser", "-u", JOB_USER, "--", "sbatch", "--parsable", str(tmp_path / "job.sh")],
+                                 capture_output=True, text=True, timeout=30, cwd=tmp_path)
+            assert out.returncode == 0, out.stderr
+            ids.append(out.stdout.strip().split(";")[0])
+        cleanup_jobs.extend(ids)
+        rec = Reconciler(engine, real_backend, settings)
+        rows = {}
+        deadline = time.monotonic() + 120
+        while len(rows) < 2 or not all(j.state.terminal for j in rows.values()):
+            assert time.monotonic() < deadline, {k: (j.state, j.reason) for k, j in rows.items()}
+            rec.cycle()
+            with Session(engine) as db:
+                rows = {j.slurm_job_id: j for j in db.exec(select(Job).where(Job.slurm_job_id.in_(ids)))}
+            time.sleep(0.5)
+        for jid in ids:
+            job = rows[jid]
+            assert job.external and job.user_id == users["alice"].id and job.name == "printed"
+            assert job.state is JobState.COMPLETED and job.exit_code == 0, (job.state, job.exit_code, job.reason)
+            assert job.request["stdout"] == "%s/logs/slurm-%%j.out" % folder
+            log = (folder / "logs" / ("slurm-%s.out" % jid)).read_text()
+            assert "running in %s/run-%s" % (folder, jid) in log and "command exited with 0" in log, log
+            assert (folder / ("run-%s" % jid) / "output").is_dir()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
