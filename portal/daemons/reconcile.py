@@ -374,7 +374,8 @@ def externals(candidates: Mapping[str, list[JobStatus]], accounting: Records, ac
         submitted = min((t.submitted for t in tasks if t.submitted), default=None)
         found.append(JobStatus(base, obs.state, obs.reason, obs.nodes, obs.exit_code, obs.signal, st.user,
                                st.comment, st.name, obs.restarts, st.stdout, submitted=submitted,
-                               started=obs.started, ended=obs.ended))
+                               started=obs.started, ended=obs.ended, partition=st.partition,
+                               gpus=st.gpus))      # an array's: each task's
         if any(t.job_id != base for t in tasks):
             arrays.add(base)
     return found, arrays

@@ -207,6 +207,10 @@ def test_plan_external_jobs_are_those_of_portal_users_without_a_comment_the_port
         ("50", "alice", "mine"), ("52", "bob", ""), ("55", "alice", "hidden?"), ("56", "bob", "printed"),
         ("58", "bob", "claims")]
     assert arrays == {"52"}
+    # what squeue said of its partition and GPUs is kept
+    queue["50"] = replace(queue["50"], partition="gpu-4card", gpus=4)
+    found, _ = externals(external_candidates(queue, {"10"}, {"alice", "bob"}, own), Records({}), True)
+    assert (found[0].partition, found[0].gpus) == ("gpu-4card", 4)
 
 
 # -- cycles on recorded Slurm output --------------------------------------------------------------
@@ -829,6 +833,8 @@ def test_a_cycle_cancels_in_slurm_a_run_that_ended_unheard(engine, users, settin
     assert fake_backend.cancelled == [("4242", None)]
 
 
+@pytest.mark.slurm
+@pytest.mark.apptainer
 def test_a_printed_script_runs_with_plain_sbatch_twice_in_two_folders_and_shows_up(
         settings, engine, users, real_backend, cleanup_jobs, base_image, tmp_path):
     """`aiportal script ... > job.sh && sbatch job.sh`, as the user, with no other step: the
@@ -843,16 +849,18 @@ def test_a_printed_script_runs_with_plain_sbatch_twice_in_two_folders_and_shows_
         ["runuser", "-u", JOB_USER, "--", str(REPO / ".venv" / "bin" / "aiportal"), "script", "--image",
          str(base_image), "--node-type", "1card", "--time", "5", "--name", "printed", "--", "python3", "-c",
          "import os; print('running in', os.environ['AIPORTAL_JOB_DIR'])"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        capture_output=True, text=True, timeout=60, cwd="/tmp")
     assert printed.returncode == 0, printed.stderr
     folder = Path(re.search(r"# job folder (\S+):", printed.stderr).group(1))
     try:
         assert (folder / "logs").is_dir() and folder.stat().st_mode & 0o777 == 0o700
-        (tmp_path / "job.sh").write_text(printed.stdout)
+        script = folder / "job.sh"         # where alice reads it (the test's folder is root's)
+        script.write_text(printed.stdout)
+        shutil.chown(script, JOB_USER, JOB_USER)
         ids = []
         for _ in range(2):
-            out = subprocess.run(["runuser", "-u", JOB_USER, "--", "sbatch", "--parsable", str(tmp_path / "job.sh")],
-                                 capture_output=True, text=True, timeout=30, cwd=tmp_path)
+            out = subprocess.run(["runuser", "-u", JOB_USER, "--", "sbatch", "--parsable", str(script)],
+                                 capture_output=True, text=True, timeout=30, cwd="/tmp")
             assert out.returncode == 0, out.stderr
             ids.append(out.stdout.strip().split(";")[0])
         cleanup_jobs.extend(ids)
