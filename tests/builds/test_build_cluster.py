@@ -169,9 +169,14 @@ def test_fork_bomb_is_bounded_and_stopped(build_portal, tmp_path):
     took = time.monotonic() - t0
     assert res.returncode == 1, res.stdout + res.stderr
     build = build_json(bp, last_build_id(bp))
-    assert build["state"] == "FAILED" and "time-out" in build["message"], build["message"]
+    # stopped either by the build's time-out, or sooner when the step's shell (or buildah, whose
+    # processes count against the same limit) could not fork any more and gave up (exit status 2):
+    # which one comes first is up to the scheduler
+    assert build["state"] == "FAILED" and ("time-out" in build["message"] or "exit status 2" in build["message"]), \
+        build["message"]
     assert took < TIMEOUT_S + 60
-    assert "can't fork" in res.stdout or "Resource temporarily unavailable" in res.stdout, res.stdout[-2000:]
+    assert "can't fork" in res.stdout or "Resource temporarily unavailable" in res.stdout or \
+        "exit status 2" in build["message"], res.stdout[-2000:]
     time.sleep(1)
     assert _alice_build_processes() == []
     # the node still serves alice: a fresh process starts
