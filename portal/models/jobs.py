@@ -87,8 +87,8 @@ class JobBase(SQLModel):
     output: str | None = Field(default=None, description="where /data/output is kept when the job ends")
     stage: str = Field(default="bind", description="how inputs on the shared filesystem reach the job: bind (read-only "
                        "at /data/data/NAME, nothing copied; the default) or copy (into /data/data, like s3:// inputs: "
-                       "for data on slow storage, or a program that writes where it reads)",
-                       json_schema_extra={"enum": ["bind", "copy"]})
+                       "for data on slow storage, or a program that writes where it reads); empty or null: bind",
+                       json_schema_extra={"type": ["string", "null"], "enum": ["bind", "copy", "", None]})
     env: Annotated[dict[str, str], WithJsonSchema(
         {"oneOf": [{"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
                    _STR, {"type": "array", "items": _STR}, _NULL],
