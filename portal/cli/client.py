@@ -60,8 +60,8 @@ class ApiError(CliError):
 def site_defaults(environ=None) -> tuple[str, str]:
     """The portal's URL and the CA file for its certificate: --url/--ca are given on the command
     line, else $AIPORTAL_URL/$AIPORTAL_CA, else the site's public settings (site.toml:
-    portal_url, portal_ca_file; provisioning writes them), else http://127.0.0.1:8000 and the
-    system's CAs."""
+    portal_url, and portal_ca_file where the site names one), else http://127.0.0.1:8000 and
+    the system's CAs."""
     environ = os.environ if environ is None else environ
     site = Path(environ.get("AIPORTAL_SITE_CONFIG") or DEFAULT_SITE)
     try:
@@ -87,12 +87,33 @@ def _tls_context(ca_file: str) -> ssl.SSLContext:
                        "(a PEM bundle) or set AIPORTAL_CA" % (ca_file, getattr(e, "strerror", None) or e)) from e
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: the token would go along to wherever ``Location`` points (the
+    answer is an HTTPError that :func:`_error_from` turns into "pass --url ...")."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
 def urlopen(args, req: urllib.request.Request, timeout: float):
     """``urllib.request.urlopen`` for the portal: HTTPS checked against ``args.ca`` (or the
-    system's CAs). A certificate the CAs do not vouch for is a CliError that says what to pass."""
-    context = _tls_context(getattr(args, "ca", "") or "") if req.full_url.lower().startswith("https:") else None
+    system's CAs), no redirect followed, and plain HTTP only to this host (the token would cross
+    the network in clear; ``AIPORTAL_INSECURE_HTTP=1`` allows it). A certificate the CAs do not
+    vouch for is a CliError that says what to pass."""
+    url = urllib.parse.urlsplit(req.full_url)
+    if url.scheme == "http" and (url.hostname or "") not in _LOOPBACK and not (url.hostname or "").startswith("127.") \
+            and os.environ.get("AIPORTAL_INSECURE_HTTP") != "1":
+        raise CliError("refusing to send the API token over plain HTTP to %s: use the portal's https:// address "
+                       "(portal_url in /etc/aiportal/site.toml), or set AIPORTAL_INSECURE_HTTP=1 on a network you "
+                       "trust" % url.netloc)
+    handlers: list = [_NoRedirect]
+    if url.scheme == "https":
+        handlers.append(urllib.request.HTTPSHandler(context=_tls_context(getattr(args, "ca", "") or "")))
     try:
-        return urllib.request.urlopen(req, timeout=timeout, context=context)
+        return urllib.request.build_opener(*handlers).open(req, timeout=timeout)
     except urllib.error.URLError as e:
         if isinstance(e.reason, ssl.SSLCertVerificationError):
             raise CliError("the portal at %s has a certificate that %s does not vouch for (%s); pass the site's CA "
@@ -154,8 +175,8 @@ def _error_from(url: str, e: urllib.error.HTTPError, token_source: str) -> ApiEr
             text = "" if e.code != 404 else ("not the aiportal API: is --url the portal, and does it run this "
                                              "version of aiportal?")
         message = "%s answered %d %s%s" % (url, e.code, e.reason, (": " + text[:300]) if text else "")
-    if e.code in (301, 302, 307, 308) and e.headers and e.headers.get("Location"):
-        # the plain-HTTP port of a portal served over HTTPS (urllib follows GETs, not a body)
+    if e.code in (301, 302, 303, 307, 308) and e.headers and e.headers.get("Location"):
+        # the plain-HTTP port of a portal served over HTTPS (redirects are not followed: urlopen)
         moved = e.headers["Location"].split("/api/")[0]
         message = ("the portal at %s sends its clients to %s: pass --url %s (or set AIPORTAL_URL; without "
                    "either, portal_url in site.toml is used)" % (url.split("/api/")[0], moved, moved))

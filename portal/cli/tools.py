@@ -2,10 +2,10 @@
 staging data in and out of jobs."""
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import os
+import pwd
 import shlex
 import sys
 from pathlib import Path
@@ -85,7 +85,7 @@ def cmd_script(args) -> int:
             raise CliError("%s needs your data-source keys: write them to a file only you can read "
                            "(format: docs/storage.md) and pass --credentials FILE"
                            % next(u for u in job.inputs + [job.output or ""] if u and storage.needs_credentials(u)))
-        sub = Submission(user=getpass.getuser(),
+        sub = Submission(user=pwd.getpwuid(os.geteuid()).pw_name,     # the account that runs sbatch, not $USER
                          credentials=os.path.abspath(args.credentials) if args.credentials else None)
         settings = _site_settings()
         text = render_script(settings, job, sub, run_folders=True)

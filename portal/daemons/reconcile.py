@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -236,9 +237,13 @@ def final(obs: Observed) -> bool:
     return obs.state.terminal and not (obs.started is not None and obs.ended is None)
 
 
-#: comments of the portal's own Slurm jobs that it cannot match to a row: a stage-out being
-#: finished, an image conversion (the builder account's, never a user's)
-_UNMATCHED_OWN = (COMMENT_PREFIX + "stage-out", COMMENT_PREFIX + "image:")
+#: the comment of the portal's own Slurm jobs that it cannot match to a row: a stage-out being
+#: finished (image conversions run as the builder account, never a portal user's)
+_STAGE_OUT = COMMENT_PREFIX + "stage-out"
+#: comments of rows the portal removes once their job is over (a deleted service's replicas, a
+#: build): a finished record with one of them is not adopted (Slurm shows it for MinJobAge)
+_REMOVED_ROWS = (COMMENT_PREFIX + "service:", COMMENT_PREFIX + "build:")
+_BUILD_ID = re.compile(r"[0-9]{1,18}")
 
 
 def claimed_comments(queue: Mapping[str, JobStatus]) -> dict[str, set[tuple[str, str]]]:
@@ -263,15 +268,20 @@ def external_candidates(queue: Mapping[str, JobStatus], known_slurm_ids: set[str
     know yet: Slurm id -> its records (an array's tasks). A job is the portal's own when its
     comment is one the portal wrote for that user (``own_comments``: (comment, Unix account),
     checked against the jobs, replicas and builds it stored) or one it cannot match to a row
-    (:data:`_UNMATCHED_OWN`); any other comment, ``aiportal:`` or not, hides nothing: a printed
-    script submitted with plain sbatch, or ``--comment=aiportal:x``, shows up as external."""
+    (a stage-out being finished); any other comment, ``aiportal:`` or not, hides nothing while
+    the job waits or runs: a printed script submitted with plain sbatch, or
+    ``--comment=aiportal:x``, shows up as external. A finished record that claims a replica or a
+    build is not adopted: their rows go when a service is deleted, while Slurm still shows
+    their jobs for a while."""
     out: dict[str, list[JobStatus]] = {}
     for jid, st in sorted(queue.items()):
         base = jid.split("_")[0]
         if base in known_slurm_ids or st.user not in unix_users:
             continue
-        if (st.comment, st.user) in own_comments or st.comment.startswith(_UNMATCHED_OWN):
+        if (st.comment, st.user) in own_comments or st.comment == _STAGE_OUT:
             continue
+        if st.state.terminal and st.comment.startswith(_REMOVED_ROWS):
+            continue    # a replica or build whose row went (one seen while it ran was adopted then)
         out.setdefault(base, []).append(st)
     return out
 
@@ -791,8 +801,8 @@ class Reconciler:
             if not ids:
                 continue
             key = table.id
-            if kind == "build":
-                ids = [int(i) for i in ids if i.isdigit()]
+            if kind == "build":     # users write comments: only ids a build can have
+                ids = [int(i) for i in ids if _BUILD_ID.fullmatch(i)]
                 if not ids:
                     continue
             q = select(key, User.unix_user).join(User, User.id == owner)

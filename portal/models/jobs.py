@@ -265,8 +265,12 @@ class JobCreate(JobBase):
         if job.external:
             raise ValidationError("job", "job %s was submitted with plain sbatch: the portal has no request to "
                                          "reuse; copy its batch script instead" % job.id)
+        stored = json.loads(job.request_json or "{}")
+        # a request stored before `stage` existed had its shared inputs copied: it runs as it did
+        if isinstance(stored, dict) and "stage" not in stored:
+            stored["stage"] = "copy"
         try:
-            return cls.model_validate(json.loads(job.request_json or "{}"))
+            return cls.model_validate(stored)
         except pydantic.ValidationError as e:
             raise as_validation_error(cls, e) from None
 

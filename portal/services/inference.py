@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Mapping
@@ -172,7 +173,7 @@ def replica_log(db: Session, user: User, name: str, replica: str) -> tuple[Servi
     svc = get_service(db, user, name)
     live = replicas_of(db, svc)
     every = live + [r for r in replicas_of(db, svc, include_ended=True) if r.phase is Phase.ENDED]
-    if replica.isdigit():
+    if re.fullmatch(r"[0-9]{1,9}", replica):
         rep = every[int(replica)] if int(replica) < len(every) else None
     else:       # its id, or the start of it that `aiportal service show` prints (unique, 4 characters or more)
         found = [r for r in every if r.id == replica or (len(replica) >= 4 and r.id.startswith(replica))]

@@ -56,3 +56,15 @@ def test_an_unknown_stage_names_the_field():
     with pytest.raises(ValidationError) as err:
         parse(JobCreate, {"image": "/i.sif", "node_type": "1card", "command": "true", "stage": "link"})
     assert "stage" in err.value.errors and "bind" in err.value.errors["stage"]
+
+
+def test_a_job_stored_before_stage_existed_is_resubmitted_as_it_ran():
+    """Its shared inputs were copied into /data/data: resubmitting it copies them again."""
+    import json
+    from portal.models import Job
+    old = Job(id="j", user_id=1, name="old", request_json=json.dumps(
+        {"image": "/i.sif", "node_type": "1card", "command": ["true"], "inputs": ["/shared/d"]}))
+    assert JobCreate.of_job(old).stage == "copy"
+    new = Job(id="k", user_id=1, name="new", request_json=json.dumps(
+        {"image": "/i.sif", "node_type": "1card", "command": ["true"], "inputs": ["/shared/d"], "stage": "bind"}))
+    assert JobCreate.of_job(new).stage == "bind"

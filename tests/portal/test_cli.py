@@ -59,12 +59,15 @@ def test_the_cli_finds_the_portal_in_site_toml_and_checks_its_certificate(tmp_pa
     missing = cli("--ca", str(tmp_path / "none.pem"), "--token-file", token, "cluster")
     assert missing.returncode == 2 and "cannot use %s as the CA file" % (tmp_path / "none.pem") in missing.stderr
 
-    # the plain port only redirects: a GET is followed, a POST is told where the portal is
-    get = cli("--url", "http://127.0.0.1:8000", "--token-file", token, "cluster")
-    assert get.returncode == 0, get.stderr
-    post = cli("--url", "http://127.0.0.1:8000", "--token-file", token, "token", "create", "--name", "never-made")
-    assert post.returncode == 2
-    assert "sends its clients to https://127.0.0.1:8443: pass --url https://127.0.0.1:8443" in post.stderr, post.stderr
+    # the plain port only redirects: the CLI follows no redirect (the token would go along) and
+    # says where the portal is, for a GET and a POST alike
+    for argv in (["cluster"], ["token", "create", "--name", "never-made"]):
+        res = cli("--url", "http://127.0.0.1:8000", "--token-file", token, *argv)
+        assert res.returncode == 2
+        assert "sends its clients to https://127.0.0.1:8443: pass --url https://127.0.0.1:8443" in res.stderr, res.stderr
+    # and sends no token over plain HTTP to another host
+    far = cli("--url", "http://portal.example:8000", "--token-file", token, "cluster")
+    assert far.returncode == 2 and "refusing to send the API token over plain HTTP to portal.example:8000" in far.stderr
 
 
 def test_missing_token_file_says_what_to_do(tmp_path):

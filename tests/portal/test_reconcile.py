@@ -197,15 +197,19 @@ def test_plan_external_jobs_are_those_of_portal_users_without_a_comment_the_port
              "55": S("55", "PENDING", user="alice", name="hidden?", comment="aiportal:x"),
              "56": S("56", "PENDING", user="bob", name="printed", comment="aiportal:" + other),
              "57": S("57", "PENDING", user="alice", comment="aiportal:stage-out"),
-             "58": S("58", "PENDING", user="bob", name="claims", comment="aiportal:service:r1")}
+             "58": S("58", "PENDING", user="bob", name="claims", comment="aiportal:service:r1"),
+             "59": S("59", "PENDING", user="alice", name="img", comment="aiportal:image:x"),
+             "60": S("60", "PENDING", user="alice", name="so", comment="aiportal:stage-outX"),
+             # a deleted service's replica, finished: Slurm shows it a while, it is not adopted
+             "61": S("61", "CANCELLED", user="bob", comment="aiportal:service:gone")}
     from portal.daemons.reconcile import Records, claimed_comments, external_candidates, externals
-    assert claimed_comments(queue) == {"job": {(UUID, "alice"), (other, "bob")}, "service": {("r1", "bob")},
-                                       "build": set()}
+    assert claimed_comments(queue) == {"job": {(UUID, "alice"), (other, "bob")},
+                                       "service": {("r1", "bob"), ("gone", "bob")}, "build": set()}
     own = {("aiportal:" + UUID, "alice")}     # alice's job: the portal wrote it; r1 is not bob's replica
     found, arrays = externals(external_candidates(queue, {"10"}, {"alice", "bob"}, own), Records({}), True)
     assert [(s.job_id, s.user, s.name) for s in found] == [
         ("50", "alice", "mine"), ("52", "bob", ""), ("55", "alice", "hidden?"), ("56", "bob", "printed"),
-        ("58", "bob", "claims")]
+        ("58", "bob", "claims"), ("59", "alice", "img"), ("60", "alice", "so")]
     assert arrays == {"52"}
     # what squeue said of its partition and GPUs is kept
     queue["50"] = replace(queue["50"], partition="gpu-4card", gpus=4)
@@ -293,12 +297,15 @@ def test_own_comments_are_the_rows_of_the_same_account(settings, engine, users):
              "4": S("4", "PENDING", user="bob", comment="aiportal:service:r-alice"),
              "5": S("5", "PENDING", user="alice", comment="aiportal:build:%d" % build_id),
              "6": S("6", "PENDING", user="alice", comment="aiportal:build:999999"),
+             # what a user may write there: never a crash of the cycle
+             "8": S("8", "PENDING", user="alice", comment="aiportal:build:\u00b2"),
+             "9": S("9", "PENDING", user="alice", comment="aiportal:build:" + "9" * 30),
              "7": S("7", "PENDING", user="alice", comment="aiportal:" + uid("7002"))}
     with Session(engine) as db:
         own = Reconciler(engine, Recorded({}), settings)._own_comments(db, queue)
     assert own == {("aiportal:" + uid("7001"), "alice"), ("aiportal:service:r-alice", "alice"),
                    ("aiportal:build:%d" % build_id, "alice")}
-    assert sorted(external_candidates(queue, set(), {"alice", "bob"}, own)) == ["2", "4", "6", "7"]
+    assert sorted(external_candidates(queue, set(), {"alice", "bob"}, own)) == ["2", "4", "6", "7", "8", "9"]
 
 
 @pytest.mark.parametrize("answers", [
