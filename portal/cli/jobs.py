@@ -91,6 +91,7 @@ def cmd_submit(args) -> int:
         image = os.path.abspath(image)      # the portal resolves paths on its host, not in our cwd
     body = {"image": image, "node_type": args.node_type, "command": _command_of(args, "submit"),
             "name": args.name, "inputs": list(args.input), "stage": args.stage, "output": args.output,
+            "gpu_type": args.gpu_type,
             "time_limit": args.time,
             "env": dict(_parse_env(args.env)), "gpus": args.gpus, "sweep": _job_sweep(args.sweep),
             "project": args.project}
@@ -212,6 +213,8 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="append", default=[],
                    help="data for /data/data (repeatable): s3://... is copied in; a shared path is bound read-only "
                         "at /data/data/NAME (see --stage)")
+    p.add_argument("--gpu-type", metavar="MODEL", help="the GPU model, one of the node type's (default: any GPU of "
+                   "its partition)")
     p.add_argument("--stage", choices=("bind", "copy"), default="bind",
                    help="shared-filesystem inputs: bind them read-only at /data/data/NAME, nothing copied "
                         "(default), or copy them into /data/data")

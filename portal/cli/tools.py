@@ -78,6 +78,7 @@ def cmd_script(args) -> int:
     try:
         job = parse(JobCreate, {"image": image, "node_type": args.node_type, "command": list(command),
                                 "name": args.name, "inputs": list(args.input), "stage": args.stage,
+                                "gpu_type": args.gpu_type,
                                 "output": args.output,
                                 "time_limit": args.time, "env": dict(_parse_env(args.env))})
         if any(storage.needs_credentials(u) for u in job.inputs + [job.output or ""] if u) \

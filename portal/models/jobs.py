@@ -11,6 +11,7 @@ spec is built (:mod:`portal.services.submit`).
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from typing import Annotated, Any, ClassVar, Mapping
 
@@ -97,6 +98,8 @@ class JobBase(SQLModel):
     time_limit: str = Field(default="01:00:00", description="minutes, HH:MM:SS or D-HH:MM:SS", examples=["01:00:00"],
                             json_schema_extra=_OR_NULL)
     gpus: int | None = Field(default=None, description="GPUs (default: all of the node type's)")
+    gpu_type: str | None = Field(default=None, description="the GPU model to run on, one of the node type's (GET "
+                                 "/cluster); default: any GPU of its partition", json_schema_extra=_OR_NULL)
     sweep: Annotated[dict[str, list[str]], WithJsonSchema(
         {"oneOf": [{"type": "object", "additionalProperties": {"oneOf": [
                        {"type": "array", "items": _SWEEP_VALUE}, _SWEEP_VALUE]}},
@@ -164,6 +167,14 @@ class JobBase(SQLModel):
             return _lines(v)
         except TypeError:
             raise ValueError(wrong) from None
+
+    @field_validator("gpu_type", mode="before")
+    @classmethod
+    def _gpu_type(cls, v: Any) -> str | None:
+        value = _text(v, None)
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", value):
+            raise ValueError("a GPU model name: letters, digits, '.', '_' or '-' (e.g. p40)")
+        return value
 
     @field_validator("stage", mode="before")
     @classmethod

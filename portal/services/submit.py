@@ -136,6 +136,12 @@ def build_spec(settings: Settings, job: JobCreate, sub: Submission, image: str |
     try:
         node_type = resolve_node_type(job.node_type, settings.node_types)
         gpus = job.gpus if job.gpus is not None else node_type.gpus
+        if job.gpu_type is not None:
+            models = [m.strip() for m in node_type.gpu_type.split(",") if m.strip()]
+            if job.gpu_type not in models:
+                raise ValidationError("gpu_type", "node type %s has %s GPUs; choose one of them, or leave it out to "
+                                                  "take any" % (node_type.name, " or ".join(models) or "no"))
+            kw["gpu_type"] = job.gpu_type
         return JobSpec.for_node_type(
             node_type, name=job.name, image=image, command=tuple(job.command),
             job_dir=str(job_dir_for(settings, sub.user, sub.job_id)), inputs=tuple(staged), output=job.output,
