@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import stat
 import subprocess
@@ -51,8 +52,10 @@ _COPY_BLOCK = 1 << 20
 
 
 def build_dir_for(settings: Settings, user: str, build_id: int) -> Path:
-    """A build's folder: beside the user's jobs (``.../users/U/jobs/build-N``)."""
-    return job_dir_for(settings, user, "build-%d" % build_id)
+    """A build's folder: beside the user's jobs (``.../users/U/jobs/build-N-RANDOM``). The random
+    part keeps it apart from another portal's build N on the same shared filesystem (a test's, or
+    one before a database was restored), whose folder would otherwise be in the way."""
+    return job_dir_for(settings, user, "build-%d-%s" % (build_id, secrets.token_hex(4)))
 
 
 # -- starting a build ---------------------------------------------------------------------------

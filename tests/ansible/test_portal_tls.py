@@ -35,6 +35,9 @@ def _play(tmp_path, cert: str, key: str):
           tasks:
             - ansible.builtin.import_tasks: %s
             - ansible.builtin.debug: {msg: "changed={{ _portal_cert_changed }}"}
+          handlers:
+            - name: restart nginx
+              ansible.builtin.debug: {msg: "nginx restarted for the new certificate"}
         """ % (cert, key, tmp_path / "tls", ANSIBLE / "roles" / "portal" / "tasks" / "tls.yml")))
     return ansible_playbook("-i", "localhost,", str(play), timeout=300)
 
@@ -44,12 +47,14 @@ def test_a_sites_own_certificate_is_installed_root_only_and_reported_changed(tmp
     first = _play(tmp_path, str(crt), str(key))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
     assert "changed=True" in first.stdout
+    assert "nginx restarted for the new certificate" in first.stdout      # the role's handler is told
     dest = tmp_path / "tls"
     assert (dest / "portal.crt").read_bytes() == crt.read_bytes() and (dest / "portal.key").read_bytes() == key.read_bytes()
     assert os.stat(dest).st_mode & 0o777 == 0o700
     assert os.stat(dest / "portal.key").st_mode & 0o777 == 0o600 and os.stat(dest / "portal.key").st_uid == 0
     again = _play(tmp_path, str(crt), str(key))
     assert again.returncode == 0 and "changed=False" in again.stdout, again.stdout[-3000:]
+    assert "nginx restarted" not in again.stdout
 
 
 def test_a_certificate_without_its_key_stops_the_run_naming_both(tmp_path):

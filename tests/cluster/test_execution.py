@@ -121,7 +121,8 @@ PROBE = ("import os, sys; d = os.listdir('/data/data'); "
 
 
 def test_4card_job_runs_in_the_image_with_4_gpus_and_stages_out(settings, backend, submitted, base_image, user_dirs):
-    req = request(base_image, user_dirs, command=("python3", "-c", PROBE))
+    # stage copy: the shared input's contents copied into /data/data (the default binds it: below)
+    req = request(base_image, user_dirs, command=("python3", "-c", PROBE), stage="copy")
     job_id, spec, _ = submit_training(settings, backend, req)
     submitted.append(job_id)
     st = wait(backend, job_id)
@@ -140,7 +141,8 @@ def test_1card_job_gets_one_gpu(settings, backend, submitted, base_image, user_d
     job_id, _, _ = submit_training(settings, backend, req)
     submitted.append(job_id)
     assert wait(backend, job_id).state is JobState.COMPLETED
-    assert (user_dirs / "out" / "result.txt").read_text().startswith("gpus=0 inputs=")
+    # the default: the shared input bound read-only at /data/data/NAME, nothing copied
+    assert (user_dirs / "out" / "result.txt").read_text().startswith("gpus=0 inputs=['in'] ")
 
 
 def test_failing_command_still_stages_out_and_keeps_its_exit_code(settings, backend, submitted, base_image, user_dirs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pwd
+import re
 import tarfile
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def test_build_is_submitted_as_the_user(client, tokens, fake_backend, with_accou
     assert "image build-run --dir " in script and "#SBATCH --partition=gpu-1card" in script
     with Session(engine) as db:
         folder = Path(db.get(ImageBuild, b["id"]).build_dir)
-    assert folder.name == "build-%d" % b["id"] and folder.parent.name == "jobs"
+    assert re.fullmatch(r"build-%d-[0-9a-f]{8}" % b["id"], folder.name) and folder.parent.name == "jobs"
     st = folder.stat()
     assert (st.st_uid, oct(st.st_mode & 0o777)) == (pwd.getpwnam("alice").pw_uid, "0o700")
     assert (folder / "context/code/main.py").read_text() == "print(1)\n"
