@@ -96,6 +96,14 @@ class Memory:
 
     #: job id -> (node, may be requeued, user)
     last_node: dict[str, tuple[str, bool, str]] = field(default_factory=dict)
+    #: job id -> cycles in a row a requeueable job was missing from squeue's answer
+    missing: dict[str, int] = field(default_factory=dict)
+
+
+#: cycles a requeueable job may be missing from squeue's answer before its node is forgotten: while
+#: Slurm requeues it, it passes through a state squeue's default list leaves out, and a requeue
+#: noted then would not say which node it left
+FORGET_AFTER = 20
 
 
 @dataclass
@@ -163,10 +171,15 @@ def plan(nodes: Iterable[Node], jobs: Mapping[str, QueuedJob], memory: Memory, n
     # no-requeue jobs that vanished with a node that went down: Slurm ended them NODE_FAIL
     for jid, (node, requeue, user) in list(memory.last_node.items()):
         if jid in jobs:
+            memory.missing.pop(jid, None)
+            continue
+        if requeue:
+            memory.missing[jid] = memory.missing.get(jid, 0) + 1
+            if memory.missing[jid] >= FORGET_AFTER:
+                del memory.last_node[jid]
+                del memory.missing[jid]
             continue
         del memory.last_node[jid]
-        if requeue:
-            continue
         cond = out.conditions.get(node, (NodeCondition.UP, ""))
         if cond[0] is NodeCondition.DOWN:
             out.notes.append(JobNote(jid, user, "", "node_failed", "nodefail:%s" % jid,

@@ -1,7 +1,7 @@
 """The recovery plan from one look at Slurm (pure)."""
 import datetime as dt
 
-from monitor.recovery import Memory, NodeCondition, condition_of, plan
+from monitor.recovery import FORGET_AFTER, Memory, NodeCondition, condition_of, plan
 from slurm.cluster import Node, NodeState as S
 from slurm.jobs import QueuedJob
 from slurm.states import JobState as J
@@ -75,7 +75,22 @@ def test_a_no_requeue_job_that_vanished_with_its_node_is_a_note():
     plan([node("g1n1", S.MIXED)], {"40": job("40", requeue=False), "41": job("41")}, mem, NOW)
     p = plan([node("g1n1", S.DOWN, "Not responding", False)], {}, mem, NOW)
     assert [(n.job_id, n.kind, n.key, n.user) for n in p.notes] == [("40", "node_failed", "nodefail:40", "alice")]
-    assert mem.last_node == {}
+    # the no-requeue job is forgotten at once; the requeueable one only after FORGET_AFTER cycles
+    # away (while Slurm requeues it, squeue's default states may leave it out of an answer)
+    assert mem.last_node == {"41": ("g1n1", True, "alice")}
+    for _ in range(FORGET_AFTER - 1):
+        plan([node("g1n1")], {}, mem, NOW)
+    assert mem.last_node == {} and mem.missing == {}
+
+
+def test_a_requeue_noted_after_the_job_was_missing_from_one_answer_still_names_its_node():
+    mem = Memory()
+    plan([node("g4n1", S.MIXED)], {"60": job("60", nodes="g4n1")}, mem, NOW)
+    plan([node("g4n1", S.DOWN, "Not responding", False)], {}, mem, NOW)      # REQUEUED: not listed
+    back = job("60", state=J.PENDING, restarts=1, nodes="")
+    p = plan([node("g4n1", S.DOWN, "Not responding", False)], {"60": back}, mem, NOW)
+    [note] = [n for n in p.notes if n.kind == "requeued"]
+    assert note.node == "g4n1" and "g4n1" in note.message, note
 
 
 def test_a_job_that_finished_normally_is_no_note():
