@@ -2,6 +2,7 @@
 stream (Server-Sent Events) and small output helpers."""
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import email.utils
 import http.client
@@ -416,6 +417,31 @@ def follow_log(args, job_id: str, offset: int = 0, task: str | None = None, out=
     path = "/jobs/%s/log?%s" % (urllib.parse.quote(job_id, safe=""), urllib.parse.urlencode(query))
     return follow_stream(args, path, "job %s" % job_id, "aiportal logs -f %s --offset {at}" % job_id, offset, out,
                          give_up_s, backoff_max_s)
+
+
+def print_log(args, path: str, query: dict[str, str], what: str, offset: int = 0, out=None) -> int:
+    """Write what a log (a job's, a replica's: ``path`` + ``?offset=N&query``) has so far to
+    ``out``, reading on from each answer's ``X-Log-Offset`` until an empty one (UTF-8 decoded
+    across reads); returns the offset reached."""
+    out = out or sys.stdout
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while True:
+        resp = _api(args, "GET", "%s?%s" % (path, urllib.parse.urlencode({"offset": str(offset), **query})),
+                    stream=True, headers={"Accept": "text/plain"})
+        try:
+            with resp:
+                data = resp.read()
+                nxt = resp.headers.get("X-Log-Offset")
+        except (TimeoutError, OSError, http.client.HTTPException) as e:
+            raise PortalUnreachable("the portal at %s dropped the log of %s at byte %d (%s)"
+                                    % (args.url, what, offset, e)) from e
+        out.write(decoder.decode(data))
+        if not data:
+            break
+        offset = int(nxt) if nxt and nxt.isdigit() else offset + len(data)
+    out.write(decoder.decode(b"", final=True))
+    out.flush()
+    return offset
 
 
 def follow_stream(args, path: str, what: str, resume: str, offset: int = 0, out=None,

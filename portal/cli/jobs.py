@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
-import http.client
 import os
 import shlex
 import sys
@@ -11,8 +9,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from portal.cli.client import (CliError, PortalUnreachable, _api, _command_of, _parse_env, _print_json, _when, create,
-                               follow_log)
+from portal.cli.client import (CliError, _api, _command_of, _parse_env, _print_json, _when, create, follow_log,
+                               print_log)
 
 
 
@@ -171,27 +169,8 @@ def cmd_logs(args) -> int:
     if args.follow:
         _follow_to_end(args, job_id, args.offset, args.task)
         return 0
-    offset = args.offset
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while True:
-        query = {"offset": str(offset)}
-        if args.task is not None:
-            query["task"] = args.task
-        resp = _api(args, "GET", _jpath(job_id, "/log?" + urllib.parse.urlencode(query)), stream=True,
-                    headers={"Accept": "text/plain"})
-        try:
-            with resp:
-                data = resp.read()
-                nxt = resp.headers.get("X-Log-Offset")
-        except (TimeoutError, OSError, http.client.HTTPException) as e:
-            raise PortalUnreachable("the portal at %s dropped the log of job %s at byte %d (%s)"
-                                    % (args.url, job_id, offset, e)) from e
-        sys.stdout.write(decoder.decode(data))
-        if not data:
-            break
-        offset = int(nxt) if nxt and nxt.isdigit() else offset + len(data)
-    sys.stdout.write(decoder.decode(b"", final=True))
-    sys.stdout.flush()
+    print_log(args, _jpath(job_id, "/log"), {"task": args.task} if args.task is not None else {}, "job %s" % job_id,
+              args.offset)
     return 0
 
 

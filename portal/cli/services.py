@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
-from portal.cli.client import CliError, _api, _print_json, create, follow_stream
+from portal.cli.client import CliError, _api, _print_json, create, follow_stream, print_log
 
 
 
@@ -131,17 +130,7 @@ def cmd_service_logs(args) -> int:
                       "replica %s of service %s" % (args.replica, args.name),
                       "aiportal service logs %s --replica %s -f --offset {at}" % (args.name, args.replica), args.offset)
         return 0
-    offset = args.offset
-    while True:
-        resp = _api(args, "GET", "%s?offset=%d" % (path, offset), stream=True, headers={"Accept": "text/plain"})
-        with resp:
-            data = resp.read()
-            nxt = resp.headers.get("X-Log-Offset")
-        sys.stdout.write(data.decode("utf-8", "replace"))
-        if not data:
-            break
-        offset = int(nxt) if nxt and nxt.isdigit() else offset + len(data)
-    sys.stdout.flush()
+    print_log(args, path, {}, "replica %s of service %s" % (args.replica, args.name), args.offset)
     return 0
 
 
