@@ -792,23 +792,18 @@ class Reconciler:
         """(comment, Unix account) of the queue's ``aiportal:`` comments that name a job, replica
         or build the portal stored for that account (one query per kind, for the ids the queue shows)."""
         claims = claimed_comments(queue)
-        tables = {"job": (Job, Job.user_id, COMMENT_PREFIX),
-                  "service": (ServiceReplica, Service.user_id, COMMENT_PREFIX + "service:"),
-                  "build": (ImageBuild, ImageBuild.user_id, COMMENT_PREFIX + "build:")}
+        # per kind: its id column, the query of (id, owner's Unix account), its comment's prefix
+        kinds = {"job": (Job.id, select(Job.id, User.unix_user).join(User, User.id == Job.user_id), COMMENT_PREFIX),
+                 "service": (ServiceReplica.id, select(ServiceReplica.id, User.unix_user)
+                             .join(Service, Service.id == ServiceReplica.service_id)
+                             .join(User, User.id == Service.user_id), COMMENT_PREFIX + "service:"),
+                 "build": (ImageBuild.id, select(ImageBuild.id, User.unix_user)
+                           .join(User, User.id == ImageBuild.user_id), COMMENT_PREFIX + "build:")}
         own: set[tuple[str, str]] = set()
-        for kind, (table, owner, prefix) in tables.items():
-            ids = sorted({i for i, _ in claims[kind]})
-            if not ids:
-                continue
-            key = table.id
+        for kind, (key, q, prefix) in kinds.items():
+            ids: list = sorted({i for i, _ in claims[kind]})
             if kind == "build":     # users write comments: only ids a build can have
                 ids = [int(i) for i in ids if _BUILD_ID.fullmatch(i)]
-                if not ids:
-                    continue
-            q = select(key, User.unix_user).join(User, User.id == owner)
-            if kind == "service":
-                q = select(key, User.unix_user).join(Service, Service.id == ServiceReplica.service_id) \
-                    .join(User, User.id == Service.user_id)
             for i in range(0, len(ids), 500):
                 for row_id, unix in db.exec(q.where(key.in_(ids[i:i + 500]))):
                     if (str(row_id), unix) in claims[kind]:
